@@ -1,0 +1,25 @@
+# `make train` and `make test` set up .venv/ from requirements.txt on first use, then run.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+NPROC ?= 1
+
+.PHONY: train test bench clean-venv
+
+$(VENV)/installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+train: $(VENV)/installed
+	NPROC=$(NPROC) bash examples/train_small_gpt.sh $(ARGS)
+
+test: $(VENV)/installed
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+bench: $(VENV)/installed
+	$(PY) tools/bench_throughput.py $(ARGS)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# A small Llama-style GPT trained end to end on this machine: GPU if there is one, else CPU.
+# Extra arguments are passed to pretrain_gpt.py and override the defaults below, e.g.
+#   NPROC=4 bash examples/train_small_gpt.sh --tensor-model-parallel-size 2
+set -euo pipefail
+cd "$(dirname "$0")/.."
+NPROC=${NPROC:-1}
+PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
+
+MODEL_ARGS=(
+    --num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 384
+    --seq-length 128 --max-position-embeddings 128
+    --position-embedding-type rope --normalization RMSNorm --swiglu --disable-bias-linear
+    --hidden-dropout 0 --attention-dropout 0
+)
+TRAINING_ARGS=(
+    --micro-batch-size 8 --global-batch-size 16 --train-iters 150
+    --lr 3e-3 --min-lr 3e-4 --lr-decay-style cosine --lr-warmup-iters 15
+    --weight-decay 0.1 --clip-grad 1.0 --adam-beta2 0.95 --seed 1234
+)
+DATA_ARGS=(--mock-data --vocab-size 1024)
+LOGGING_ARGS=(--log-interval 10 --eval-interval 50 --eval-iters 4)
+
+exec "$PYTHON_BIN" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" pretrain_gpt.py \
+    "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${LOGGING_ARGS[@]}" "$@"

@@ -1,0 +1,6 @@
+"""megatron-edit: Megatron-style GPT pretraining on megatron-core with low-communication data parallelism."""
+import warnings
+
+# megatron-core warns at import, once per module and per rank, that Apex/Transformer Engine are absent and it
+# falls back to torch; arguments.py picks the implementation and the log says which.
+warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed", category=UserWarning)

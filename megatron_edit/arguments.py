@@ -1,0 +1,180 @@
+"""Command line in Megatron-LM's spelling, parsed and checked once at the edge.
+
+`parse_args` returns the argparse namespace with derived sizes filled in
+(data-parallel size, micro-batches per step, padded vocabulary). Every check that can
+fail does so here, before any process group or model exists, with one line that says
+what is wrong and how to fix it.
+"""
+import argparse
+import os
+
+from megatron_edit import platform
+
+
+class ConfigError(SystemExit):
+    """A configuration that cannot run; the message is the one line the user sees."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="GPT pretraining on megatron-core", allow_abbrev=False)
+
+    g = parser.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4*hidden, or 8/3*hidden with --swiglu")
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--group-query-attention", action="store_true")
+    g.add_argument("--num-query-groups", type=int, default=1)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--vocab-size", type=int, default=None, help="vocabulary of --mock-data")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
+                   help="default: transformer_engine when it is importable on a GPU, else local")
+
+    g = parser.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+
+    g = parser.add_argument_group("optimizer")
+    g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"], default="linear")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+    g.add_argument("--loss-scale", type=float, default=None, help="fp16 static loss scale; default: dynamic")
+
+    g = parser.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--dp-mode", default="ddp", help="data-parallel mode (see megatron_edit/dp/)")
+
+    g = parser.add_argument_group("data")
+    g.add_argument("--mock-data", action="store_true", help="synthetic documents from megatron-core's MockGPTDataset")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
+
+    g = parser.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=10)
+    return parser
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _pad_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+def parse_args(argv=None, world_size: int = None) -> argparse.Namespace:
+    """Parse, fill in defaults that depend on other flags, and validate against the world size."""
+    args = build_parser().parse_args(argv)
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    args.world_size = world_size
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = (int(8 * args.hidden_size / 3 / 64) * 64 or args.hidden_size * 2) if args.swiglu \
+            else 4 * args.hidden_size
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if not args.group_query_attention:
+        args.num_query_groups = args.num_attention_heads
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    validate_args(args)
+    if args.transformer_impl is None:
+        args.transformer_impl = "transformer_engine" if args.device_type == "cuda" and _importable("transformer_engine") \
+            else "local"
+    return args
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """All configuration checks; fills in `data_parallel_size`, `num_microbatches`, `padded_vocab_size`."""
+    tp, pp, world = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.world_size
+    _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
+    _require(world % (tp * pp) == 0,
+             f"world size {world} is not divisible by tensor x pipeline parallel size {tp}x{pp}={tp * pp}; "
+             f"launch a multiple of {tp * pp} processes or change the parallel sizes")
+    args.data_parallel_size = world // (tp * pp)
+    dp = args.data_parallel_size
+
+    _require(args.hidden_size % args.num_attention_heads == 0,
+             f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}")
+    _require(args.num_attention_heads % tp == 0,
+             f"--num-attention-heads {args.num_attention_heads} is not divisible by "
+             f"--tensor-model-parallel-size {tp}; pick a TP size that divides the heads")
+    _require(args.num_attention_heads % args.num_query_groups == 0,
+             f"--num-attention-heads {args.num_attention_heads} is not divisible by --num-query-groups "
+             f"{args.num_query_groups}")
+    _require(args.num_query_groups % tp == 0,
+             f"--num-query-groups {args.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}")
+    _require(args.ffn_hidden_size % tp == 0,
+             f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+    _require(pp <= args.num_layers,
+             f"--pipeline-model-parallel-size {pp} is larger than --num-layers {args.num_layers}; "
+             "every pipeline stage needs at least one layer")
+    _require(args.num_layers % pp == 0,
+             f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    _require(args.seq_length <= args.max_position_embeddings,
+             f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
+
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * dp
+    _require(args.global_batch_size % (args.micro_batch_size * dp) == 0,
+             f"--global-batch-size {args.global_batch_size} is not divisible by micro batch x data parallel "
+             f"({args.micro_batch_size}x{dp}={args.micro_batch_size * dp}); use a multiple of it")
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+
+    _require(not (args.bf16 and args.fp16), "--bf16 and --fp16 are mutually exclusive; pick one")
+    args.device_type = platform.resolve_device_type(args.device)
+    if args.bf16:
+        _require(platform.bf16_supported(args.device_type),
+                 f"--bf16 was requested but this {args.device_type} cannot compute in bfloat16; drop --bf16")
+    _require(args.train_iters > 0, "--train-iters must be positive")
+    _require(args.log_interval > 0 and args.eval_interval > 0, "--log-interval and --eval-interval must be positive")
+
+    if args.mock_data:
+        _require(args.vocab_size is not None, "--mock-data needs --vocab-size")
+    else:
+        raise ConfigError("no training data: pass --mock-data --vocab-size N")
+    args.padded_vocab_size = _pad_vocab(args.vocab_size, args.make_vocab_size_divisible_by, tp)
+
+    from megatron_edit.dp import DP_MODES
+
+    _require(args.dp_mode in DP_MODES, f"--dp-mode {args.dp_mode!r} is unknown; choose one of {sorted(DP_MODES)}")

@@ -1,0 +1,1 @@
+"""Tokenizers, megatron-core datasets, and the batches the train loop reads."""

@@ -1,0 +1,20 @@
+"""Micro-batches in Megatron-LM's order, so every parallel layout trains on the same global batches.
+
+Global batch i is samples [i*G, (i+1)*G). It is cut into micro-batch rounds of size
+micro_batch x DP; in each round data-parallel rank r takes its contiguous micro_batch slice.
+"""
+from typing import Dict, Iterator
+
+import torch
+
+
+def micro_batches(dataset, start_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int,
+                  device: torch.device) -> Iterator[Dict[str, torch.Tensor]]:
+    """Endless stream of this rank's micro-batches, beginning at global sample `start_sample`."""
+    round_size = micro_batch_size * dp_size
+    position = start_sample
+    while True:
+        first = position + dp_rank * micro_batch_size
+        samples = [dataset[first + k] for k in range(micro_batch_size)]
+        yield {key: torch.stack([s[key] for s in samples]).to(device) for key in samples[0]}
+        position += round_size

@@ -1,0 +1,78 @@
+"""Process start-up: who am I (torchrun, Slurm or a lone process), which device, which groups, which seeds."""
+import dataclasses
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_edit import platform
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def launch_env() -> LaunchEnv:
+    """Ranks from torchrun's variables, else from `srun`'s, else a single process."""
+    env = os.environ
+    if "RANK" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
+    return LaunchEnv(0, 1, 0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize_megatron(args) -> torch.device:
+    """Start torch.distributed and megatron-core's parallel state, bind the device, seed every RNG."""
+    env = launch_env()
+    device_type = args.device_type
+    device = platform.setup_device(device_type, env.local_rank)
+    if env.world_size == 1:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        raise SystemExit("error: MASTER_ADDR and MASTER_PORT must be set for a multi-process launch "
+                         "(torchrun sets them; under srun export them from the batch script)")
+    dist.init_process_group(
+        backend=platform.distributed_backend(device_type),
+        rank=env.rank,
+        world_size=env.world_size,
+        device_id=device if device_type == "cuda" else None,
+    )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+    )
+    set_random_seed(args.seed)
+    return device
+
+
+def set_random_seed(seed: int) -> None:
+    """Megatron-LM's convention: pipeline stages differ by 100, tensor-parallel RNG streams via the tracker.
+
+    Weights do not depend on these seeds (see model.initialize_weights); dropout does.
+    """
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def destroy() -> None:
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,41 @@
+"""Console lines in Megatron-LM's format (users' log parsers depend on it), printed by one rank."""
+import math
+
+import torch.distributed as dist
+
+
+def is_last_rank() -> bool:
+    """Megatron-LM prints training lines from the last rank: it holds the loss under pipeline parallelism."""
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def print_rank_last(message: str) -> None:
+    if is_last_rank():
+        print(message, flush=True)
+
+
+def iteration_line(iteration, train_iters, consumed_samples, elapsed_ms, learning_rate, global_batch_size,
+                   lm_loss, grad_norm, tokens_per_second, tflops_per_device, extra=None) -> str:
+    fields = [
+        f" iteration {iteration:8d}/{train_iters:8d}",
+        f" consumed samples: {consumed_samples:12d}",
+        f" elapsed time per iteration (ms): {elapsed_ms:.1f}",
+        f" learning rate: {learning_rate:.6E}",
+        f" global batch size: {global_batch_size:5d}",
+        f" lm loss: {lm_loss:.6E}",
+        f" grad norm: {grad_norm:.3f}",
+        f" tokens/s: {tokens_per_second:.1f}",
+        f" TFLOP/s: {tflops_per_device:.3f}",
+    ]
+    fields += [f" {key}: {value}" for key, value in (extra or {}).items()]
+    return " |".join(fields) + " |"
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(20.0, loss))
+
+
+def validation_line(label: str, lm_loss: float) -> str:
+    text = f" validation loss at {label} | lm loss value: {lm_loss:.6E} | lm loss PPL: {perplexity(lm_loss):.6E} | "
+    rule = "-" * len(text)
+    return f"{rule}\n{text}\n{rule}"

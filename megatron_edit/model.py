@@ -1,0 +1,118 @@
+"""GPT/Llama-style model settings for megatron-core's GPTModel, and a weight initialization that ignores the layout.
+
+megatron-core initializes each rank from its own RNG stream, so the same seed gives different
+models under different TP/PP layouts. `initialize_weights` instead draws every parameter at full
+size from a generator keyed by the parameter's global name and keeps this rank's tensor-parallel
+slice: one seed, one model, whatever the layout. That is what lets a TP=2/PP=2/DP=2 run be
+checked number-for-number against a single process, and a resumed run against another layout.
+"""
+import re
+import zlib
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer import TransformerConfig
+
+
+def params_dtype(args) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def transformer_config_from_args(args) -> TransformerConfig:
+    fused = args.transformer_impl == "transformer_engine"
+    dtype = params_dtype(args)
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        ffn_hidden_size=args.ffn_hidden_size,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=not args.disable_bias_linear,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        # megatron's own initialization must run: it is what marks parameters with their tensor-parallel
+        # attributes (partition_dim, ...), which grad clipping and initialize_weights rely on.
+        perform_initialization=True,
+        use_cpu_initialization=args.device_type == "cpu",
+        # Fused kernels exist only with Transformer Engine on a GPU.
+        masked_softmax_fusion=fused,
+        bias_activation_fusion=fused,
+        bias_dropout_fusion=fused,
+        apply_rope_fusion=fused,
+        gradient_accumulation_fusion=False,
+        deallocate_pipeline_outputs=True,
+    )
+
+
+def layer_spec(args):
+    """Transformer Engine layers when chosen, else megatron-core's local (pure torch) layers."""
+    if args.transformer_impl == "transformer_engine":
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=args.normalization)
+
+
+_OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
+_LAYER_INDEX = re.compile(r"^decoder\.layers\.(\d+)\.")
+
+
+def _global_name(name: str, model: GPTModel) -> str:
+    """The parameter's name in the unsplit model: global layer number, tied output weight = embedding."""
+    match = _LAYER_INDEX.match(name)
+    if match:
+        global_index = model.decoder.layers[int(match.group(1))].layer_number - 1
+        return f"decoder.layers.{global_index}.{name[match.end():]}"
+    if name == "output_layer.weight" and model.share_embeddings_and_output_weights:
+        return "embedding.word_embeddings.weight"
+    return name
+
+
+def _full_value(global_name: str, shape, config: TransformerConfig, seed: int) -> torch.Tensor:
+    """Megatron's initialization scheme, drawn from a generator keyed by (seed, name)."""
+    if len(shape) == 1:
+        return torch.zeros(shape) if global_name.endswith("bias") else torch.ones(shape)
+    std = config.init_method_std
+    if global_name.endswith(_OUTPUT_PROJECTIONS):
+        std = std / (2.0 * config.num_layers) ** 0.5
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(global_name.encode())) % 2**63)
+    return torch.empty(shape).normal_(0.0, std, generator=generator)
+
+
+def _tensor_parallel_slice(full: torch.Tensor, param, tp_rank: int, tp_size: int, gated: bool) -> torch.Tensor:
+    dim = param.partition_dim
+    if gated:  # a SwiGLU fc1 shard holds [gate_r; up_r], not a contiguous block of [gate; up]
+        return torch.cat([half.chunk(tp_size, dim)[tp_rank] for half in full.chunk(2, dim)], dim)
+    return full.chunk(tp_size, dim)[tp_rank]
+
+
+@torch.no_grad()
+def initialize_weights(model: GPTModel, config: TransformerConfig, seed: int) -> None:
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    for name, param in model.named_parameters():
+        global_name = _global_name(name, model)
+        split = getattr(param, "tensor_model_parallel", False) and tp_size > 1
+        shape = list(param.shape)
+        if split:
+            shape[param.partition_dim] *= tp_size
+        value = _full_value(global_name, shape, config, seed)
+        if split:
+            gated = config.gated_linear_unit and ".linear_fc1." in global_name
+            value = _tensor_parallel_slice(value, param, tp_rank, tp_size, gated)
+        param.copy_(value)
+

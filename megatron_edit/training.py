@@ -1,0 +1,229 @@
+"""The train loop: megatron-core's schedules, the inner optimizer step, the data-parallel mode's hooks,
+evaluation and Megatron-LM's log lines. `pretrain` is the driver `pretrain_gpt.py` calls."""
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_edit import platform
+from megatron_edit.arguments import parse_args
+from megatron_edit.data.batches import micro_batches
+from megatron_edit.dp import build_dp_mode
+from megatron_edit.flops import flops_per_iteration
+from megatron_edit.initialize import destroy, initialize_megatron, launch_env
+from megatron_edit.logging import iteration_line, perplexity, print_rank_last, validation_line
+from megatron_edit.model import initialize_weights, params_dtype, transformer_config_from_args
+
+
+def ddp_config_from_args(args) -> DistributedDataParallelConfig:
+    return DistributedDataParallelConfig(
+        # Megatron-LM accumulates and reduces bf16 gradients in fp32.
+        grad_reduce_in_fp32=args.bf16,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+
+
+def optimizer_config_from_args(args) -> OptimizerConfig:
+    return OptimizerConfig(
+        optimizer=args.optimizer,
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        sgd_momentum=args.sgd_momentum,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        params_dtype=params_dtype(args),
+        loss_scale=args.loss_scale,
+        clip_grad=args.clip_grad,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+
+
+def build_scheduler(args, optimizer) -> OptimizerParamScheduler:
+    """Learning-rate schedule counted in iterations (Megatron-LM counts samples; same curve)."""
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters,
+        lr_decay_steps=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay,
+        end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters,
+        wd_incr_style="constant",
+    )
+
+
+def build_model(model_provider: Callable, args, config, device: torch.device) -> List[torch.nn.Module]:
+    """This rank's model chunks on `device`, initialized layout-free, cast for fp16/bf16 like Megatron-LM."""
+    from megatron.core.transformer.module import Float16Module
+
+    model = model_provider(
+        args,
+        config,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+    )
+    initialize_weights(model, config, args.seed)
+    model.to(device)
+    if args.bf16 or args.fp16:
+        model = Float16Module(config, model)
+    return [model]
+
+
+def _sum_loss_reports(losses_reduced) -> torch.Tensor:
+    """[sum of token losses, number of tokens] over this step's micro-batches (zeros off the last stage)."""
+    total = torch.zeros(2, dtype=torch.float64)
+    for report in losses_reduced:
+        total += report["lm loss"].detach().to("cpu", torch.float64)
+    return total
+
+
+def _mean_loss(total: torch.Tensor) -> float:
+    """Token-weighted mean loss over the data-parallel group; meaningful on the last pipeline stage."""
+    if parallel_state.is_pipeline_last_stage():
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+    return (total[0] / total[1].clamp(min=1)).item()
+
+
+class Trainer:
+    """Holds what one run trains; `train_step` and `evaluate` are one iteration and one evaluation."""
+
+    def __init__(self, args, model, optimizer, scheduler, dp_mode, forward_step_func, train_iter, valid_iter):
+        self.args, self.model, self.optimizer, self.scheduler = args, model, optimizer, scheduler
+        self.dp_mode, self.forward_step_func = dp_mode, forward_step_func
+        self.train_iter, self.valid_iter = train_iter, valid_iter
+        self.forward_backward = get_forward_backward_func()
+
+    def _run_schedule(self, data_iterator, forward_only: bool):
+        args = self.args
+        return self.forward_backward(
+            forward_step_func=self.forward_step_func,
+            data_iterator=data_iterator,
+            model=self.model,
+            num_microbatches=args.num_microbatches,
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            decoder_seq_length=args.seq_length,
+            forward_only=forward_only,
+        )
+
+    def train_step(self, iteration: int):
+        """One global batch: forward/backward over all micro-batches, inner optimizer step, mode hook."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self._run_schedule(self.train_iter, forward_only=False)
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if update_successful:
+            self.scheduler.step(increment=1)
+        self.dp_mode.after_optimizer_step(iteration)
+        return _mean_loss(_sum_loss_reports(losses)), grad_norm
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        for chunk in self.model:
+            chunk.eval()
+        total = torch.zeros(2, dtype=torch.float64)
+        for _ in range(self.args.eval_iters):
+            total += _sum_loss_reports(self._run_schedule(self.valid_iter, forward_only=True))
+        for chunk in self.model:
+            chunk.train()
+        return _mean_loss(total)
+
+
+def train(trainer: Trainer) -> Dict[str, float]:
+    """Iterate to --train-iters with a log line every --log-interval and validation every --eval-interval."""
+    args = trainer.args
+    tokens_per_iteration = args.global_batch_size * args.seq_length
+    flops = flops_per_iteration(args)
+    initial_valid_loss = trainer.evaluate()
+    print_rank_last(validation_line("iteration 0", initial_valid_loss))
+
+    platform.synchronize()
+    run_start = interval_start = time.perf_counter()
+    valid_loss = initial_valid_loss
+    for iteration in range(1, args.train_iters + 1):
+        loss, grad_norm = trainer.train_step(iteration)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            platform.synchronize()
+            now = time.perf_counter()
+            iterations = (iteration - 1) % args.log_interval + 1
+            seconds = (now - interval_start) / iterations
+            print_rank_last(iteration_line(
+                iteration, args.train_iters, iteration * args.global_batch_size, seconds * 1000.0,
+                trainer.optimizer.param_groups[0]["lr"], args.global_batch_size, loss, grad_norm or 0.0,
+                tokens_per_iteration / seconds, flops / seconds / args.world_size / 1e12, trainer.dp_mode.metrics(),
+            ))
+            interval_start = time.perf_counter()
+        if iteration % args.eval_interval == 0 or iteration == args.train_iters:
+            eval_start = time.perf_counter()
+            valid_loss = trainer.evaluate()
+            print_rank_last(validation_line(f"iteration {iteration}", valid_loss))
+            interval_start += time.perf_counter() - eval_start
+            run_start += time.perf_counter() - eval_start
+    platform.synchronize()
+    train_seconds = time.perf_counter() - run_start
+    return {
+        "initial_valid_loss": initial_valid_loss,
+        "final_valid_loss": valid_loss,
+        "final_train_loss": loss,
+        "train_seconds": train_seconds,
+        "tokens_per_second": tokens_per_iteration * args.train_iters / train_seconds,
+        "tflops_per_device": flops * args.train_iters / train_seconds / args.world_size / 1e12,
+    }
+
+
+def summary_text(args, summary: Dict[str, float]) -> str:
+    before, after = summary["initial_valid_loss"], summary["final_valid_loss"]
+    return "\n".join([
+        "=" * 78,
+        f" training summary: {args.train_iters} iterations, global batch {args.global_batch_size} x "
+        f"{args.seq_length} tokens, TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
+        f"DP={args.data_parallel_size} ({args.dp_mode})",
+        f"   validation loss before training: {before:.4f}  (perplexity {perplexity(before):.2f})",
+        f"   validation loss after training:  {after:.4f}  (perplexity {perplexity(after):.2f})",
+        f"   throughput: {summary['tokens_per_second']:.1f} tokens/s, "
+        f"{summary['tflops_per_device']:.3f} TFLOP/s per device, {summary['train_seconds']:.1f} s of training",
+        "=" * 78,
+    ])
+
+
+def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
+             argv=None) -> Dict[str, float]:
+    """Parse and check arguments, start the processes' groups, build everything, train, print a summary."""
+    args = parse_args(argv, world_size=launch_env().world_size)
+    device = initialize_megatron(args)
+    try:
+        config = transformer_config_from_args(args)
+        model = build_model(model_provider, args, config, device)
+        dp_mode = build_dp_mode(args.dp_mode, ddp_config=ddp_config_from_args(args), transformer_config=config)
+        model = dp_mode.wrap_model(model)
+        optimizer = dp_mode.build_optimizer(model, optimizer_config_from_args(args))
+        scheduler = build_scheduler(args, optimizer)
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = optimizer.scale_loss
+
+        train_ds, valid_ds, _ = datasets_provider(args)
+        dp_rank = parallel_state.get_data_parallel_rank()
+        batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=dp_rank,
+                       dp_size=args.data_parallel_size, device=device)
+        trainer = Trainer(args, model, optimizer, scheduler, dp_mode, forward_step_func,
+                          micro_batches(train_ds, 0, **batches), micro_batches(valid_ds, 0, **batches))
+        summary = train(trainer)
+        print_rank_last(summary_text(args, summary))
+        return summary
+    finally:
+        destroy()

@@ -4,6 +4,7 @@
 """
 from functools import partial
 
+import megatron_edit  # noqa: F401  (first: it quiets megatron-core's import-time warnings)
 import torch
 from megatron.core.models.gpt import GPTModel
 

@@ -21,5 +21,7 @@ TRAINING_ARGS=(
 DATA_ARGS=(--mock-data --vocab-size 1024)
 LOGGING_ARGS=(--log-interval 10 --eval-interval 50 --eval-iters 4)
 
+export CUDA_DEVICE_MAX_CONNECTIONS=1  # megatron-core overlaps TP communication only with one queue
+
 exec "$PYTHON_BIN" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" pretrain_gpt.py \
     "${MODEL_ARGS[@]}" "${TRAINING_ARGS[@]}" "${DATA_ARGS[@]}" "${LOGGING_ARGS[@]}" "$@"

@@ -4,3 +4,5 @@ import warnings
 # megatron-core warns at import, once per module and per rank, that Apex/Transformer Engine are absent and it
 # falls back to torch; arguments.py picks the implementation and the log says which.
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed", category=UserWarning)
+# Raised by TransformerConfig for its own default of cuda_graph_scope, which we never set.
+warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)

@@ -6,7 +6,6 @@ fail does so here, before any process group or model exists, with one line that 
 what is wrong and how to fix it.
 """
 import argparse
-import os
 
 from megatron_edit import platform
 
@@ -96,11 +95,14 @@ def _pad_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def parse_args(argv=None, world_size: int = None) -> argparse.Namespace:
-    """Parse, fill in defaults that depend on other flags, and validate against the world size."""
-    args = build_parser().parse_args(argv)
-    if world_size is None:
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+def parse_args(argv, world_size: int, extra_args_provider=None) -> argparse.Namespace:
+    """Parse, fill in defaults that depend on other flags, and validate against the world size.
+
+    `extra_args_provider(parser)` adds a tool's own flags, as in Megatron-LM."""
+    parser = build_parser()
+    if extra_args_provider is not None:
+        parser = extra_args_provider(parser)
+    args = parser.parse_args(argv)
     args.world_size = world_size
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = (int(8 * args.hidden_size / 3 / 64) * 64 or args.hidden_size * 2) if args.swiglu \

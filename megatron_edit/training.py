@@ -201,27 +201,32 @@ def summary_text(args, summary: Dict[str, float]) -> str:
     ])
 
 
+def build_trainer(args, device: torch.device, datasets_provider: Callable, model_provider: Callable,
+                  forward_step_func: Callable) -> Trainer:
+    """Model, data-parallel mode, optimizer, schedule and data streams of this rank, ready to train."""
+    config = transformer_config_from_args(args)
+    model = build_model(model_provider, args, config, device)
+    dp_mode = build_dp_mode(args.dp_mode, ddp_config=ddp_config_from_args(args), transformer_config=config)
+    model = dp_mode.wrap_model(model)
+    optimizer = dp_mode.build_optimizer(model, optimizer_config_from_args(args))
+    scheduler = build_scheduler(args, optimizer)
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+
+    train_ds, valid_ds, _ = datasets_provider(args)
+    batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
+                   dp_size=args.data_parallel_size, device=device)
+    return Trainer(args, model, optimizer, scheduler, dp_mode, forward_step_func,
+                   micro_batches(train_ds, 0, **batches), micro_batches(valid_ds, 0, **batches))
+
+
 def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
-             argv=None) -> Dict[str, float]:
-    """Parse and check arguments, start the processes' groups, build everything, train, print a summary."""
-    args = parse_args(argv, world_size=launch_env().world_size)
+             extra_args_provider: Callable = None, argv=None) -> Dict[str, float]:
+    """Parse and check arguments, start the process groups, build everything, train, print a summary."""
+    args = parse_args(argv, world_size=launch_env().world_size, extra_args_provider=extra_args_provider)
     device = initialize_megatron(args)
     try:
-        config = transformer_config_from_args(args)
-        model = build_model(model_provider, args, config, device)
-        dp_mode = build_dp_mode(args.dp_mode, ddp_config=ddp_config_from_args(args), transformer_config=config)
-        model = dp_mode.wrap_model(model)
-        optimizer = dp_mode.build_optimizer(model, optimizer_config_from_args(args))
-        scheduler = build_scheduler(args, optimizer)
-        config.finalize_model_grads_func = finalize_model_grads
-        config.grad_scale_func = optimizer.scale_loss
-
-        train_ds, valid_ds, _ = datasets_provider(args)
-        dp_rank = parallel_state.get_data_parallel_rank()
-        batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=dp_rank,
-                       dp_size=args.data_parallel_size, device=device)
-        trainer = Trainer(args, model, optimizer, scheduler, dp_mode, forward_step_func,
-                          micro_batches(train_ds, 0, **batches), micro_batches(valid_ds, 0, **batches))
+        trainer = build_trainer(args, device, datasets_provider, model_provider, forward_step_func)
         summary = train(trainer)
         print_rank_last(summary_text(args, summary))
         return summary

@@ -1,0 +1,50 @@
+"""The one way tests start training: real processes under torchrun on CPU with gloo, read back from the log."""
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+REPO = Path(__file__).resolve().parent.parent
+
+# A tiny GPT with dropout off, so that runs are deterministic and comparable across layouts.
+TINY_GPT = [
+    "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+    "--hidden-dropout", "0", "--attention-dropout", "0", "--lr", "1e-3", "--seed", "1234",
+    "--mock-data", "--vocab-size", "512",
+]
+
+_LOSS = re.compile(r"\| lm loss: ([0-9.E+-]+) \|")
+_VALID = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")
+
+
+@dataclasses.dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def losses(self) -> List[float]:
+        """Training loss of every logged iteration, in order."""
+        return [float(x) for x in _LOSS.findall(self.stdout)]
+
+    @property
+    def validation_losses(self) -> dict:
+        return {int(it): float(loss) for it, loss in _VALID.findall(self.stdout)}
+
+    def check(self) -> "Run":
+        assert self.returncode == 0, f"training failed ({self.returncode}):\n{self.stdout[-3000:]}\n{self.stderr[-6000:]}"
+        return self
+
+
+def run_training(nproc: int, args: List[str], script: str = "pretrain_gpt.py", timeout: int = 600) -> Run:
+    """Launch `script` on `nproc` CPU processes and wait for it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
+               CUDA_DEVICE_MAX_CONNECTIONS="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               str(REPO / script), *args]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    return Run(result.returncode, result.stdout, result.stderr)

@@ -1,0 +1,64 @@
+"""Bad configurations stop before any work, with one line that says what is wrong."""
+import subprocess
+import sys
+
+import pytest
+
+from launcher import REPO
+from megatron_edit import arguments, platform
+
+BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+        "--micro-batch-size", "2", "--train-iters", "2", "--lr", "1e-3", "--mock-data", "--vocab-size", "512",
+        "--device", "cpu"]
+
+
+def error_of(argv, world_size):
+    with pytest.raises(SystemExit) as excinfo:
+        arguments.parse_args(BASE + argv, world_size=world_size)
+    message = str(excinfo.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_heads_not_divisible_by_tensor_parallel_size():
+    assert "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3" in \
+        error_of(["--tensor-model-parallel-size", "3"], world_size=3)
+
+
+def test_world_size_not_divisible_by_tp_times_pp():
+    assert "world size 6 is not divisible by tensor x pipeline parallel size 2x2=4" in \
+        error_of(["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"], world_size=6)
+
+
+def test_global_batch_not_divisible_by_micro_batch_times_dp():
+    assert "--global-batch-size 6 is not divisible by micro batch x data parallel (2x2=4)" in \
+        error_of(["--global-batch-size", "6"], world_size=2)
+
+
+def test_more_pipeline_stages_than_layers():
+    assert "--pipeline-model-parallel-size 8 is larger than --num-layers 4" in \
+        error_of(["--pipeline-model-parallel-size", "8"], world_size=8)
+
+
+def test_bf16_on_a_device_without_bfloat16(monkeypatch):
+    monkeypatch.setattr(platform, "bf16_supported", lambda device_type: False)
+    assert "--bf16 was requested but this cpu cannot compute in bfloat16" in error_of(["--bf16"], world_size=1)
+
+
+def test_unknown_dp_mode():
+    assert "--dp-mode 'nope' is unknown" in error_of(["--dp-mode", "nope"], world_size=1)
+
+
+def test_valid_configuration_derives_sizes():
+    args = arguments.parse_args(BASE + ["--tensor-model-parallel-size", "2", "--global-batch-size", "16"],
+                                world_size=8)
+    assert (args.data_parallel_size, args.num_microbatches, args.padded_vocab_size) == (4, 2, 512)
+
+
+def test_pretrain_gpt_prints_one_line_and_no_traceback():
+    result = subprocess.run([sys.executable, "pretrain_gpt.py", *BASE, "--tensor-model-parallel-size", "2"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        "error: world size 1 is not divisible by tensor x pipeline parallel size 2x1=2; "
+        "launch a multiple of 2 processes or change the parallel sizes"]

@@ -1,0 +1,96 @@
+"""Training throughput of one model config and parallel layout: tokens/s, TFLOP/s, MFU, peak memory.
+
+Takes pretrain_gpt.py's flags (mock data is used when no data is given), runs
+--bench-warmup-iters untimed iterations, then --train-iters timed ones, and prints a table:
+
+    torchrun --nproc-per-node 1 tools/bench_throughput.py --bf16 --num-layers 24 --hidden-size 1024 \\
+        --num-attention-heads 16 --seq-length 2048 --micro-batch-size 4 --train-iters 10 --lr 1e-4 \\
+        --mock-data --vocab-size 32000 --swiglu --normalization RMSNorm --position-embedding-type rope
+"""
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import megatron_edit  # noqa: E402,F401  (first: it quiets megatron-core's import-time warnings)
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import pretrain_gpt  # noqa: E402
+from megatron_edit import platform  # noqa: E402
+from megatron_edit.arguments import parse_args  # noqa: E402
+from megatron_edit.flops import flops_per_iteration  # noqa: E402
+from megatron_edit.initialize import destroy, initialize_megatron, launch_env  # noqa: E402
+from megatron_edit.logging import print_rank_last  # noqa: E402
+from megatron_edit.training import build_trainer  # noqa: E402
+
+# Dense bf16/fp16 tensor-core peak per device, TFLOP/s, from the vendors' data sheets.
+PEAK_TFLOPS_16BIT = {"H200": 989.4, "H100 PCIe": 756.0, "H100": 989.4, "A100": 312.0, "L40S": 362.1,
+                     "A10": 125.0, "V100": 125.0}
+
+
+def add_bench_args(parser):
+    group = parser.add_argument_group("benchmark")
+    group.add_argument("--bench-warmup-iters", type=int, default=3)
+    group.add_argument("--peak-tflops", type=float, default=None,
+                       help="peak TFLOP/s of one device for MFU; default: looked up from the GPU's name")
+    return parser
+
+
+def detect_peak_tflops(args):
+    if args.peak_tflops is not None:
+        return args.peak_tflops, "given"
+    if args.device_type != "cuda" or not (args.bf16 or args.fp16):
+        return None, "unknown (pass --peak-tflops)"
+    name = torch.cuda.get_device_name()
+    for key, value in PEAK_TFLOPS_16BIT.items():
+        if key in name:
+            return value, f"{name}, dense 16-bit"
+    return None, f"unknown for {name} (pass --peak-tflops)"
+
+
+def main():
+    args = parse_args(None, world_size=launch_env().world_size, extra_args_provider=add_bench_args)
+    device = initialize_megatron(args)
+    try:
+        trainer = build_trainer(args, device, pretrain_gpt.train_valid_test_datasets_provider,
+                                pretrain_gpt.model_provider, pretrain_gpt.forward_step)
+        for iteration in range(1, args.bench_warmup_iters + 1):
+            trainer.train_step(iteration)
+        platform.synchronize()
+        start = time.perf_counter()
+        for iteration in range(1, args.train_iters + 1):
+            loss, _ = trainer.train_step(args.bench_warmup_iters + iteration)
+        platform.synchronize()
+        seconds = (time.perf_counter() - start) / args.train_iters
+
+        peak_memory = torch.tensor([platform.max_memory_allocated_bytes()], dtype=torch.float64)
+        dist.all_reduce(peak_memory, op=dist.ReduceOp.MAX)
+        tflops = flops_per_iteration(args) / seconds / args.world_size / 1e12
+        peak, peak_source = detect_peak_tflops(args)
+        memory_kind = "CUDA allocator peak" if args.device_type == "cuda" else "peak RSS"
+        precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+        rows = [
+            ("model", f"{args.num_layers} layers, hidden {args.hidden_size}, heads {args.num_attention_heads}, "
+                      f"ffn {args.ffn_hidden_size}, seq {args.seq_length}, vocab {args.padded_vocab_size}"),
+            ("layout", f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
+                       f"DP={args.data_parallel_size} on {args.world_size} x {args.device_type}, {precision}, "
+                       f"{args.transformer_impl} layers"),
+            ("batch", f"global {args.global_batch_size} = micro {args.micro_batch_size} x {args.num_microbatches} "
+                      f"x DP {args.data_parallel_size}"),
+            ("time per iteration", f"{seconds * 1000:.1f} ms (mean of {args.train_iters})"),
+            ("tokens/s", f"{args.global_batch_size * args.seq_length / seconds:,.0f}"),
+            ("TFLOP/s per device", f"{tflops:.2f}"),
+            ("MFU", f"{100 * tflops / peak:.1f}% of {peak} TFLOP/s ({peak_source})" if peak else peak_source),
+            (f"peak memory ({memory_kind})", f"{peak_memory.item() / 2**30:.2f} GiB (max over ranks)"),
+            ("last loss", f"{loss:.4f}"),
+        ]
+        width = max(len(name) for name, _ in rows)
+        print_rank_last("\n".join(f"| {name:<{width}} | {value}" for name, value in rows))
+    finally:
+        destroy()
+
+
+if __name__ == "__main__":
+    main()

@@ -9,7 +9,6 @@ import torch
 from megatron.core.models.gpt import GPTModel
 
 from megatron_edit.data.datasets import build_datasets
-from megatron_edit.data.tokenizers import NullTokenizer
 from megatron_edit.model import layer_spec
 from megatron_edit.training import pretrain
 
@@ -46,8 +45,7 @@ def forward_step(data_iterator, model: GPTModel):
     return output_tensor, partial(loss_func, batch["loss_mask"])
 
 
-def train_valid_test_datasets_provider(args):
-    tokenizer = NullTokenizer(args.vocab_size)
+def train_valid_test_datasets_provider(args, tokenizer):
     return build_datasets(args, tokenizer)
 
 

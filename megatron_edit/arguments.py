@@ -8,6 +8,8 @@ what is wrong and how to fix it.
 import argparse
 
 from megatron_edit import platform
+from megatron_edit.data.datasets import check_data_path
+from megatron_edit.data.tokenizers import add_tokenizer_args, check_tokenizer_args
 
 
 class ConfigError(SystemExit):
@@ -39,7 +41,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--vocab-size", type=int, default=None, help="vocabulary of --mock-data")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
                    help="default: transformer_engine when it is importable on a GPU, else local")
@@ -75,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dp-mode", default="ddp", help="data-parallel mode (see megatron_edit/dp/)")
 
     g = parser.add_argument_group("data")
+    g.add_argument("--data-path", nargs="*", default=None,
+                   help="prefix of a preprocessed .bin/.idx pair, or weight prefix weight prefix ... to blend")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of every --data-path prefix")
+    g.add_argument("--data-cache-path", default=None, help="where megatron-core keeps its sample index caches")
     g.add_argument("--mock-data", action="store_true", help="synthetic documents from megatron-core's MockGPTDataset")
-    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
+    add_tokenizer_args(parser)
 
     g = parser.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=100)
@@ -90,8 +95,9 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _pad_vocab(vocab_size: int, divisible_by: int, tp: int) -> int:
-    multiple = divisible_by * tp
+def padded_vocab_size(vocab_size: int, args) -> int:
+    """Megatron-LM pads the vocabulary to a multiple of --make-vocab-size-divisible-by x TP."""
+    multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
@@ -127,7 +133,7 @@ def _importable(module: str) -> bool:
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """All configuration checks; fills in `data_parallel_size`, `num_microbatches`, `padded_vocab_size`."""
+    """All configuration checks; fills in `data_parallel_size`, `num_microbatches`, `device_type`."""
     tp, pp, world = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.world_size
     _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     _require(world % (tp * pp) == 0,
@@ -172,10 +178,15 @@ def validate_args(args: argparse.Namespace) -> None:
     _require(args.log_interval > 0 and args.eval_interval > 0, "--log-interval and --eval-interval must be positive")
 
     if args.mock_data:
-        _require(args.vocab_size is not None, "--mock-data needs --vocab-size")
+        if args.tokenizer_type is None:
+            args.tokenizer_type = "NullTokenizer"
+    elif args.data_path:
+        _require(args.tokenizer_type is not None,
+                 "--data-path needs --tokenizer-type (and --tokenizer-model) matching the one used to preprocess it")
+        check_data_path(args.data_path, args.split)
     else:
-        raise ConfigError("no training data: pass --mock-data --vocab-size N")
-    args.padded_vocab_size = _pad_vocab(args.vocab_size, args.make_vocab_size_divisible_by, tp)
+        raise ConfigError("no training data: pass --data-path PREFIX (made by tools/preprocess_data.py) or --mock-data")
+    check_tokenizer_args(args)
 
     from megatron_edit.dp import DP_MODES
 

@@ -12,8 +12,9 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_edit import platform
-from megatron_edit.arguments import parse_args
+from megatron_edit.arguments import padded_vocab_size, parse_args
 from megatron_edit.data.batches import micro_batches
+from megatron_edit.data.tokenizers import build_tokenizer
 from megatron_edit.dp import build_dp_mode
 from megatron_edit.flops import flops_per_iteration
 from megatron_edit.initialize import destroy, initialize_megatron, launch_env
@@ -204,6 +205,8 @@ def summary_text(args, summary: Dict[str, float]) -> str:
 def build_trainer(args, device: torch.device, datasets_provider: Callable, model_provider: Callable,
                   forward_step_func: Callable) -> Trainer:
     """Model, data-parallel mode, optimizer, schedule and data streams of this rank, ready to train."""
+    tokenizer = build_tokenizer(args)
+    args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
     config = transformer_config_from_args(args)
     model = build_model(model_provider, args, config, device)
     dp_mode = build_dp_mode(args.dp_mode, ddp_config=ddp_config_from_args(args), transformer_config=config)
@@ -213,7 +216,7 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
 
-    train_ds, valid_ds, _ = datasets_provider(args)
+    train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
     batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
                    dp_size=args.data_parallel_size, device=device)
     return Trainer(args, model, optimizer, scheduler, dp_mode, forward_step_func,

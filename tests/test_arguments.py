@@ -8,13 +8,13 @@ from launcher import REPO
 from megatron_edit import arguments, platform
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
-        "--micro-batch-size", "2", "--train-iters", "2", "--lr", "1e-3", "--mock-data", "--vocab-size", "512",
+        "--micro-batch-size", "2", "--train-iters", "2", "--lr", "1e-3", "--mock-data", "--vocab-size", "511",
         "--device", "cpu"]
 
 
-def error_of(argv, world_size):
+def error_of(extra_argv, world_size, base=BASE):
     with pytest.raises(SystemExit) as excinfo:
-        arguments.parse_args(BASE + argv, world_size=world_size)
+        arguments.parse_args(base + extra_argv, world_size=world_size)
     message = str(excinfo.value.code)
     assert message.startswith("error: ") and "\n" not in message
     return message
@@ -52,7 +52,13 @@ def test_unknown_dp_mode():
 def test_valid_configuration_derives_sizes():
     args = arguments.parse_args(BASE + ["--tensor-model-parallel-size", "2", "--global-batch-size", "16"],
                                 world_size=8)
-    assert (args.data_parallel_size, args.num_microbatches, args.padded_vocab_size) == (4, 2, 512)
+    assert (args.data_parallel_size, args.num_microbatches, args.tokenizer_type) == (4, 2, "NullTokenizer")
+    assert [arguments.padded_vocab_size(v, args) for v in (512, 513)] == [512, 768]
+
+
+def test_no_data_source():
+    without_data = [a for a in BASE if a != "--mock-data"]
+    assert "no training data: pass --data-path PREFIX" in error_of([], world_size=1, base=without_data)
 
 
 def test_pretrain_gpt_prints_one_line_and_no_traceback():

@@ -1,6 +1,78 @@
-"""Train/validation/test datasets built by megatron-core's BlendedMegatronDatasetBuilder."""
+"""Train/validation/test datasets built by megatron-core's BlendedMegatronDatasetBuilder.
+
+`--data-path` names preprocessed .bin/.idx pairs (one prefix, or weight/prefix pairs to blend);
+`--mock-data` uses megatron-core's MockGPTDataset. Pairs are checked before training starts:
+a missing file or a .bin whose size disagrees with its .idx stops the run with one line.
+"""
+import os
+from typing import List, Optional, Tuple
+
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+    parse_and_normalize_split,
+)
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import DType, _IndexReader
+
+
+class DataError(SystemExit):
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_blend(data_path: List[str]) -> Tuple[List[str], Optional[List[float]]]:
+    """`[prefix ...]` -> (prefixes, None); `[weight prefix ...]` -> (prefixes, weights)."""
+    numbers = [_is_number(item) for item in data_path]
+    if not any(numbers):
+        return list(data_path), None
+    pairs_ok = len(data_path) % 2 == 0 and all(numbers[0::2]) and not any(numbers[1::2])
+    if not pairs_ok:
+        raise DataError(f"--data-path {' '.join(data_path)}: give prefixes, or weight/prefix pairs "
+                        "(e.g. --data-path 0.3 wiki_text_document 0.7 code_text_document)")
+    return list(data_path[1::2]), [float(w) for w in data_path[0::2]]
+
+
+def check_indexed_dataset(prefix: str, split: str) -> None:
+    """The pair exists, its .bin holds exactly the tokens its .idx describes (an interrupted write does not),
+    and every split with a share of --split gets at least one document (megatron-core loops forever if not)."""
+    bin_path, idx_path = prefix + ".bin", prefix + ".idx"
+    for path in (bin_path, idx_path):
+        if not os.path.exists(path):
+            raise DataError(f"--data-path {prefix}: {path} does not exist; make it with tools/preprocess_data.py "
+                            "(the prefix is --output-prefix plus _{key}_document)")
+    try:
+        index = _IndexReader(idx_path, multimodal=False)
+    except Exception as exc:  # megatron-core raises assorted errors on a damaged index
+        raise DataError(f"{idx_path} is not a readable Megatron index ({exc}); rerun tools/preprocess_data.py")
+    expected = 0
+    if len(index) > 0:
+        expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * DType.size(index.dtype)
+    actual = os.path.getsize(bin_path)
+    if actual != expected:
+        raise DataError(f"{bin_path} has {actual} bytes but {idx_path} describes {expected}; the pair does not "
+                        "match (an interrupted or mixed-up run?): rerun tools/preprocess_data.py")
+    documents = len(index.document_indices) - 1
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    for name, bounds in zip(("train", "valid", "test"), matrix):
+        # The same rounding as BlendedMegatronDatasetBuilder.
+        if bounds is not None and int(round(bounds[1] * documents)) == int(round(bounds[0] * documents)):
+            raise DataError(f"--split {split} leaves the {name} split of {prefix} without documents (it has "
+                            f"{documents}); give {name} a larger share, or 0")
+
+
+def check_data_path(data_path: List[str], split: str) -> None:
+    prefixes, _ = parse_blend(data_path)
+    for prefix in prefixes:
+        check_indexed_dataset(prefix, split)
 
 
 def dataset_sizes(args):
@@ -18,11 +90,14 @@ def build_datasets(args, tokenizer):
     config = GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
+        blend=None if args.mock_data else parse_blend(args.data_path),
         split=args.split,
+        path_to_cache=args.data_cache_path,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
     )
-    return BlendedMegatronDatasetBuilder(MockGPTDataset, dataset_sizes(args), lambda: True, config).build()
+    dataset_class = MockGPTDataset if args.mock_data else GPTDataset
+    return BlendedMegatronDatasetBuilder(dataset_class, dataset_sizes(args), lambda: True, config).build()

@@ -1,14 +1,156 @@
-"""Tokenizers with the small surface megatron-core's datasets use: vocab_size, eod, unique_identifiers."""
+"""Tokenizers behind one small surface: tokenize, detokenize, vocab_size, eod, unique_identifiers.
+
+The last two are what megatron-core's datasets read. Flags are Megatron-LM's (`--tokenizer-type`,
+`--tokenizer-model`, `--vocab-file`, `--merge-file`, `--vocab-size`) and are shared by
+pretrain_gpt.py and tools/preprocess_data.py through `add_tokenizer_args`.
+"""
+import json
+import os
 from collections import OrderedDict
+from typing import List
+
+TOKENIZER_TYPES = ["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer"]
+_EOD_CANDIDATES = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>"]
 
 
-class NullTokenizer:
-    """Token ids are the text; the last id of the vocabulary is the end-of-document token."""
+class TokenizerError(SystemExit):
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
 
-    def __init__(self, vocab_size: int):
-        self.vocab_size = vocab_size
-        self.eod = vocab_size - 1
+
+def add_tokenizer_args(parser):
+    group = parser.add_argument_group("tokenizer")
+    group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
+                       help="default: NullTokenizer with --mock-data")
+    group.add_argument("--tokenizer-model", default=None,
+                       help="SentencePiece .model file, or a HuggingFace tokenizer.json or directory holding one")
+    group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer vocab.json")
+    group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer merges.txt")
+    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: ids 0..N-1, end of document N")
+    return parser
+
+
+def check_tokenizer_args(args) -> None:
+    """One line for each way the tokenizer flags cannot work; run before any heavy work."""
+    kind = args.tokenizer_type
+    required = {"SentencePieceTokenizer": ["tokenizer_model"], "HuggingFaceTokenizer": ["tokenizer_model"],
+                "GPT2BPETokenizer": ["vocab_file", "merge_file"], "NullTokenizer": []}[kind]
+    for attribute in required:
+        flag = "--" + attribute.replace("_", "-")
+        path = getattr(args, attribute)
+        if path is None:
+            raise TokenizerError(f"--tokenizer-type {kind} needs {flag}")
+        if not os.path.exists(path):
+            raise TokenizerError(f"{flag} {path} does not exist; train one with tools/train_tokenizer.py "
+                                 "or point to an existing file")
+    if kind == "NullTokenizer" and (args.vocab_size is None or args.vocab_size < 1):
+        raise TokenizerError("--tokenizer-type NullTokenizer needs --vocab-size N (N >= 1)")
+
+
+def build_tokenizer(args):
+    check_tokenizer_args(args)
+    kind = args.tokenizer_type
+    if kind == "SentencePieceTokenizer":
+        return SentencePieceTokenizer(args.tokenizer_model)
+    if kind == "HuggingFaceTokenizer":
+        return HuggingFaceTokenizer(args.tokenizer_model)
+    if kind == "GPT2BPETokenizer":
+        return GPT2BPETokenizer(args.vocab_file, args.merge_file)
+    return NullTokenizer(args.vocab_size)
+
+
+class _Tokenizer:
+    source = ""
 
     @property
     def unique_identifiers(self) -> OrderedDict:
-        return OrderedDict(cls=type(self).__name__, vocab_size=self.vocab_size)
+        """What megatron-core hashes into its dataset cache names."""
+        return OrderedDict(cls=type(self).__name__, source=self.source, vocab_size=self.vocab_size)
+
+
+class NullTokenizer(_Tokenizer):
+    """Text is space-separated ids below `vocab_size`; id `vocab_size` ends a document (Megatron-LM's convention)."""
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size + 1
+        self.eod = vocab_size
+
+    def tokenize(self, text: str) -> List[int]:
+        return [int(token) for token in text.split()]
+
+    def detokenize(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+class SentencePieceTokenizer(_Tokenizer):
+    def __init__(self, model_file: str):
+        import sentencepiece
+
+        self.source = os.path.abspath(model_file)
+        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
+        self.vocab_size = self._sp.get_piece_size()
+        self.eod = self._sp.eos_id()
+        if self.eod < 0:
+            raise TokenizerError(f"{model_file} defines no end-of-sentence piece (</s>) to mark document ends")
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._sp.encode(text)
+
+    def detokenize(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids])
+
+
+class _HFTokenizersBase(_Tokenizer):
+    def _set_eod(self, preferred: List[str]) -> None:
+        vocab = self._tokenizer.get_vocab(with_added_tokens=True)
+        for token in preferred + _EOD_CANDIDATES:
+            if token in vocab:
+                self.eod = vocab[token]
+                return
+        raise TokenizerError(f"{self.source} has none of the end-of-document tokens {_EOD_CANDIDATES}")
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def detokenize(self, ids) -> str:
+        return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+class HuggingFaceTokenizer(_HFTokenizersBase):
+    """A local `tokenizer.json` (or a directory with it and, optionally, tokenizer_config.json naming eos_token)."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer
+
+        directory = path if os.path.isdir(path) else os.path.dirname(path)
+        file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
+        if not os.path.exists(file):
+            raise TokenizerError(f"{path} holds no tokenizer.json; pass the file or a directory with it")
+        self.source = os.path.abspath(file)
+        self._tokenizer = Tokenizer.from_file(file)
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self._set_eod(_eos_from_config(os.path.join(directory, "tokenizer_config.json")))
+
+
+def _eos_from_config(config_path: str) -> List[str]:
+    if not os.path.exists(config_path):
+        return []
+    with open(config_path) as f:
+        eos = json.load(f).get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    return [eos] if eos else []
+
+
+class GPT2BPETokenizer(_HFTokenizersBase):
+    """GPT-2's byte-level BPE from vocab.json and merges.txt; documents end with <|endoftext|>."""
+
+    def __init__(self, vocab_file: str, merge_file: str):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+        self.source = os.path.abspath(vocab_file)
+        self._tokenizer = Tokenizer(models.BPE.from_file(vocab_file, merge_file))
+        self._tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        self._tokenizer.decoder = decoders.ByteLevel()
+        self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+        self._set_eod(["<|endoftext|>"])

@@ -1,0 +1,197 @@
+"""Data tools: lossless round trips, worker-independent output, blending, and one clear line for bad input."""
+import gzip
+import json
+import os
+import types
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from launcher import REPO, run_training
+from megatron_edit.data import datasets as data_sets
+from megatron_edit.data.tokenizers import GPT2BPETokenizer, HuggingFaceTokenizer, SentencePieceTokenizer
+from tools import build_sample_corpus, preprocess_data, train_tokenizer
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """The embedded sample corpus, its SentencePiece model, and a byte-level BPE in HF and GPT-2 formats."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    root = tmp_path_factory.mktemp("corpus")
+    build_sample_corpus.main(["--output", str(root / "corpus.jsonl")])
+    train_tokenizer.main(["--input", str(root / "corpus.jsonl"), "--model-prefix", str(root / "sp"),
+                          "--vocab-size", "1024"])
+    texts = [json.loads(line)["text"] for line in open(root / "corpus.jsonl")]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    bpe.save(str(root / "tokenizer.json"))
+    bpe.model.save(str(root))  # vocab.json + merges.txt, GPT-2's files
+    return types.SimpleNamespace(root=root, jsonl=str(root / "corpus.jsonl"), texts=texts, sp=str(root / "sp.model"))
+
+
+SP = lambda c: ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", c.sp]  # noqa: E731
+
+
+def preprocess(corpus, prefix, *extra, inputs=None):
+    return preprocess_data.main(["--input", *(inputs or [corpus.jsonl]), "--output-prefix", str(prefix),
+                                 "--append-eod", "--log-interval", "100000", *extra])
+
+
+def decoded_documents(prefix, tokenizer):
+    dataset = IndexedDataset(f"{prefix}_text_document")
+    documents = []
+    for i in range(len(dataset)):
+        ids = dataset[i]
+        assert ids[-1] == tokenizer.eod
+        documents.append(tokenizer.detokenize(ids[:-1]))
+    return documents
+
+
+@pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer"])
+def test_preprocess_round_trip_gives_back_the_text(corpus, tmp_path, kind):
+    flags = {
+        "SentencePieceTokenizer": SP(corpus),
+        "HuggingFaceTokenizer": ["--tokenizer-type", kind, "--tokenizer-model", str(corpus.root / "tokenizer.json")],
+        "GPT2BPETokenizer": ["--tokenizer-type", kind, "--vocab-file", str(corpus.root / "vocab.json"),
+                             "--merge-file", str(corpus.root / "merges.txt")],
+    }[kind]
+    tokenizer = {
+        "SentencePieceTokenizer": lambda: SentencePieceTokenizer(corpus.sp),
+        "HuggingFaceTokenizer": lambda: HuggingFaceTokenizer(str(corpus.root)),
+        "GPT2BPETokenizer": lambda: GPT2BPETokenizer(str(corpus.root / "vocab.json"), str(corpus.root / "merges.txt")),
+    }[kind]()
+    stats = preprocess(corpus, tmp_path / "out", *flags)
+    assert stats.documents == len(corpus.texts)
+    assert IndexedDataset(str(tmp_path / "out_text_document")).index.dtype == np.uint16  # vocab < 65500
+    assert decoded_documents(tmp_path / "out", tokenizer) == corpus.texts
+
+
+def test_workers_and_partitions_give_byte_identical_output(corpus, tmp_path):
+    half = len(corpus.texts) // 2
+    lines = open(corpus.jsonl).readlines()
+    first, second = tmp_path / "a.jsonl", tmp_path / "b.jsonl.gz"
+    first.write_text("".join(lines[:half]))
+    with gzip.open(second, "wt") as f:
+        f.write("".join(lines[half:]))
+    inputs = [str(first), str(second)]
+    outputs = {}
+    for name, extra in {"w1": ["--workers", "1"], "w4": ["--workers", "4"],
+                        "w1p1": ["--workers", "1", "--partitions", "1"],
+                        "w4p2": ["--workers", "4", "--partitions", "2"],
+                        "w3p3": ["--workers", "3", "--partitions", "3"]}.items():
+        preprocess(corpus, tmp_path / name, *SP(corpus), *extra, inputs=inputs)
+        outputs[name] = [(tmp_path / f"{name}_text_document{s}").read_bytes() for s in (".bin", ".idx")]
+    reference = outputs.pop("w1")
+    for name, produced in outputs.items():
+        assert produced == reference, name
+
+
+def test_blend_sample_counts_follow_the_weights(corpus, tmp_path):
+    lines = open(corpus.jsonl).readlines()
+    (tmp_path / "a.jsonl").write_text("".join(lines[0::2]))
+    (tmp_path / "b.jsonl").write_text("".join(lines[1::2]))
+    for name in "ab":
+        preprocess(corpus, tmp_path / name, *SP(corpus), inputs=[str(tmp_path / f"{name}.jsonl")])
+    args = types.SimpleNamespace(
+        seed=1, seq_length=64, mock_data=False, split="100,0,0", data_cache_path=None,
+        data_path=["0.25", str(tmp_path / "a_text_document"), "0.75", str(tmp_path / "b_text_document")],
+        train_iters=1000, global_batch_size=4, eval_interval=1000, eval_iters=0)
+    train, _, _ = data_sets.build_datasets(args, SentencePieceTokenizer(corpus.sp))
+    counts = np.bincount(train.dataset_index[:4000], minlength=2)
+    assert abs(counts[0] / 4000 - 0.25) < 0.01 and abs(counts[1] / 4000 - 0.75) < 0.01
+
+
+def error_line(excinfo) -> str:
+    message = str(excinfo.value.code)
+    assert message.startswith("error: ") and "\n" not in message
+    return message
+
+
+def test_malformed_json_line_names_file_and_line(corpus, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": "broken\n{"text": "fine again"}\n')
+    with pytest.raises(SystemExit) as excinfo:
+        preprocess(corpus, tmp_path / "out", *SP(corpus), inputs=[str(bad)])
+    assert f"{bad}:2: not valid JSON" in error_line(excinfo)
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".preprocess-*"))
+    stats = preprocess(corpus, tmp_path / "out", *SP(corpus), "--skip-bad-lines", inputs=[str(bad)])
+    assert (stats.documents, stats.bad_lines) == (2, 1)
+
+
+def test_missing_json_key_is_one_line(corpus, tmp_path):
+    data = tmp_path / "k.jsonl"
+    data.write_text('{"body": "x"}\n')
+    with pytest.raises(SystemExit) as excinfo:
+        preprocess(corpus, tmp_path / "out", *SP(corpus), inputs=[str(data)])
+    assert f"{data}:1: no key 'text' (its keys: body); pass the right --json-keys" in error_line(excinfo)
+
+
+def test_missing_tokenizer_file_is_one_line(corpus, tmp_path):
+    with pytest.raises(SystemExit) as excinfo:
+        preprocess(corpus, tmp_path / "out", "--tokenizer-type", "SentencePieceTokenizer",
+                   "--tokenizer-model", str(tmp_path / "nope.model"))
+    assert f"--tokenizer-model {tmp_path / 'nope.model'} does not exist" in error_line(excinfo)
+
+
+def test_empty_input_is_one_line(corpus, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit) as excinfo:
+        preprocess(corpus, tmp_path / "out", *SP(corpus), inputs=[str(empty)])
+    assert "no documents in" in error_line(excinfo)
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_interrupted_run_leaves_no_output_pair(corpus, tmp_path, monkeypatch):
+    real_encode, calls = preprocess_data.Encoder.encode, []
+
+    def interrupted(self, item):
+        calls.append(item)
+        if len(calls) == 50:
+            raise KeyboardInterrupt
+        return real_encode(self, item)
+
+    monkeypatch.setattr(preprocess_data.Encoder, "encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess(corpus, tmp_path / "out", *SP(corpus))
+    assert os.listdir(tmp_path) == []
+
+
+def test_mismatched_bin_and_idx_detected_when_training_starts(corpus, tmp_path):
+    preprocess(corpus, tmp_path / "out", *SP(corpus))
+    prefix = str(tmp_path / "out_text_document")
+    data_sets.check_data_path([prefix], "90,10,0")
+    with open(prefix + ".bin", "r+b") as f:
+        f.truncate(os.path.getsize(prefix + ".bin") - 10)
+    with pytest.raises(SystemExit) as excinfo:
+        data_sets.check_data_path([prefix], "90,10,0")
+    assert "the pair does not match" in error_line(excinfo)
+    run = run_training(1, ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                           "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "2", "--lr", "1e-3",
+                           "--data-path", prefix, "--split", "90,10,0", *SP(corpus)])
+    assert run.returncode != 0 and "the pair does not match" in run.stderr
+
+
+def test_split_without_documents_is_one_line(corpus, tmp_path):
+    preprocess(corpus, tmp_path / "out", *SP(corpus))
+    with pytest.raises(SystemExit) as excinfo:
+        data_sets.check_data_path([str(tmp_path / "out_text_document")], "949,50,1")
+    assert "--split 949,50,1 leaves the test split of" in error_line(excinfo)
+
+
+def test_training_on_the_sample_corpus_lowers_validation_perplexity(corpus, tmp_path):
+    preprocess(corpus, tmp_path / "sample", *SP(corpus))
+    run = run_training(1, [
+        "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+        "--micro-batch-size", "8", "--train-iters", "40", "--lr", "3e-3", "--lr-warmup-iters", "4",
+        "--hidden-dropout", "0", "--attention-dropout", "0",
+        "--data-path", str(tmp_path / "sample_text_document"), "--split", "90,10,0",
+        "--data-cache-path", str(tmp_path / "cache"), *SP(corpus),
+        "--log-interval", "10", "--eval-interval", "40", "--eval-iters", "4"]).check()
+    valid = run.validation_losses
+    assert valid[40] < valid[0] - 1.0, valid

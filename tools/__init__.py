@@ -1,0 +1,1 @@
+"""Command-line tools; importable so tests call their `main` directly."""

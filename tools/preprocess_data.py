@@ -1,0 +1,266 @@
+"""Tokenize jsonl documents into Megatron's .bin/.idx format (megatron-core's IndexedDataset).
+
+Megatron-LM's interface:
+
+    python tools/preprocess_data.py --input 'corpus/*.jsonl.gz' --json-keys text --output-prefix data/corpus \\
+        --tokenizer-type SentencePieceTokenizer --tokenizer-model tok.model --append-eod --workers 4
+
+writes data/corpus_text_document.bin/.idx. Documents keep their input order whatever --workers and
+--partitions are (partitions are contiguous ranges of lines, merged in order), so the output is
+byte-identical across those settings. Files appear under their final names only when complete.
+"""
+import argparse
+import dataclasses
+import glob
+import gzip
+import json
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import megatron_edit  # noqa: E402,F401  (first: it quiets megatron-core's import-time warnings)
+import numpy as np  # noqa: E402
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # noqa: E402
+
+from megatron_edit.data.tokenizers import add_tokenizer_args, build_tokenizer, check_tokenizer_args  # noqa: E402
+
+
+def get_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    group = parser.add_argument_group("input")
+    group.add_argument("--input", nargs="+", required=True, help="jsonl or jsonl.gz files, or globs")
+    group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize; one output per key")
+    group.add_argument("--skip-bad-lines", action="store_true", help="count malformed lines instead of stopping")
+    group = parser.add_argument_group("output")
+    group.add_argument("--output-prefix", required=True)
+    group.add_argument("--append-eod", action="store_true", help="end every document with the tokenizer's eod")
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--workers", type=int, default=1, help="tokenizing processes in all")
+    group.add_argument("--partitions", type=int, default=1, help="input ranges processed in parallel, then merged")
+    group.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
+    add_tokenizer_args(parser)
+    args = parser.parse_args(argv)
+    args.input_files = expand_inputs(args.input)
+    if args.tokenizer_type is None:
+        raise SystemExit("error: --tokenizer-type is required")
+    check_tokenizer_args(args)
+    if args.workers < 1 or args.partitions < 1 or args.partitions > args.workers:
+        raise SystemExit("error: need 1 <= --partitions <= --workers")
+    return args
+
+
+def expand_inputs(patterns: List[str]) -> List[str]:
+    files = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern))
+        if not matches:
+            raise SystemExit(f"error: --input {pattern} matches no file")
+        files += matches
+    return files
+
+
+def _open(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def read_lines(files: List[str]) -> Iterator[Tuple[str, int, str]]:
+    """(file, line number, line) of every non-blank input line, in order."""
+    for path in files:
+        with _open(path) as f:
+            for number, line in enumerate(f, start=1):
+                if line.strip():
+                    yield path, number, line
+
+
+@dataclasses.dataclass
+class Encoded:
+    location: str
+    nbytes: int
+    documents: Optional[Dict[str, List[int]]] = None
+    bad_line: Optional[str] = None
+    missing_key: Optional[str] = None
+
+
+class Encoder:
+    """Parses and tokenizes one line; runs in worker processes, each with its own tokenizer."""
+
+    tokenizer = None
+
+    def __init__(self, args):
+        self.args = args
+
+    def initializer(self):
+        Encoder.tokenizer = build_tokenizer(self.args)
+
+    def encode(self, item: Tuple[str, int, str]) -> Encoded:
+        path, number, line = item
+        location, nbytes = f"{path}:{number}", len(line.encode("utf-8"))
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            return Encoded(location, nbytes, bad_line=f"not valid JSON ({exc.msg} at column {exc.colno})")
+        if not isinstance(record, dict):
+            return Encoded(location, nbytes, bad_line="not a JSON object")
+        documents = {}
+        for key in self.args.json_keys:
+            if key not in record:
+                return Encoded(location, nbytes, missing_key=f"no key {key!r} (its keys: {', '.join(record)})")
+            if not isinstance(record[key], str):
+                return Encoded(location, nbytes, bad_line=f"value of {key!r} is not a string")
+            ids = Encoder.tokenizer.tokenize(record[key]) if record[key] else []
+            if ids and self.args.append_eod:
+                ids.append(Encoder.tokenizer.eod)
+            documents[key] = ids
+        return Encoded(location, nbytes, documents=documents)
+
+
+@dataclasses.dataclass
+class Stats:
+    documents: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    bad_lines: int = 0
+    empty: int = 0
+
+    def add(self, other: "Stats") -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+
+def output_prefix(prefix: str, key: str) -> str:
+    return f"{prefix}_{key}_document"
+
+
+def encode_lines(args, lines, prefix: str, workers: int, total_bytes: Optional[int], label: str) -> Stats:
+    """Tokenize `lines` with `workers` processes into `{prefix}_{key}_document.bin/.idx` (given temporary names)."""
+    encoder = Encoder(args)
+    encoder.initializer()
+    dtype = DType.optimal_dtype(Encoder.tokenizer.vocab_size)
+    builders = {key: IndexedDatasetBuilder(output_prefix(prefix, key) + ".bin", dtype=dtype) for key in args.json_keys}
+    pool = multiprocessing.Pool(workers, initializer=encoder.initializer) if workers > 1 else None
+    results = pool.imap(encoder.encode, lines, chunksize=32) if pool else map(encoder.encode, lines)
+    stats, start = Stats(), time.perf_counter()
+    try:
+        for result in results:
+            stats.bytes += result.nbytes
+            if result.missing_key:
+                raise SystemExit(f"error: {result.location}: {result.missing_key}; pass the right --json-keys")
+            if result.bad_line:
+                if not args.skip_bad_lines:
+                    raise SystemExit(f"error: {result.location}: {result.bad_line}; fix the line or pass "
+                                     "--skip-bad-lines")
+                stats.bad_lines += 1
+                continue
+            if not any(result.documents.values()):
+                stats.empty += 1
+                continue
+            for key, ids in result.documents.items():
+                builders[key].add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+            stats.documents += 1
+            stats.tokens += sum(len(ids) for ids in result.documents.values())
+            if stats.documents % args.log_interval == 0:
+                log_progress(stats, time.perf_counter() - start, total_bytes, label)
+    finally:
+        if pool:
+            pool.terminate()
+    for key, builder in builders.items():
+        builder.finalize(output_prefix(prefix, key) + ".idx")
+    return stats
+
+
+def log_progress(stats: Stats, seconds: float, total_bytes: Optional[int], label: str) -> None:
+    rate = stats.bytes / max(seconds, 1e-9)
+    eta = f", ETA {(total_bytes - stats.bytes) / max(rate, 1e-9):.0f} s" if total_bytes else ""
+    print(f"{label}Processed {stats.documents} documents ({stats.documents / seconds:.1f} docs/s, "
+          f"{rate / 2**20:.2f} MB/s, {stats.tokens / seconds:.0f} tokens/s{eta}).", file=sys.stderr, flush=True)
+
+
+def _known_size(files: List[str]) -> Optional[int]:
+    """Bytes to read, when known: gzip hides the uncompressed size."""
+    return None if any(f.endswith(".gz") for f in files) else sum(os.path.getsize(f) for f in files)
+
+
+def _partition_main(args, start: int, stop: int, prefix: str, workers: int, label: str, queue) -> None:
+    try:
+        lines = islice(read_lines(args.input_files), start, stop)
+        queue.put(("ok", encode_lines(args, lines, prefix, workers, None, label)))
+    except SystemExit as exc:
+        queue.put(("error", str(exc.code)))
+
+
+def encode_partitions(args, prefix: str, scratch: str) -> Stats:
+    """Contiguous line ranges in parallel processes, then their outputs concatenated in order."""
+    total = sum(1 for _ in read_lines(args.input_files))
+    bounds = [total * p // args.partitions for p in range(args.partitions + 1)]
+    queue = multiprocessing.Queue()
+    processes = []
+    for p in range(args.partitions):
+        part_prefix = os.path.join(scratch, f"part{p}")
+        label = f"[partition {p + 1}/{args.partitions}] "
+        process = multiprocessing.Process(target=_partition_main, args=(
+            args, bounds[p], bounds[p + 1], part_prefix, args.workers // args.partitions, label, queue))
+        process.start()
+        processes.append(process)
+    outcomes = [queue.get() for _ in processes]
+    for process in processes:
+        process.join()
+    errors = [message for status, message in outcomes if status == "error"]
+    if errors:
+        raise SystemExit(errors[0])
+    stats = Stats()
+    for _, part_stats in outcomes:
+        stats.add(part_stats)
+    dtype = DType.optimal_dtype(build_tokenizer(args).vocab_size)
+    for key in args.json_keys:
+        builder = IndexedDatasetBuilder(output_prefix(prefix, key) + ".bin", dtype=dtype)
+        for p in range(args.partitions):
+            builder.add_index(output_prefix(os.path.join(scratch, f"part{p}"), key))
+        builder.finalize(output_prefix(prefix, key) + ".idx")
+    return stats
+
+
+def preprocess(args) -> Stats:
+    """Write the outputs under temporary names in the output directory and rename them once complete."""
+    out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
+    os.makedirs(out_dir, exist_ok=True)
+    scratch = tempfile.mkdtemp(prefix=".preprocess-", dir=out_dir)
+    temporary = os.path.join(scratch, "output")
+    try:
+        if args.partitions == 1:
+            stats = encode_lines(args, read_lines(args.input_files), temporary, args.workers,
+                                 _known_size(args.input_files), "")
+        else:
+            stats = encode_partitions(args, temporary, scratch)
+        if stats.documents == 0:
+            raise SystemExit(f"error: no documents in {', '.join(args.input_files)} (empty input"
+                             f"{', or every line was skipped' if stats.bad_lines else ''})")
+        for key in args.json_keys:
+            for suffix in (".bin", ".idx"):  # .idx last: a .bin without its .idx never looks complete
+                os.replace(output_prefix(temporary, key) + suffix, output_prefix(args.output_prefix, key) + suffix)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return stats
+
+
+def main(argv=None) -> Stats:
+    args = get_args(argv)
+    start = time.perf_counter()
+    stats = preprocess(args)
+    seconds = time.perf_counter() - start
+    print(f"Done: {stats.documents} documents, {stats.tokens} tokens, {stats.bytes / 2**20:.2f} MB in {seconds:.1f} s "
+          f"({stats.tokens / seconds:.0f} tokens/s) -> {', '.join(output_prefix(args.output_prefix, k) for k in args.json_keys)}"
+          + (f"; skipped {stats.bad_lines} bad lines" if stats.bad_lines else "")
+          + (f"; left out {stats.empty} empty documents" if stats.empty else ""), file=sys.stderr)
+    return stats
+
+
+if __name__ == "__main__":
+    main()

@@ -73,7 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--dp-mode", default="ddp", help="data-parallel mode (see megatron_edit/dp/)")
+    g.add_argument("--dp-mode", default="ddp", help="data-parallel mode: ddp, edit (see megatron_edit/dp/)")
+
+    g = parser.add_argument_group("local SGD (edit and the other local-SGD modes)")
+    g.add_argument("--model-shard-group-size", type=int, default=None,
+                   help="data-parallel ranks that hold one replica together; default: those of one node")
+    g.add_argument("--local-sgd-sync-interval", type=int, default=16, help="H: local steps between syncs")
+    g.add_argument("--local-sgd-warmup-iters", type=int, default=0,
+                   help="W: iterations of synchronous data parallelism before local steps begin")
+    g.add_argument("--outer-lr", type=float, default=0.7)
+    g.add_argument("--outer-momentum", type=float, default=0.8)
+    g.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=True)
+    g.add_argument("--offload-outer-state", action="store_true", help="keep anchor and momentum in CPU memory")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
@@ -101,7 +112,7 @@ def padded_vocab_size(vocab_size: int, args) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def parse_args(argv, world_size: int, extra_args_provider=None) -> argparse.Namespace:
+def parse_args(argv, world_size: int, local_world_size: int = None, extra_args_provider=None) -> argparse.Namespace:
     """Parse, fill in defaults that depend on other flags, and validate against the world size.
 
     `extra_args_provider(parser)` adds a tool's own flags, as in Megatron-LM."""
@@ -110,6 +121,7 @@ def parse_args(argv, world_size: int, extra_args_provider=None) -> argparse.Name
         parser = extra_args_provider(parser)
     args = parser.parse_args(argv)
     args.world_size = world_size
+    args.local_world_size = local_world_size or world_size
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = (int(8 * args.hidden_size / 3 / 64) * 64 or args.hidden_size * 2) if args.swiglu \
             else 4 * args.hidden_size
@@ -188,6 +200,27 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ConfigError("no training data: pass --data-path PREFIX (made by tools/preprocess_data.py) or --mock-data")
     check_tokenizer_args(args)
 
-    from megatron_edit.dp import DP_MODES
+    from megatron_edit.dp import DP_MODES, LOCAL_SGD_MODES
 
     _require(args.dp_mode in DP_MODES, f"--dp-mode {args.dp_mode!r} is unknown; choose one of {sorted(DP_MODES)}")
+    args.num_model_replicas = 1
+    if args.dp_mode in LOCAL_SGD_MODES:
+        _validate_local_sgd(args)
+
+
+def _validate_local_sgd(args: argparse.Namespace) -> None:
+    """Fills in `model_shard_group_size` and `num_model_replicas` (= sync group size)."""
+    dp = args.data_parallel_size
+    if args.model_shard_group_size is None:  # the data-parallel ranks of one node
+        args.model_shard_group_size = max(1, min(dp, args.local_world_size // (
+            args.tensor_model_parallel_size * args.pipeline_model_parallel_size)))
+    shard = args.model_shard_group_size
+    _require(shard >= 1 and dp % shard == 0,
+             f"--model-shard-group-size {shard} does not divide the data-parallel size {dp} "
+             f"(world {args.world_size} / TP {args.tensor_model_parallel_size} / PP "
+             f"{args.pipeline_model_parallel_size}); pick a divisor of {dp}")
+    _require(args.local_sgd_sync_interval >= 1, "--local-sgd-sync-interval must be >= 1")
+    _require(args.local_sgd_warmup_iters >= 0, "--local-sgd-warmup-iters must be >= 0")
+    _require(args.outer_lr > 0 and 0 <= args.outer_momentum < 1,
+             "--outer-lr must be > 0 and --outer-momentum in [0, 1)")
+    args.num_model_replicas = dp // shard

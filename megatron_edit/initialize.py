@@ -17,16 +17,21 @@ class LaunchEnv:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int  # processes on this node
 
 
 def launch_env() -> LaunchEnv:
     """Ranks from torchrun's variables, else from `srun`'s, else a single process."""
     env = os.environ
     if "RANK" in env:
-        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)))
+        world = int(env["WORLD_SIZE"])
+        return LaunchEnv(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)),
+                         int(env.get("LOCAL_WORLD_SIZE", world)))
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)))
-    return LaunchEnv(0, 1, 0)
+        world = int(env["SLURM_NTASKS"])
+        per_node = env.get("SLURM_NTASKS_PER_NODE", str(world)).split("(")[0]  # e.g. "4(x2)"
+        return LaunchEnv(int(env["SLURM_PROCID"]), world, int(env.get("SLURM_LOCALID", 0)), int(per_node))
+    return LaunchEnv(0, 1, 0, 1)
 
 
 def _free_port() -> int:
@@ -55,6 +60,8 @@ def initialize_megatron(args) -> torch.device:
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        # Replicas as megatron-core's distributed-optimizer instances: this builds the shard x sync groups.
+        num_distributed_optimizer_instances=args.num_model_replicas,
     )
     set_random_seed(args.seed)
     return device

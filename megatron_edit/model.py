@@ -71,7 +71,7 @@ _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
 _LAYER_INDEX = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
-def _global_name(name: str, model: GPTModel) -> str:
+def global_parameter_name(name: str, model: GPTModel) -> str:
     """The parameter's name in the unsplit model: global layer number, tied output weight = embedding."""
     match = _LAYER_INDEX.match(name)
     if match:
@@ -105,7 +105,7 @@ def initialize_weights(model: GPTModel, config: TransformerConfig, seed: int) ->
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     for name, param in model.named_parameters():
-        global_name = _global_name(name, model)
+        global_name = global_parameter_name(name, model)
         split = getattr(param, "tensor_model_parallel", False) and tp_size > 1
         shape = list(param.shape)
         if split:

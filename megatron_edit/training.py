@@ -6,7 +6,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -92,10 +92,10 @@ def _sum_loss_reports(losses_reduced) -> torch.Tensor:
     return total
 
 
-def _mean_loss(total: torch.Tensor) -> float:
-    """Token-weighted mean loss over the data-parallel group; meaningful on the last pipeline stage."""
+def _mean_loss(total: torch.Tensor, group) -> float:
+    """Token-weighted mean loss over `group`; meaningful on the last pipeline stage."""
     if parallel_state.is_pipeline_last_stage():
-        dist.all_reduce(total, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        dist.all_reduce(total, group=group)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
@@ -123,6 +123,7 @@ class Trainer:
 
     def train_step(self, iteration: int):
         """One global batch: forward/backward over all micro-batches, inner optimizer step, mode hook."""
+        self.dp_mode.start_iteration(iteration)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -131,7 +132,7 @@ class Trainer:
         if update_successful:
             self.scheduler.step(increment=1)
         self.dp_mode.after_optimizer_step(iteration)
-        return _mean_loss(_sum_loss_reports(losses)), grad_norm
+        return _mean_loss(_sum_loss_reports(losses), self.dp_mode.loss_group()), grad_norm
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -142,7 +143,7 @@ class Trainer:
             total += _sum_loss_reports(self._run_schedule(self.valid_iter, forward_only=True))
         for chunk in self.model:
             chunk.train()
-        return _mean_loss(total)
+        return _mean_loss(total, self.dp_mode.loss_group())
 
 
 def train(trainer: Trainer) -> Dict[str, float]:
@@ -209,11 +210,11 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
     args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
     config = transformer_config_from_args(args)
     model = build_model(model_provider, args, config, device)
-    dp_mode = build_dp_mode(args.dp_mode, ddp_config=ddp_config_from_args(args), transformer_config=config)
+    dp_mode = build_dp_mode(args, ddp_config_from_args(args), config)
     model = dp_mode.wrap_model(model)
     optimizer = dp_mode.build_optimizer(model, optimizer_config_from_args(args))
     scheduler = build_scheduler(args, optimizer)
-    config.finalize_model_grads_func = finalize_model_grads
+    config.finalize_model_grads_func = dp_mode.finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
 
     train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
@@ -226,7 +227,9 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
 def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
              extra_args_provider: Callable = None, argv=None) -> Dict[str, float]:
     """Parse and check arguments, start the process groups, build everything, train, print a summary."""
-    args = parse_args(argv, world_size=launch_env().world_size, extra_args_provider=extra_args_provider)
+    env = launch_env()
+    args = parse_args(argv, world_size=env.world_size, local_world_size=env.local_world_size,
+                      extra_args_provider=extra_args_provider)
     device = initialize_megatron(args)
     try:
         trainer = build_trainer(args, device, datasets_provider, model_provider, forward_step_func)

@@ -1,19 +1,22 @@
 """Data-parallel modes: how replicas of the model agree with each other.
 
-Each `--dp-mode` is one class with the hooks the train loop calls; the loop never branches on
-the mode's name. A mode decides which ranks reduce gradients every step (`wrap_model`,
-`build_optimizer`) and what happens between optimizer steps (`after_optimizer_step`).
+Each `--dp-mode` is one class with the hooks the train loop calls (base.py); the loop never branches on
+the mode's name. `ddp` reduces gradients over all replicas every step; the local-SGD modes reduce them
+inside a replica and synchronize replicas only periodically.
 """
 from megatron_edit.dp.base import DataParallelMode
 from megatron_edit.dp.ddp import SynchronousDataParallel
+from megatron_edit.dp.edit import EditDataParallel
 
 DP_MODES = {
     "ddp": SynchronousDataParallel,
+    "edit": EditDataParallel,
 }
+LOCAL_SGD_MODES = {"edit"}
 
 
-def build_dp_mode(name: str, **kwargs) -> DataParallelMode:
-    return DP_MODES[name](**kwargs)
+def build_dp_mode(args, ddp_config, transformer_config) -> DataParallelMode:
+    return DP_MODES[args.dp_mode].from_args(args, ddp_config, transformer_config)
 
 
-__all__ = ["DP_MODES", "DataParallelMode", "build_dp_mode"]
+__all__ = ["DP_MODES", "LOCAL_SGD_MODES", "DataParallelMode", "build_dp_mode"]

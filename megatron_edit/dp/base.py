@@ -3,13 +3,21 @@ import abc
 from typing import Dict, List
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
 
 
 class DataParallelMode(abc.ABC):
-    """Hooks the train loop calls, in this order: wrap_model, build_optimizer, then every
-    iteration after_optimizer_step; metrics() is read at every log line."""
+    """Hooks the train loop calls: wrap_model and build_optimizer once; then every iteration
+    start_iteration, finalize_model_grads (inside the schedule, after backward) and after_optimizer_step;
+    metrics() at every log line."""
 
     name: str = ""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_args(cls, args, ddp_config, transformer_config) -> "DataParallelMode":
+        """Build the mode from the parsed flags (after torch.distributed and parallel_state are up)."""
 
     @abc.abstractmethod
     def wrap_model(self, model_chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
@@ -19,9 +27,20 @@ class DataParallelMode(abc.ABC):
     def build_optimizer(self, model_chunks: List[torch.nn.Module], optimizer_config):
         """The inner optimizer over the wrapped chunks."""
 
-    def after_optimizer_step(self, iteration: int) -> None:
-        """Called once the inner optimizer has stepped for `iteration` (1-based)."""
+    def start_iteration(self, iteration: int) -> None:
+        """Called before the forward/backward passes of `iteration` (1-based)."""
 
-    def metrics(self) -> Dict[str, float]:
-        """Numbers for the log line and trackers (e.g. bytes communicated)."""
+    def finalize_model_grads(self, model, num_tokens=None, **kwargs) -> None:
+        """Make gradients ready for the optimizer (megatron-core's schedules call it after backward)."""
+        finalize_model_grads(model, num_tokens)
+
+    def after_optimizer_step(self, iteration: int) -> None:
+        """Called once the inner optimizer has stepped for `iteration`."""
+
+    def loss_group(self):
+        """The ranks whose losses are averaged into the logged loss: those that train one model together."""
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+    def metrics(self) -> Dict[str, str]:
+        """Extra fields for the log line (e.g. bytes communicated)."""
         return {}

@@ -19,6 +19,10 @@ class SynchronousDataParallel(DataParallelMode):
         self.ddp_config = ddp_config
         self.transformer_config = transformer_config
 
+    @classmethod
+    def from_args(cls, args, ddp_config, transformer_config):
+        return cls(ddp_config, transformer_config)
+
     def wrap_model(self, model_chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
         return [
             DistributedDataParallel(

@@ -1,0 +1,25 @@
+"""Settings shared by every local-SGD mode (EDiT, A-EDiT, DiLoCo, Post-Local-SGD), built once from the flags."""
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalSGDConfig:
+    sync_interval: int          # H: local steps between synchronizations
+    warmup_iters: int           # W: plain synchronous data-parallel iterations before local steps begin
+    outer_lr: float
+    outer_momentum: float
+    outer_nesterov: bool
+    offload_outer_state: bool   # keep anchor and momentum in (pinned) CPU memory
+
+    @classmethod
+    def from_args(cls, args) -> "LocalSGDConfig":
+        return cls(args.local_sgd_sync_interval, args.local_sgd_warmup_iters, args.outer_lr, args.outer_momentum,
+                   args.outer_nesterov, args.offload_outer_state)
+
+    def is_warmup(self, iteration: int) -> bool:
+        return iteration <= self.warmup_iters
+
+    def is_sync_iteration(self, iteration: int) -> bool:
+        """Iteration t synchronizes in its first forward when H local steps have passed since the last sync."""
+        local_steps_done = iteration - 1 - self.warmup_iters
+        return local_steps_done > 0 and local_steps_done % self.sync_interval == 0

@@ -1,0 +1,93 @@
+"""One module's shard of EDiT's outer state, and the way to read and write the module's parameters exactly.
+
+Each synchronized module (a transformer layer, the embedding, the final norm, the output layer) is
+flattened and split evenly across the shard group; this rank owns slice [start, end) and keeps the
+anchor and momentum only for it: 2 x numel / shard_size fp32 values, optionally in pinned CPU memory.
+
+Parameters are read and written in fp32 through the optimizer's main parameters when it has them
+(Megatron's bf16/fp16 optimizers), so a sync never rounds the anchor to the model's dtype.
+"""
+from typing import Dict, List, Tuple
+
+import torch
+import torch.distributed as dist
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+class MainParams:
+    """fp32 "main" values of model parameters: the full main copy (Float16Optimizer), this rank's fragment of it
+    (DistributedOptimizer with bf16/fp16), or the model parameter itself (fp32 training)."""
+
+    def __init__(self, optimizer):
+        self.full: Dict[torch.nn.Parameter, torch.Tensor] = {}
+        self.fragments: Dict[torch.nn.Parameter, Tuple[torch.Tensor, int, int]] = {}
+        for inner in _inner_optimizers(optimizer):
+            if hasattr(inner, "shard_fp32_from_float16_groups"):  # DistributedOptimizer
+                for model_group, main_group in zip(inner.model_float16_groups, inner.shard_fp32_from_float16_groups):
+                    for param, main in zip(model_group, main_group):
+                        param_range = inner._get_model_param_range_map(param)["param"]
+                        self.fragments[param] = (main, param_range.start, param_range.end)
+            elif hasattr(inner, "fp32_from_float16_groups"):  # Float16OptimizerWithFloat16Params
+                for model_group, main_group in zip(inner.float16_groups, inner.fp32_from_float16_groups):
+                    for param, main in zip(model_group, main_group):
+                        self.full[param] = main
+
+    @property
+    def fragmented(self) -> bool:
+        return bool(self.fragments)
+
+
+class ModuleShard:
+    """A module's parameters as one flat fp32 vector, this rank's slice of it, and the outer state of that slice."""
+
+    def __init__(self, name: str, params: List[torch.nn.Parameter], shard_rank: int, shard_size: int,
+                 main_params: MainParams, offload: bool):
+        self.name, self.params, self.main_params = name, params, main_params
+        self.numel = sum(p.numel() for p in params)
+        self.shard_numel = -(-self.numel // shard_size)
+        start = shard_rank * self.shard_numel
+        self.owned = slice(start, start + self.shard_numel)  # of the padded flat vector
+        self.device = params[0].device
+        state_device = torch.device("cpu") if offload else self.device
+        pin = offload and torch.cuda.is_available() and self.device.type == "cuda"
+        self.anchor = torch.zeros(self.shard_numel, dtype=torch.float32, device=state_device, pin_memory=pin)
+        self.momentum = torch.zeros_like(self.anchor)
+
+    @torch.no_grad()
+    def read_full(self, shard_group) -> torch.Tensor:
+        """The module's parameters, flat, in fp32 (padded to shard_size x shard_numel)."""
+        flat = torch.zeros(self.shard_numel * shard_group.size(), dtype=torch.float32, device=self.device)
+        offset = 0
+        for param in self.params:
+            n = param.numel()
+            if self.main_params.fragmented:
+                main, begin, end = self.main_params.fragments.get(param, (None, 0, 0))
+                if main is not None:
+                    flat[offset + begin:offset + end] = main.view(-1)
+            else:
+                flat[offset:offset + n] = self.main_params.full.get(param, param).detach().view(-1)
+            offset += n
+        if self.main_params.fragmented:  # each element's fp32 value lives on exactly one rank of the shard group
+            dist.all_reduce(flat, group=shard_group)
+        return flat
+
+    @torch.no_grad()
+    def write_full(self, flat: torch.Tensor) -> None:
+        """Set model parameters (in their dtype) and any fp32 main parameters from a flat fp32 vector."""
+        offset = 0
+        for param in self.params:
+            n = param.numel()
+            values = flat[offset:offset + n]
+            param.data.copy_(values.view_as(param))
+            if param in self.main_params.full:
+                self.main_params.full[param].copy_(values.view_as(param))
+            elif param in self.main_params.fragments:
+                main, begin, end = self.main_params.fragments[param]
+                main.view(-1).copy_(values[begin:end])
+            offset += n
+
+    def outer_state_numel(self) -> int:
+        return self.anchor.numel() + self.momentum.numel()

@@ -1,0 +1,96 @@
+"""A plain single-process re-implementation of EDiT's update, to check `--dp-mode edit` against.
+
+M model copies, each trained on the samples its S data-parallel ranks would read. Iterations <= W average
+the replicas' gradients (synchronous DP); later iterations are local. Every H local steps, at the start of
+the next iteration: d = mean over replicas of (anchor - theta), SGD-Nesterov on the anchor, theta <- anchor.
+Same model, initialization and data as pretrain_gpt.py; no process groups, no sharding, no megatron optimizer.
+
+    python tests/edit_reference.py <pretrain flags> --replicas M --shard-size S --dump PATH
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import megatron_edit  # noqa: E402,F401
+import torch  # noqa: E402
+
+import pretrain_gpt  # noqa: E402
+from megatron_edit.arguments import padded_vocab_size, parse_args  # noqa: E402
+from megatron_edit.data.tokenizers import build_tokenizer  # noqa: E402
+from megatron_edit.initialize import initialize_megatron  # noqa: E402
+from megatron_edit.model import initialize_weights, transformer_config_from_args  # noqa: E402
+
+
+def add_reference_args(parser):
+    parser.add_argument("--replicas", type=int, required=True)
+    parser.add_argument("--shard-size", type=int, required=True)
+    parser.add_argument("--dump", required=True)
+    return parser
+
+
+def replica_samples(iteration, replica, args):
+    """Indices of the samples that replica `replica`'s ranks read in `iteration` (Megatron-LM's order)."""
+    dp = args.replicas * args.shard_size
+    round_size = args.micro_batch_size * dp
+    first = (iteration - 1) * args.global_batch_size
+    samples = []
+    for round_start in range(first, first + args.global_batch_size, round_size):
+        for rank in range(replica * args.shard_size, (replica + 1) * args.shard_size):
+            start = round_start + rank * args.micro_batch_size
+            samples += range(start, start + args.micro_batch_size)
+    return samples
+
+
+def main():
+    args = parse_args(None, world_size=1, extra_args_provider=add_reference_args)
+    tokenizer = build_tokenizer(args)
+    args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
+    initialize_megatron(args)
+    train, _, _ = pretrain_gpt.train_valid_test_datasets_provider(args, tokenizer)
+    config = transformer_config_from_args(args)
+    replicas = []
+    for _ in range(args.replicas):  # identical copies: the initialization depends only on the seed
+        replicas.append(pretrain_gpt.model_provider(args, config))
+        initialize_weights(replicas[-1], config, args.seed)
+    base = replicas[0]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=args.lr, momentum=args.sgd_momentum) for m in replicas]
+    anchor = [p.detach().clone() for p in base.parameters()]
+    momentum = [torch.zeros_like(p) for p in anchor]
+    warmup, interval = args.local_sgd_warmup_iters, args.local_sgd_sync_interval
+    mu, outer_lr = args.outer_momentum, args.outer_lr
+
+    for iteration in range(1, args.train_iters + 1):
+        local_steps_done = iteration - 1 - warmup
+        if local_steps_done > 0 and local_steps_done % interval == 0:
+            with torch.no_grad():
+                for i, a in enumerate(anchor):
+                    params = [list(m.parameters())[i] for m in replicas]
+                    d = sum(a - p for p in params) / len(params)
+                    momentum[i] = mu * momentum[i] + d
+                    a -= outer_lr * (d + mu * momentum[i] if args.outer_nesterov else momentum[i])
+                    for p in params:
+                        p.copy_(a)
+        for replica, (model, optimizer) in enumerate(zip(replicas, optimizers)):
+            optimizer.zero_grad()
+            batch = [train[i] for i in replica_samples(iteration, replica, args)]
+            tokens = torch.stack([b["tokens"] for b in batch])
+            losses = model(tokens, torch.stack([b["position_ids"] for b in batch]), None,
+                           labels=torch.stack([b["labels"] for b in batch]))
+            losses.float().mean().backward()
+        if iteration <= warmup:
+            with torch.no_grad():
+                for grads in zip(*[[p.grad for p in m.parameters()] for m in replicas]):
+                    mean = sum(grads) / len(grads)
+                    for g in grads:
+                        g.copy_(mean)
+        for optimizer in optimizers:
+            optimizer.step()
+        if iteration == warmup:
+            anchor = [p.detach().clone() for p in replicas[0].parameters()]
+    names = [n for n, _ in base.named_parameters()]
+    torch.save([{n: p.detach().clone() for n, p in zip(names, m.parameters())} for m in replicas], args.dump)
+
+
+if __name__ == "__main__":
+    main()

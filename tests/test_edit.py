@@ -1,0 +1,159 @@
+"""EDiT (--dp-mode edit) against a plain re-implementation, and its claims about layers, bytes and memory."""
+import functools
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from launcher import REPO, TINY_GPT, run_training
+from megatron_edit.dp.edit.outer import outer_sgd_step
+from megatron_edit.dp.edit.shards import MainParams, ModuleShard
+
+# SGD keeps the comparison about EDiT: Adam would turn reduction-order noise on near-zero gradients into
+# lr-sized parameter differences.
+TRAINING = TINY_GPT + ["--optimizer", "sgd", "--sgd-momentum", "0.9", "--lr", "0.05", "--weight-decay", "0",
+                       "--clip-grad", "0", "--lr-decay-style", "constant", "--micro-batch-size", "2",
+                       "--global-batch-size", "8", "--train-iters", "10", "--log-interval", "100",
+                       "--eval-interval", "1000", "--eval-iters", "1", "--outer-lr", "0.7", "--outer-momentum", "0.8"]
+
+
+def local_sgd(warmup, interval):
+    return ["--local-sgd-warmup-iters", str(warmup), "--local-sgd-sync-interval", str(interval)]
+
+
+@functools.lru_cache(maxsize=None)
+def run(nproc: int, extra: tuple):
+    """Per-rank dumps of tests/edit_runner.py for TRAINING + extra on nproc CPU ranks."""
+    dump_dir = tempfile.mkdtemp(prefix="edit-run-")
+    run_training(nproc, TRAINING + list(extra) + ["--dump-dir", dump_dir], script="tests/edit_runner.py").check()
+    return [torch.load(Path(dump_dir) / f"rank{r}.pt") for r in range(nproc)]
+
+
+@functools.lru_cache(maxsize=None)
+def reference(replicas: int, shard_size: int, extra: tuple):
+    dump = tempfile.mktemp(suffix=".pt")
+    command = [sys.executable, str(REPO / "tests/edit_reference.py"), *TRAINING, *extra, "--device", "cpu",
+               "--replicas", str(replicas), "--shard-size", str(shard_size), "--dump", dump]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(dump)
+
+
+def edit(shard: int, replicas: int, *extra) -> tuple:
+    return shard * replicas, ("--dp-mode", "edit", "--model-shard-group-size", str(shard), *extra)
+
+
+def assert_params_close(actual: dict, expected: dict):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("shard,replicas,warmup,interval", [
+    (1, 2, 2, 3),   # M=2 replicas of one rank each
+    (2, 2, 2, 3),   # each replica sharded over two ranks
+    (1, 2, 2, 1),   # H=1: a sync before every local step
+    (2, 2, 0, 2),   # W=0: local steps from the first iteration
+])
+def test_edit_matches_reference_implementation(shard, replicas, warmup, interval):
+    nproc, args = edit(shard, replicas, *local_sgd(warmup, interval))
+    dumps = run(nproc, args)
+    expected = reference(replicas, shard, tuple(local_sgd(warmup, interval)))
+    for replica in range(replicas):
+        for rank in range(replica * shard, (replica + 1) * shard):
+            assert_params_close(dumps[rank]["params"], expected[replica])
+    # Not vacuous: the replicas have drifted apart over the local steps since the last sync.
+    assert any(not torch.allclose(expected[0][n], expected[1][n]) for n in expected[0])
+
+
+def test_each_module_syncs_right_before_its_own_forward_and_overlaps_the_next():
+    dumps = run(*edit(2, 2, *local_sgd(2, 3)))
+    units = [u["name"] for u in dumps[0]["units"]]
+    for iteration, record in enumerate(dumps[0]["iterations"], start=1):
+        events = record["trace"]
+        syncing = [e for e in events if e[0] in ("issue", "synced")]
+        if iteration not in (6, 9):
+            assert syncing == [], iteration
+            continue
+        position = {(kind, name): events.index((kind, name)) for kind, name in events[::-1]}
+        for k, name in enumerate(units):
+            assert position[("synced", name)] < position[("forward_end", name)]
+            if k > 0:  # synchronized after the previous module ran, i.e. just before its own forward
+                assert position[("synced", name)] > position[("forward_end", units[k - 1])]
+            if k + 1 < len(units):  # the next module's collective is in flight while this one computes
+                assert position[("issue", units[k + 1])] < position[("forward_end", name)]
+
+
+def test_no_bytes_cross_sync_group_on_local_steps_and_pseudo_gradient_once_on_sync_steps():
+    dumps = run(*edit(2, 2, *local_sgd(2, 3)))
+    for dump in dumps:
+        shard_values = sum(u["shard_numel"] for u in dump["units"])
+        for iteration, record in enumerate(dump["iterations"], start=1):
+            # Only the replica's own groups may carry bytes on a local step: shard, and tensor/pipeline parallel.
+            crossing = {group: n for group, n in record["bytes"].items()
+                        if n and group not in ("shard", "tp", "pp", "mp", "embd", "pos_embd")}
+            if iteration <= 2:
+                assert crossing.get("sync", 0) > 0  # warm-up: gradients are averaged over replicas
+            elif iteration in (6, 9):
+                assert crossing == {"sync": 4 * shard_values}, iteration
+            else:
+                assert crossing == {}, iteration
+
+
+def test_outer_state_is_two_values_per_owned_parameter():
+    dumps = run(*edit(2, 2, *local_sgd(2, 3)))
+    for dump in dumps:
+        params = sum(p.numel() for p in dump["params"].values())
+        assert sum(u["numel"] for u in dump["units"]) == params
+        assert all(u["shard_numel"] == -(-u["numel"] // 2) for u in dump["units"])
+        assert dump["outer_state_numel"] == 2 * sum(u["shard_numel"] for u in dump["units"])
+
+
+@pytest.mark.parametrize("offload,expected", [(True, "cpu"), (False, "meta")])
+def test_offloaded_outer_state_lives_off_the_compute_device(offload, expected):
+    """Parameters on the meta device stand in for a GPU: offloaded state must not follow them there."""
+    params = [torch.nn.Parameter(torch.empty(10, 3, device="meta"))]
+    main = MainParams.__new__(MainParams)
+    main.full, main.fragments = {}, {}
+    shard = ModuleShard("layer", params, shard_rank=1, shard_size=4, main_params=main, offload=offload)
+    assert shard.anchor.device.type == shard.momentum.device.type == expected
+    assert shard.anchor.numel() == 8 and shard.owned == slice(8, 16)
+
+
+def test_warmup_longer_than_training_is_synchronous_data_parallelism():
+    edit_dumps = run(*edit(2, 2, *local_sgd(20, 3)))
+    ddp_dumps = run(4, ())
+    assert_params_close(edit_dumps[0]["params"], ddp_dumps[0]["params"])
+    assert all(not record["bytes"].get("sync", 0) == 0 for record in edit_dumps[0]["iterations"])
+
+
+def test_single_replica_is_plain_training():
+    edit_dumps = run(*edit(2, 1, *local_sgd(1, 2)))
+    ddp_dumps = run(2, ())
+    assert_params_close(edit_dumps[0]["params"], ddp_dumps[0]["params"])
+
+
+@pytest.mark.parametrize("layout,shard", [(("--tensor-model-parallel-size", "2"), 2),
+                                          (("--pipeline-model-parallel-size", "2"), 1)])
+def test_edit_with_tensor_or_pipeline_parallelism_matches_its_tp1_pp1_run(layout, shard):
+    nproc, args = edit(shard, 2, *local_sgd(2, 3))
+    plain = run(nproc, args)[-1]["losses"]
+    composed = run(2 * nproc, args + layout)[-1]["losses"]
+    assert composed == pytest.approx(plain, rel=1e-5)
+    assert plain[-1] < plain[0]
+
+
+def test_outer_step_equals_torch_sgd_nesterov():
+    torch.manual_seed(0)
+    anchor, grads = torch.randn(50), [torch.randn(50) for _ in range(3)]
+    reference = torch.nn.Parameter(anchor.clone())
+    sgd = torch.optim.SGD([reference], lr=0.7, momentum=0.8, nesterov=True)
+    momentum = torch.zeros(50)
+    for g in grads:
+        reference.grad = g.clone()
+        sgd.step()
+        outer_sgd_step(anchor, momentum, g, lr=0.7, momentum_coefficient=0.8, nesterov=True)
+    torch.testing.assert_close(anchor, reference.detach())

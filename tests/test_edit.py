@@ -157,3 +157,17 @@ def test_outer_step_equals_torch_sgd_nesterov():
         sgd.step()
         outer_sgd_step(anchor, momentum, g, lr=0.7, momentum_coefficient=0.8, nesterov=True)
     torch.testing.assert_close(anchor, reference.detach())
+
+
+def test_distributed_optimizer_and_bf16_main_parameters():
+    """Warm-up averages gradient shards, syncs read and write fp32 main parameters (full or this rank's fragment)."""
+    adam = ("--optimizer", "adam", "--lr", "3e-3")
+    nproc, args = edit(2, 2, *local_sgd(2, 3), *adam)
+    plain = run(nproc, args)
+    sharded = run(nproc, args + ("--use-distributed-optimizer",))
+    bf16 = run(nproc, args + ("--use-distributed-optimizer", "--bf16"))
+    assert sharded[-1]["losses"] == pytest.approx(plain[-1]["losses"], rel=1e-5)
+    assert bf16[-1]["losses"] == pytest.approx(plain[-1]["losses"], abs=0.01)
+    for dumps in (sharded, bf16):
+        for name, value in dumps[0]["params"].items():  # one replica, identical on its shard ranks
+            assert torch.equal(value, dumps[1]["params"][name]), name

@@ -86,6 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--offload-outer-state", action="store_true", help="keep anchor and momentum in CPU memory")
 
+    g = parser.add_argument_group("EDiT pseudo-gradient penalty")
+    g.add_argument("--edit-anomaly-elimination", action="store_true",
+                   help="drop a replica's pseudo-gradient for a module when its norm's EWMA z-score is too high")
+    g.add_argument("--edit-anomaly-ewma-alpha", type=float, default=0.02)
+    g.add_argument("--edit-anomaly-warmup-syncs", type=int, default=120, help="syncs observed before judging")
+    g.add_argument("--edit-anomaly-threshold", type=float, default=3.0, help="z-score above which a norm is an outlier")
+    g.add_argument("--edit-weighted-average", action="store_true",
+                   help="weigh replicas by softmax(-norm / temperature) instead of equally")
+    g.add_argument("--edit-weight-temperature", type=float, default=1.0)
+    g.add_argument("--edit-pseudo-grad-clip", type=float, default=None,
+                   help="scale each module's averaged pseudo-gradient to at most this norm")
+
+    g = parser.add_argument_group("A-EDiT (--dp-mode aedit)")
+    g.add_argument("--aedit-sync-seconds", type=float, default=60.0, help="tau: wall-clock seconds between syncs")
+    g.add_argument("--aedit-step-weight", type=float, default=0.0,
+                   help="in [0, 1]: how much each replica's share of local steps counts in the weights")
+
+    g = parser.add_argument_group("fault injection (tests and demonstrations only)")
+    g.add_argument("--simulate-straggler", default=None, metavar="REPLICA:FACTOR")
+    g.add_argument("--inject-fault", action="append", default=[], metavar="REPLICA:ITER:KIND",
+                   help="KIND: scale (pseudo-gradients x100), nan, bad-data (random tokens); repeatable")
+
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="prefix of a preprocessed .bin/.idx pair, or weight prefix weight prefix ... to blend")
@@ -223,4 +245,14 @@ def _validate_local_sgd(args: argparse.Namespace) -> None:
     _require(args.local_sgd_warmup_iters >= 0, "--local-sgd-warmup-iters must be >= 0")
     _require(args.outer_lr > 0 and 0 <= args.outer_momentum < 1,
              "--outer-lr must be > 0 and --outer-momentum in [0, 1)")
+    _require(args.edit_weight_temperature > 0, "--edit-weight-temperature must be > 0")
+    _require(args.edit_pseudo_grad_clip is None or args.edit_pseudo_grad_clip > 0, "--edit-pseudo-grad-clip must be > 0")
+    _require(0 <= args.aedit_step_weight <= 1, "--aedit-step-weight must be in [0, 1]")
+    _require(args.aedit_sync_seconds > 0, "--aedit-sync-seconds must be > 0")
+    from megatron_edit.dp.edit.faults import parse_fault, parse_straggler
+
+    replicas = dp // shard
+    straggler = parse_straggler(args.simulate_straggler)
+    for replica in [f.replica for f in map(parse_fault, args.inject_fault)] + ([straggler[0]] if straggler else []):
+        _require(0 <= replica < replicas, f"fault injection names replica {replica}, but there are {replicas} (0..{replicas - 1})")
     args.num_model_replicas = dp // shard

@@ -121,9 +121,15 @@ class Trainer:
             forward_only=forward_only,
         )
 
+    def iterations(self):
+        """Iteration numbers from 1 for as long as the data-parallel mode lets training run."""
+        iteration = 1
+        while self.dp_mode.begin_iteration(iteration, finished=iteration > self.args.train_iters):
+            yield iteration
+            iteration += 1
+
     def train_step(self, iteration: int):
         """One global batch: forward/backward over all micro-batches, inner optimizer step, mode hook."""
-        self.dp_mode.start_iteration(iteration)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -156,8 +162,8 @@ def train(trainer: Trainer) -> Dict[str, float]:
 
     platform.synchronize()
     run_start = interval_start = time.perf_counter()
-    valid_loss = initial_valid_loss
-    for iteration in range(1, args.train_iters + 1):
+    valid_loss, iteration, loss = initial_valid_loss, 0, float("nan")
+    for iteration in trainer.iterations():
         loss, grad_norm = trainer.train_step(iteration)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             platform.synchronize()
@@ -170,21 +176,25 @@ def train(trainer: Trainer) -> Dict[str, float]:
                 tokens_per_iteration / seconds, flops / seconds / args.world_size / 1e12, trainer.dp_mode.metrics(),
             ))
             interval_start = time.perf_counter()
-        if iteration % args.eval_interval == 0 or iteration == args.train_iters:
+        if iteration % args.eval_interval == 0:
             eval_start = time.perf_counter()
             valid_loss = trainer.evaluate()
             print_rank_last(validation_line(f"iteration {iteration}", valid_loss))
             interval_start += time.perf_counter() - eval_start
             run_start += time.perf_counter() - eval_start
+    if iteration % args.eval_interval != 0:  # the model as training left it (after a final sync, if any)
+        valid_loss = trainer.evaluate()
+        print_rank_last(validation_line(f"iteration {iteration}", valid_loss))
     platform.synchronize()
     train_seconds = time.perf_counter() - run_start
     return {
         "initial_valid_loss": initial_valid_loss,
         "final_valid_loss": valid_loss,
         "final_train_loss": loss,
+        "iterations": iteration,
         "train_seconds": train_seconds,
-        "tokens_per_second": tokens_per_iteration * args.train_iters / train_seconds,
-        "tflops_per_device": flops * args.train_iters / train_seconds / args.world_size / 1e12,
+        "tokens_per_second": tokens_per_iteration * iteration / train_seconds,
+        "tflops_per_device": flops * iteration / train_seconds / args.world_size / 1e12,
     }
 
 
@@ -192,7 +202,7 @@ def summary_text(args, summary: Dict[str, float]) -> str:
     before, after = summary["initial_valid_loss"], summary["final_valid_loss"]
     return "\n".join([
         "=" * 78,
-        f" training summary: {args.train_iters} iterations, global batch {args.global_batch_size} x "
+        f" training summary: {summary['iterations']} iterations, global batch {args.global_batch_size} x "
         f"{args.seq_length} tokens, TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
         f"DP={args.data_parallel_size} ({args.dp_mode})",
         f"   validation loss before training: {before:.4f}  (perplexity {perplexity(before):.2f})",
@@ -220,8 +230,9 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
     train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
     batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
                    dp_size=args.data_parallel_size, device=device)
+    train_batches = dp_mode.wrap_train_batches(micro_batches(train_ds, 0, **batches), args)
     return Trainer(args, model, optimizer, scheduler, dp_mode, forward_step_func,
-                   micro_batches(train_ds, 0, **batches), micro_batches(valid_ds, 0, **batches))
+                   train_batches, micro_batches(valid_ds, 0, **batches))
 
 
 def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,

@@ -1,6 +1,7 @@
 """Runs pretrain_gpt.py's pieces for --train-iters under torchrun and dumps, per rank, what EDiT tests inspect:
 parameters by global name, the sync trace, bytes per group per iteration, and the outer state's size and place."""
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ from megatron_edit.training import build_trainer  # noqa: E402
 
 def add_dump_args(parser: argparse.ArgumentParser):
     parser.add_argument("--dump-dir", required=True)
+    parser.add_argument("--dump-param-history", action="store_true", help="parameters after every iteration too")
     return parser
 
 
@@ -32,27 +34,47 @@ def main():
                             pretrain_gpt.model_provider, pretrain_gpt.forward_step)
     mode = trainer.dp_mode
     trace = mode.sync.enable_trace() if hasattr(mode, "sync") else []
+    model = trainer.model[0]
+    while hasattr(model, "module"):
+        model = model.module
+
+    def named_params(model):
+        return {global_parameter_name(n, model): p.detach().float().cpu().clone() for n, p in model.named_parameters()}
+
     counter = comm_stats.install()
-    iterations, losses = [], []
-    for iteration in range(1, args.train_iters + 1):
+    iterations, losses, syncs, history = [], [], [], []
+    if hasattr(mode, "sync"):
+        report = mode._report_sync
+
+        def record_sync(iteration):  # every sync, including A-EDiT's final one outside any iteration
+            syncs.append({"iteration": iteration, "entered": mode.sync.armed_at,
+                          "anchor_checksum": sum(u.anchor.double().sum().item() for u in mode.sync.units),
+                          "records": [dataclasses.asdict(r) for r in mode.sync.records]})
+            report(iteration)
+
+        mode._report_sync = record_sync
+    for iteration in trainer.iterations():
         before, events_before = counter.snapshot(), len(trace)
         loss, _ = trainer.train_step(iteration)
         after = counter.snapshot()
         losses.append(loss)
         iterations.append({"bytes": {k: after[k] - before[k] for k in after}, "trace": trace[events_before:]})
-    model = trainer.model[0].module
-    while hasattr(model, "module"):
-        model = model.module
+        if args.dump_param_history:
+            history.append(named_params(model))
     dump = {
         "rank": dist.get_rank(),
-        "params": {global_parameter_name(n, model): p.detach().float().cpu().clone()
-                   for n, p in model.named_parameters()},
+        "params": named_params(model),
+        "param_history": history,
         "iterations": iterations,
         "losses": losses,
+        "syncs": syncs,
     }
     if hasattr(mode, "sync"):
         units = mode.sync.units
+        names = {id(p): n for n, p in model.named_parameters()}
         dump["units"] = [{"name": u.name, "numel": u.numel, "shard_numel": u.shard_numel,
+                          "params": [global_parameter_name(names[id(p)], model) for p in u.params],
+                          "anchor": u.anchor.cpu().clone(),
                           "anchor_device": str(u.anchor.device), "momentum_device": str(u.momentum.device)}
                          for u in units]
         dump["outer_state_numel"] = mode.outer_state_numel()

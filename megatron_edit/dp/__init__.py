@@ -6,13 +6,14 @@ inside a replica and synchronize replicas only periodically.
 """
 from megatron_edit.dp.base import DataParallelMode
 from megatron_edit.dp.ddp import SynchronousDataParallel
-from megatron_edit.dp.edit import EditDataParallel
+from megatron_edit.dp.edit import AsyncEditDataParallel, EditDataParallel
 
 DP_MODES = {
     "ddp": SynchronousDataParallel,
     "edit": EditDataParallel,
+    "aedit": AsyncEditDataParallel,
 }
-LOCAL_SGD_MODES = {"edit"}
+LOCAL_SGD_MODES = {"edit", "aedit"}
 
 
 def build_dp_mode(args, ddp_config, transformer_config) -> DataParallelMode:

@@ -8,8 +8,8 @@ from megatron.core.distributed import finalize_model_grads
 
 
 class DataParallelMode(abc.ABC):
-    """Hooks the train loop calls: wrap_model and build_optimizer once; then every iteration
-    start_iteration, finalize_model_grads (inside the schedule, after backward) and after_optimizer_step;
+    """Hooks the train loop calls: wrap_model, build_optimizer and wrap_train_batches once; then every iteration
+    begin_iteration, finalize_model_grads (inside the schedule, after backward) and after_optimizer_step;
     metrics() at every log line."""
 
     name: str = ""
@@ -27,8 +27,14 @@ class DataParallelMode(abc.ABC):
     def build_optimizer(self, model_chunks: List[torch.nn.Module], optimizer_config):
         """The inner optimizer over the wrapped chunks."""
 
-    def start_iteration(self, iteration: int) -> None:
-        """Called before the forward/backward passes of `iteration` (1-based)."""
+    def wrap_train_batches(self, batches, args):
+        """The training micro-batch stream this rank consumes (a mode may alter it, e.g. to inject faults)."""
+        return batches
+
+    def begin_iteration(self, iteration: int, finished: bool) -> bool:
+        """Called before `iteration` (1-based), with finished=True once --train-iters have run.
+        Returns whether to run it; a mode may end training later than --train-iters says (A-EDiT's final sync)."""
+        return not finished
 
     def finalize_model_grads(self, model, num_tokens=None, **kwargs) -> None:
         """Make gradients ready for the optimizer (megatron-core's schedules call it after backward)."""

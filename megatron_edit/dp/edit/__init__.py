@@ -4,9 +4,13 @@
     groups.py   shard group x sync group, from megatron-core's parallel state
     shards.py   a module's flat parameters, this rank's slice, its anchor and momentum
     outer.py    the outer Nesterov step (pure math)
+    penalty.py  anomaly detection, softmax weights, clipping (pure math)
     sync.py     per-module sync at forward pre-hooks, overlapping the next module's all-reduce
-    mode.py     the DataParallelMode the train loop drives
+    mode.py     the DataParallelMode the train loop drives (step-count trigger)
+    aedit.py    A-EDiT: the same with a wall-clock trigger
+    faults.py   straggler and fault injection for tests and demonstrations
 """
+from megatron_edit.dp.edit.aedit import AsyncEditDataParallel
 from megatron_edit.dp.edit.mode import EditDataParallel
 
-__all__ = ["EditDataParallel"]
+__all__ = ["AsyncEditDataParallel", "EditDataParallel"]

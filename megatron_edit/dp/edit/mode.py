@@ -5,8 +5,10 @@ shard group; `finalize_model_grads` then averages this rank's gradient shard ove
 (megatron-core's distributed-optimizer-instance scheme).
 Local steps: gradients stay inside the shard group; nothing crosses the sync group.
 Sync iterations (every H local steps): LayerwiseSync updates each module just before its forward.
+`sync_due` is the one thing A-EDiT (aedit.py) changes.
 """
 import collections
+import time
 from typing import Dict, List
 
 import torch
@@ -17,9 +19,12 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron_edit.dp import comm_stats
 from megatron_edit.dp.base import DataParallelMode
 from megatron_edit.dp.edit.config import LocalSGDConfig
+from megatron_edit.dp.edit.faults import FaultInjector, random_token_batches
 from megatron_edit.dp.edit.groups import EditGroups
+from megatron_edit.dp.edit.penalty import PenaltyConfig
 from megatron_edit.dp.edit.shards import MainParams, ModuleShard
-from megatron_edit.dp.edit.sync import LayerwiseSync
+from megatron_edit.dp.edit.sync import LayerwiseSync, ModuleSyncRecord
+from megatron_edit.logging import print_rank_last
 
 
 def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
@@ -47,24 +52,56 @@ def sync_modules(model: torch.nn.Module) -> List[tuple]:
     return units
 
 
+def sync_summary(iteration: int, records: List[ModuleSyncRecord]) -> str:
+    """One log line per sync: outliers by replica and module, mean weights, norms before/after clipping."""
+    parts = [f" edit sync at iteration {iteration}"]
+    outliers = collections.defaultdict(list)
+    for record in records:
+        for replica, bad in enumerate(record.outliers):
+            if bad:
+                outliers[replica].append(record.name)
+    parts.append(" outliers: " + ("; ".join(f"replica {r} in {', '.join(names)}" for r, names in outliers.items())
+                                  if outliers else "none"))
+    if records:
+        weights = [sum(r.weights[i] for r in records) / len(records) for i in range(len(records[0].weights))]
+        parts.append(" mean weights: " + " ".join(f"{w:.3f}" for w in weights))
+    stepped = [r for r in records if not r.reset_to_anchor]
+    if stepped:
+        parts.append(f" pseudo-grad norm before/after clip (mean over modules): "
+                     f"{sum(r.averaged_norm for r in stepped) / len(stepped):.3e}/"
+                     f"{sum(r.clipped_norm for r in stepped) / len(stepped):.3e}")
+    resets = [r.name for r in records if r.reset_to_anchor]
+    if resets:
+        parts.append(f" reset to anchor (all replicas outliers): {', '.join(resets)}")
+    return " |".join(parts) + " |"
+
+
 class EditDataParallel(DataParallelMode):
     name = "edit"
+    step_weight = 0.0  # A-EDiT may blend replicas' shares of local steps into the weights
 
-    def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: EditGroups):
+    def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, penalty: PenaltyConfig,
+                 groups: EditGroups, faults: FaultInjector):
         self.ddp_config, self.transformer_config = ddp_config, transformer_config
-        self.local_sgd, self.groups = local_sgd, groups
+        self.local_sgd, self.penalty, self.groups, self.faults = local_sgd, penalty, groups, faults
         self.replica_groups = groups.replica_process_groups()
         self.counter = comm_stats.install()
         self.counter.name_group(groups.shard, "shard")
         self.counter.name_group(groups.sync, "sync")
         self.model, self.sync = None, None
         self.in_warmup = local_sgd.warmup_iters > 0
+        self.local_steps_since_sync = 0
+        self._iteration_start = 0.0
         self._bytes_at_log = self.counter.snapshot()
         self._iterations_since_log = 0
+        self._norms_since_log: List[float] = []
 
     @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
-        return cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), EditGroups.from_parallel_state())
+        groups = EditGroups.from_parallel_state()
+        replica = 0 if groups.sync is None else dist.get_rank(groups.sync)
+        return cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), PenaltyConfig.from_args(args),
+                   groups, FaultInjector.from_args(args, replica))
 
     def wrap_model(self, model_chunks):
         self.model = [
@@ -87,7 +124,8 @@ class EditDataParallel(DataParallelMode):
                 units.append(ModuleShard(name, params, shard_rank, self.groups.shard_size, main_params,
                                          self.local_sgd.offload_outer_state))
                 modules.append(module)
-        self.sync = LayerwiseSync(units, modules, self.groups, self.local_sgd)
+        self.sync = LayerwiseSync(units, modules, self.groups, self.local_sgd, self.penalty, self.faults,
+                                  local_steps=lambda: self.local_steps_since_sync, step_weight=self.step_weight)
         if self.local_sgd.warmup_iters == 0:
             self.sync.initialize_anchors()
         return optimizer
@@ -114,17 +152,40 @@ class EditDataParallel(DataParallelMode):
     def loss_group(self):
         return self.groups.shard
 
-    def start_iteration(self, iteration: int) -> None:
+    def wrap_train_batches(self, batches, args):
+        start = self.faults.bad_data_from()
+        if start is None:
+            return batches
+        return random_token_batches(batches, start, args.num_microbatches, args.padded_vocab_size, args.seed)
+
+    def sync_due(self, iteration: int, finished: bool) -> bool:
+        """EDiT syncs on a step count: H local steps after the last sync."""
+        return not finished and self.local_sgd.is_sync_iteration(iteration)
+
+    def begin_iteration(self, iteration: int, finished: bool) -> bool:
+        self._iteration_start = time.perf_counter()
         self.in_warmup = self.local_sgd.is_warmup(iteration)
         # A single replica has no one to synchronize with: it trains exactly like plain data parallelism.
-        if self.local_sgd.is_sync_iteration(iteration) and self.groups.sync is not None:
-            self.sync.arm()
+        if not self.in_warmup and self.groups.sync is not None and self.sync_due(iteration, finished):
+            self.sync.arm(iteration)
+            self.local_steps_since_sync = 0
+        return not finished
 
     def after_optimizer_step(self, iteration: int) -> None:
+        if self.sync.armed:
+            self._report_sync(iteration)
         self.sync.disarm()
         if iteration == self.local_sgd.warmup_iters:
             self.sync.initialize_anchors()
+        if not self.in_warmup:
+            self.local_steps_since_sync += 1
         self._iterations_since_log += 1
+        if self.faults.slowdown > 1.0:  # a simulated straggler
+            time.sleep((self.faults.slowdown - 1.0) * (time.perf_counter() - self._iteration_start))
+
+    def _report_sync(self, iteration: int) -> None:
+        self._norms_since_log += [r.averaged_norm for r in self.sync.records if not r.reset_to_anchor]
+        print_rank_last(sync_summary(iteration, self.sync.records))
 
     def outer_state_numel(self) -> int:
         return sum(unit.outer_state_numel() for unit in self.sync.units)
@@ -140,9 +201,9 @@ class EditDataParallel(DataParallelMode):
             "sync bytes/iter": f"{sent['sync'] / steps:.3e}",
             "exposed sync ms/iter": f"{1000 * self.sync.exposed_seconds / steps:.1f}",
         }
-        norms = self.sync.pseudo_grad_norms
-        if norms:
+        if self._norms_since_log:
+            norms = self._norms_since_log
             values["pseudo-grad norm mean/max"] = f"{sum(norms) / len(norms):.3e}/{max(norms):.3e}"
-        self._bytes_at_log, self._iterations_since_log = now, 0
-        self.sync.exposed_seconds, self.sync.pseudo_grad_norms = 0.0, []
+        self._bytes_at_log, self._iterations_since_log, self._norms_since_log = now, 0, []
+        self.sync.exposed_seconds = 0.0
         return values

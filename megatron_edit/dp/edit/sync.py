@@ -2,14 +2,18 @@
 
 A forward pre-hook on every synchronized module (embedding, each transformer layer, final norm,
 output layer) does, for the shard this rank owns:
-    d = anchor - theta            pseudo-gradient, issued as an async all-reduce over the sync group
-    d = mean over replicas        (waited for here)
+    d = anchor - theta            pseudo-gradient (with the penalty: its norm judged, its weight decided)
+    d = sum over replicas w_i d_i issued as an async all-reduce over the sync group, waited for here
+    d = clip(d)                   (optional)
     anchor <- outer step(anchor, d)
-    theta <- anchor               written back, then all-gathered in the shard group into the full module
+    theta <- anchor               all-gathered in the shard group into the full module
 Before finishing module k it issues module k+1's all-reduce, so that collective runs while module k computes.
+`sync_now` runs the same pipeline outside a forward (A-EDiT's final sync).
 """
+import dataclasses
+import math
 import time
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -17,28 +21,47 @@ import torch.distributed as dist
 from megatron_edit.dp.edit.config import LocalSGDConfig
 from megatron_edit.dp.edit.groups import EditGroups
 from megatron_edit.dp.edit.outer import outer_sgd_step
+from megatron_edit.dp.edit.penalty import EwmaAnomalyDetector, PenaltyConfig, clip_factor, replica_weights
 from megatron_edit.dp.edit.shards import ModuleShard
 
 
-class _Pending:
-    """A module's pseudo-gradient whose sync-group all-reduce is in flight."""
+@dataclasses.dataclass
+class ModuleSyncRecord:
+    """What one module's sync decided, for logs and tests."""
+    name: str
+    norms: List[float]             # pseudo-gradient norm of every replica (empty without the penalty)
+    outliers: List[bool]
+    weights: List[float]
+    averaged_norm: float = math.nan
+    clipped_norm: float = math.nan
+    reset_to_anchor: bool = False
 
-    def __init__(self, pseudo_grad: torch.Tensor, work):
-        self.pseudo_grad, self.work = pseudo_grad, work
+
+class _Pending:
+    """A module's weighted pseudo-gradient whose sync-group all-reduce is in flight."""
+
+    def __init__(self, pseudo_grad: torch.Tensor, work, record: ModuleSyncRecord):
+        self.pseudo_grad, self.work, self.record = pseudo_grad, work, record
 
 
 class LayerwiseSync:
     def __init__(self, units: List[ModuleShard], modules: List[torch.nn.Module], groups: EditGroups,
-                 config: LocalSGDConfig):
-        self.units, self.groups, self.config = units, groups, config
-        self.armed = False
+                 config: LocalSGDConfig, penalty: PenaltyConfig, faults,
+                 local_steps: Callable[[], int] = lambda: 1, step_weight: float = 0.0):
+        self.units, self.groups, self.config, self.penalty, self.faults = units, groups, config, penalty, faults
+        self.local_steps, self.step_weight = local_steps, step_weight
+        self.replica = 0 if groups.sync is None else dist.get_rank(groups.sync)
+        self.detectors = [EwmaAnomalyDetector(penalty.ewma_alpha, penalty.anomaly_warmup_syncs,
+                                              penalty.anomaly_threshold) for _ in units]
+        self.armed, self.iteration = False, 0
         self.pending: dict = {}
         self.synced: set = set()
+        self.records: List[ModuleSyncRecord] = []  # of the current / last sync
         self.trace: Optional[list] = None  # (event, module name) in order, when a test or tool asks for it
         self.exposed_seconds = 0.0
-        self.pseudo_grad_norms: List[float] = []
-        self._handles = [module.register_forward_pre_hook(self._make_pre_hook(i)) for i, module in enumerate(modules)]
         self._modules = modules
+        for i, module in enumerate(modules):
+            module.register_forward_pre_hook(self._make_pre_hook(i))
 
     def enable_trace(self) -> list:
         """Record sync events and each module's forward end (the latter needs a post-hook, so only on request)."""
@@ -51,15 +74,25 @@ class LayerwiseSync:
         if self.trace is not None:
             self.trace.append((event, name))
 
-    def arm(self) -> None:
+    def arm(self, iteration: int) -> None:
         """The coming forward passes belong to a sync iteration."""
-        self.armed, self.synced = True, set()
+        self.armed, self.iteration, self.synced, self.records = True, iteration, set(), []
+        self.armed_at = time.time()
 
     def disarm(self) -> None:
         if self.armed and len(self.synced) != len(self.units):
             missing = [u.name for i, u in enumerate(self.units) if i not in self.synced]
             raise RuntimeError(f"EDiT sync iteration ended without a forward through {missing}")
+        if self.armed:
+            self.faults.end_sync()
         self.armed = False
+
+    def sync_now(self, iteration: int) -> None:
+        """Synchronize every module at once, outside a forward pass."""
+        self.arm(iteration)
+        for index in range(len(self.units)):
+            self._sync_module(index)
+        self.disarm()
 
     def initialize_anchors(self) -> None:
         """anchor <- current parameters (at the end of warm-up); momentum starts at zero."""
@@ -71,12 +104,46 @@ class LayerwiseSync:
         def hook(module, args):
             if self.armed and index not in self.synced:
                 start = time.perf_counter()
-                self._issue(index)
-                if index + 1 < len(self.units):
-                    self._issue(index + 1)  # overlaps with this module's forward
-                self._finish(index)
+                self._sync_module(index)
                 self.exposed_seconds += time.perf_counter() - start
         return hook
+
+    def _sync_module(self, index: int) -> None:
+        self._issue(index)
+        if index + 1 < len(self.units):
+            self._issue(index + 1)  # overlaps with this module's forward
+        self._finish(index)
+
+    def _norm(self, shard_values: torch.Tensor) -> float:
+        """Norm of a module-wide vector from this rank's slice: squares summed over the shard group."""
+        squares = shard_values.double().pow(2).sum().reshape(1)
+        dist.all_reduce(squares, group=self.groups.shard)
+        return squares.sqrt().item()
+
+    def _weights(self, index: int, pseudo_grad: torch.Tensor) -> ModuleSyncRecord:
+        """Every replica's weight for this module: uniform, or decided from the exchanged norms."""
+        replicas = self.groups.num_replicas
+        name = self.units[index].name
+        if not (self.penalty.needs_norms or self.step_weight):
+            return ModuleSyncRecord(name, [], [False] * replicas, [1.0 / replicas] * replicas)
+        norm = self._norm(pseudo_grad)
+        outlier = not math.isfinite(norm) or (self.penalty.anomaly_elimination and self.detectors[index].observe(norm))
+        mine = torch.tensor([norm if math.isfinite(norm) else math.inf, float(outlier), float(self.local_steps())],
+                            dtype=torch.float64)
+        everyone = torch.empty(3 * replicas, dtype=torch.float64)
+        if self.groups.sync is None:
+            everyone.copy_(mine)
+        else:
+            dist.all_gather_into_tensor(everyone, mine, group=self.groups.sync)
+        norms, flags, steps = everyone.view(replicas, 3).t().tolist()
+        outliers = [bool(f) for f in flags]
+        weights = replica_weights(norms, outliers, self.penalty.weighted_average, self.penalty.weight_temperature)
+        if self.step_weight and any(weights):
+            healthy_steps = [s if not bad else 0.0 for s, bad in zip(steps, outliers)]
+            total = sum(healthy_steps)
+            weights = [(1 - self.step_weight) * w + self.step_weight * s / total
+                       for w, s in zip(weights, healthy_steps)]
+        return ModuleSyncRecord(name, norms, outliers, weights)
 
     def _issue(self, index: int) -> None:
         if index in self.pending or index in self.synced:
@@ -84,29 +151,38 @@ class LayerwiseSync:
         unit = self.units[index]
         theta = unit.read_full(self.groups.shard)[unit.owned]
         pseudo_grad = unit.anchor.to(theta.device) - theta
+        self.faults.corrupt_pseudo_grad(pseudo_grad, self.iteration)
+        record = self._weights(index, pseudo_grad)
+        weight = record.weights[self.replica]
+        if weight == 0.0:
+            pseudo_grad.zero_()  # also keeps a NaN from reaching anyone
+        else:
+            pseudo_grad.mul_(weight)
         work = None
         if self.groups.sync is not None:
             work = dist.all_reduce(pseudo_grad, group=self.groups.sync, async_op=True)
-        self.pending[index] = _Pending(pseudo_grad, work)
+        self.pending[index] = _Pending(pseudo_grad, work, record)
         self._record("issue", unit.name)
 
     def _finish(self, index: int) -> None:
         unit, pending = self.units[index], self.pending.pop(index)
         if pending.work is not None:
             pending.work.wait()
-        pseudo_grad = pending.pseudo_grad.div_(self.groups.num_replicas)
-        self._record_norm(pseudo_grad)
-        pseudo_grad = pseudo_grad.to(unit.anchor.device)
-        outer_sgd_step(unit.anchor, unit.momentum, pseudo_grad, self.config.outer_lr, self.config.outer_momentum,
-                       self.config.outer_nesterov)
+        record = pending.record
+        if not any(record.weights):  # every replica is an outlier: keep the anchor, undo the local steps
+            record.reset_to_anchor = True
+        else:
+            pseudo_grad = pending.pseudo_grad
+            record.averaged_norm = self._norm(pseudo_grad)
+            factor = clip_factor(record.averaged_norm, self.penalty.pseudo_grad_clip)
+            record.clipped_norm = record.averaged_norm * factor
+            if factor != 1.0:
+                pseudo_grad.mul_(factor)
+            outer_sgd_step(unit.anchor, unit.momentum, pseudo_grad.to(unit.anchor.device), self.config.outer_lr,
+                           self.config.outer_momentum, self.config.outer_nesterov)
         full = torch.empty(unit.shard_numel * self.groups.shard_size, dtype=torch.float32, device=unit.device)
         dist.all_gather_into_tensor(full, unit.anchor.to(unit.device), group=self.groups.shard)
         unit.write_full(full)
+        self.records.append(record)
         self.synced.add(index)
         self._record("synced", unit.name)
-
-    def _record_norm(self, pseudo_grad: torch.Tensor) -> None:
-        """Norm of the module's whole averaged pseudo-gradient: this shard's squares summed over the shard group."""
-        squares = pseudo_grad.float().pow(2).sum().reshape(1)
-        dist.all_reduce(squares, group=self.groups.shard)
-        self.pseudo_grad_norms.append(squares.sqrt().item())

@@ -1,0 +1,95 @@
+"""Straggler and fault injection, for tests and demonstrations only (never for real training).
+
+    --simulate-straggler REPLICA:FACTOR    that replica's iterations take FACTOR times as long (it sleeps)
+    --inject-fault REPLICA:ITER:KIND       scale: its pseudo-gradients x100 at every sync from ITER on
+                                           nan:   a NaN pseudo-gradient at the first sync at or after ITER
+                                           bad-data: it trains on random tokens from ITER on
+REPLICA is the replica's position in the sync group, from 0.
+"""
+import dataclasses
+from typing import Iterator, List, Optional
+
+import torch
+
+FAULT_KINDS = ("scale", "nan", "bad-data")
+
+
+class FaultSpecError(SystemExit):
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    replica: int
+    iteration: int
+    kind: str
+
+
+def parse_straggler(spec: Optional[str]):
+    if spec is None:
+        return None
+    try:
+        replica, factor = spec.split(":")
+        parsed = int(replica), float(factor)
+    except ValueError:
+        raise FaultSpecError(f"--simulate-straggler {spec}: expected REPLICA:FACTOR, e.g. 1:3")
+    if parsed[1] < 1:
+        raise FaultSpecError(f"--simulate-straggler {spec}: FACTOR must be >= 1")
+    return parsed
+
+
+def parse_fault(spec: str) -> Fault:
+    try:
+        replica, iteration, kind = spec.split(":")
+        fault = Fault(int(replica), int(iteration), kind)
+    except ValueError:
+        raise FaultSpecError(f"--inject-fault {spec}: expected REPLICA:ITER:KIND, e.g. 1:50:scale")
+    if kind not in FAULT_KINDS:
+        raise FaultSpecError(f"--inject-fault {spec}: KIND must be one of {', '.join(FAULT_KINDS)}")
+    return fault
+
+
+class FaultInjector:
+    """What this replica is told to suffer."""
+
+    def __init__(self, replica: int, straggler, faults: List[Fault]):
+        self.replica = replica
+        self.slowdown = straggler[1] if straggler and straggler[0] == replica else 1.0
+        self.faults = [f for f in faults if f.replica == replica]
+        self._spent = set()         # NaN faults already delivered
+        self._nan_this_sync = None  # the NaN fault being delivered in the current sync
+
+    @classmethod
+    def from_args(cls, args, replica: int) -> "FaultInjector":
+        return cls(replica, parse_straggler(args.simulate_straggler), [parse_fault(s) for s in args.inject_fault])
+
+    def corrupt_pseudo_grad(self, pseudo_grad: torch.Tensor, iteration: int) -> None:
+        for fault in self.faults:
+            if fault.kind == "scale" and iteration >= fault.iteration:
+                pseudo_grad.mul_(100.0)
+            elif fault.kind == "nan" and iteration >= fault.iteration and fault not in self._spent:
+                pseudo_grad[0] = float("nan")
+                self._nan_this_sync = fault
+
+    def end_sync(self) -> None:
+        """A NaN fault hits every module of one sync, then is spent."""
+        if self._nan_this_sync is not None:
+            self._spent.add(self._nan_this_sync)
+            self._nan_this_sync = None
+
+    def bad_data_from(self) -> Optional[int]:
+        starts = [f.iteration for f in self.faults if f.kind == "bad-data"]
+        return min(starts) if starts else None
+
+
+def random_token_batches(batches: Iterator[dict], from_iteration: int, micro_batches_per_iteration: int,
+                         vocab_size: int, seed: int) -> Iterator[dict]:
+    """The same stream, with tokens and labels replaced by random ids from `from_iteration` on."""
+    generator = torch.Generator().manual_seed(seed)
+    for index, batch in enumerate(batches):
+        if index // micro_batches_per_iteration + 1 >= from_iteration:
+            batch = dict(batch)
+            for key in ("tokens", "labels"):
+                batch[key] = torch.randint(0, vocab_size, batch[key].shape, generator=generator).to(batch[key].device)
+        yield batch

@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--mock-data", action="store_true", help="synthetic documents from megatron-core's MockGPTDataset")
     add_tokenizer_args(parser)
 
+    g = parser.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="directory to save checkpoints to")
+    g.add_argument("--load", default=None, help="directory to resume from (its newest complete checkpoint)")
+    g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
+    g.add_argument("--exit-interval", type=int, default=None, help="stop after this iteration (saving first)")
+    g.add_argument("--keep-last-checkpoints", type=int, default=None, help="delete older checkpoints")
+
     g = parser.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=100)
     g.add_argument("--eval-interval", type=int, default=1000)
@@ -210,6 +217,11 @@ def validate_args(args: argparse.Namespace) -> None:
                  f"--bf16 was requested but this {args.device_type} cannot compute in bfloat16; drop --bf16")
     _require(args.train_iters > 0, "--train-iters must be positive")
     _require(args.log_interval > 0 and args.eval_interval > 0, "--log-interval and --eval-interval must be positive")
+
+    _require(args.save_interval is None or args.save_interval > 0, "--save-interval must be positive")
+    _require(args.save is None or args.dp_mode != "aedit",
+             "--save with --dp-mode aedit is not supported yet (replicas reach an iteration at different times; "
+             "a checkpoint would have to be taken at a sync); use --dp-mode edit to checkpoint")
 
     if args.mock_data:
         if args.tokenizer_type is None:

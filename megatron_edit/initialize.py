@@ -40,6 +40,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _rendezvous_store(env: LaunchEnv) -> dist.Store:
+    """The key-value store processes meet in, namespaced by torchrun's restart count: after a rank dies and
+    torchrun restarts the workers, gloo must not find the dead attempt's addresses under the same keys."""
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), env.world_size,
+                          is_master=env.rank == 0 and not agent_hosts_store)
+    return dist.PrefixStore(f"megatron_edit/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def initialize_megatron(args) -> torch.device:
     """Start torch.distributed and megatron-core's parallel state, bind the device, seed every RNG."""
     env = launch_env()
@@ -53,6 +62,7 @@ def initialize_megatron(args) -> torch.device:
                          "(torchrun sets them; under srun export them from the batch script)")
     dist.init_process_group(
         backend=platform.distributed_backend(device_type),
+        store=_rendezvous_store(env),
         rank=env.rank,
         world_size=env.world_size,
         device_id=device if device_type == "cuda" else None,

@@ -13,6 +13,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_edit import platform
 from megatron_edit.arguments import padded_vocab_size, parse_args
+from megatron_edit.checkpointing import load_checkpoint, save_checkpoint
 from megatron_edit.data.batches import micro_batches
 from megatron_edit.data.tokenizers import build_tokenizer
 from megatron_edit.dp import build_dp_mode
@@ -102,11 +103,24 @@ def _mean_loss(total: torch.Tensor, group) -> float:
 class Trainer:
     """Holds what one run trains; `train_step` and `evaluate` are one iteration and one evaluation."""
 
-    def __init__(self, args, model, optimizer, scheduler, dp_mode, forward_step_func, train_iter, valid_iter):
+    def __init__(self, args, model, optimizer, scheduler, dp_mode, forward_step_func, train_ds, valid_ds, device):
         self.args, self.model, self.optimizer, self.scheduler = args, model, optimizer, scheduler
         self.dp_mode, self.forward_step_func = dp_mode, forward_step_func
-        self.train_iter, self.valid_iter = train_iter, valid_iter
+        self.train_ds, self.valid_ds, self.device = train_ds, valid_ds, device
         self.forward_backward = get_forward_backward_func()
+        self.start_iteration, self.evaluations = 0, 0
+        self.seek(0)
+
+    def seek(self, iteration: int) -> None:
+        """Continue after `iteration` (a resumed run): data streams from where that run had read to."""
+        args = self.args
+        self.start_iteration = iteration
+        batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
+                       dp_size=args.data_parallel_size, device=self.device)
+        train = micro_batches(self.train_ds, iteration * args.global_batch_size, **batches)
+        self.train_iter = self.dp_mode.wrap_train_batches(train, args)
+        valid_start = self.evaluations * args.eval_iters * args.global_batch_size
+        self.valid_iter = micro_batches(self.valid_ds, valid_start, **batches)
 
     def _run_schedule(self, data_iterator, forward_only: bool):
         args = self.args
@@ -122,8 +136,8 @@ class Trainer:
         )
 
     def iterations(self):
-        """Iteration numbers from 1 for as long as the data-parallel mode lets training run."""
-        iteration = 1
+        """Iteration numbers after the start for as long as the data-parallel mode lets training run."""
+        iteration = self.start_iteration + 1
         while self.dp_mode.begin_iteration(iteration, finished=iteration > self.args.train_iters):
             yield iteration
             iteration += 1
@@ -144,6 +158,7 @@ class Trainer:
     def evaluate(self) -> float:
         for chunk in self.model:
             chunk.eval()
+        self.evaluations += 1
         total = torch.zeros(2, dtype=torch.float64)
         for _ in range(self.args.eval_iters):
             total += _sum_loss_reports(self._run_schedule(self.valid_iter, forward_only=True))
@@ -158,11 +173,12 @@ def train(trainer: Trainer) -> Dict[str, float]:
     tokens_per_iteration = args.global_batch_size * args.seq_length
     flops = flops_per_iteration(args)
     initial_valid_loss = trainer.evaluate()
-    print_rank_last(validation_line("iteration 0", initial_valid_loss))
+    print_rank_last(validation_line(f"iteration {trainer.start_iteration}", initial_valid_loss))
 
     platform.synchronize()
     run_start = interval_start = time.perf_counter()
-    valid_loss, iteration, loss = initial_valid_loss, 0, float("nan")
+    valid_loss, iteration, loss = initial_valid_loss, trainer.start_iteration, float("nan")
+    saved = trainer.start_iteration
     for iteration in trainer.iterations():
         loss, grad_norm = trainer.train_step(iteration)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
@@ -182,19 +198,33 @@ def train(trainer: Trainer) -> Dict[str, float]:
             print_rank_last(validation_line(f"iteration {iteration}", valid_loss))
             interval_start += time.perf_counter() - eval_start
             run_start += time.perf_counter() - eval_start
+        exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
+        if args.save and (exiting or (args.save_interval and iteration % args.save_interval == 0)):
+            pause = time.perf_counter()
+            save_checkpoint(trainer, iteration)
+            saved = iteration
+            interval_start += time.perf_counter() - pause
+            run_start += time.perf_counter() - pause
+        if exiting:
+            print_rank_last(f" exiting after iteration {iteration} (--exit-interval {args.exit_interval})")
+            break
+    if args.save and saved != iteration:
+        save_checkpoint(trainer, iteration)
     if iteration % args.eval_interval != 0:  # the model as training left it (after a final sync, if any)
         valid_loss = trainer.evaluate()
         print_rank_last(validation_line(f"iteration {iteration}", valid_loss))
     platform.synchronize()
     train_seconds = time.perf_counter() - run_start
+    iterations_run = iteration - trainer.start_iteration
     return {
+        "start_iteration": trainer.start_iteration,
         "initial_valid_loss": initial_valid_loss,
         "final_valid_loss": valid_loss,
         "final_train_loss": loss,
         "iterations": iteration,
         "train_seconds": train_seconds,
-        "tokens_per_second": tokens_per_iteration * iteration / train_seconds,
-        "tflops_per_device": flops * iteration / train_seconds / args.world_size / 1e12,
+        "tokens_per_second": tokens_per_iteration * iterations_run / train_seconds,
+        "tflops_per_device": flops * iterations_run / train_seconds / args.world_size / 1e12,
     }
 
 
@@ -205,8 +235,8 @@ def summary_text(args, summary: Dict[str, float]) -> str:
         f" training summary: {summary['iterations']} iterations, global batch {args.global_batch_size} x "
         f"{args.seq_length} tokens, TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
         f"DP={args.data_parallel_size} ({args.dp_mode})",
-        f"   validation loss before training: {before:.4f}  (perplexity {perplexity(before):.2f})",
-        f"   validation loss after training:  {after:.4f}  (perplexity {perplexity(after):.2f})",
+        f"   validation loss at iteration {summary['start_iteration']}: {before:.4f}  (perplexity {perplexity(before):.2f})",
+        f"   validation loss at iteration {summary['iterations']}: {after:.4f}  (perplexity {perplexity(after):.2f})",
         f"   throughput: {summary['tokens_per_second']:.1f} tokens/s, "
         f"{summary['tflops_per_device']:.3f} TFLOP/s per device, {summary['train_seconds']:.1f} s of training",
         "=" * 78,
@@ -228,11 +258,10 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
     config.grad_scale_func = optimizer.scale_loss
 
     train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
-    batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
-                   dp_size=args.data_parallel_size, device=device)
-    train_batches = dp_mode.wrap_train_batches(micro_batches(train_ds, 0, **batches), args)
-    return Trainer(args, model, optimizer, scheduler, dp_mode, forward_step_func,
-                   train_batches, micro_batches(valid_ds, 0, **batches))
+    trainer = Trainer(args, model, optimizer, scheduler, dp_mode, forward_step_func, train_ds, valid_ds, device)
+    if args.load:
+        trainer.seek(load_checkpoint(trainer))
+    return trainer
 
 
 def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,

@@ -14,6 +14,7 @@ import torch.distributed as dist  # noqa: E402
 
 import pretrain_gpt  # noqa: E402
 from megatron_edit.arguments import parse_args  # noqa: E402
+from megatron_edit.checkpointing import save_checkpoint  # noqa: E402
 from megatron_edit.dp import comm_stats  # noqa: E402
 from megatron_edit.initialize import destroy, initialize_megatron, launch_env  # noqa: E402
 from megatron_edit.model import global_parameter_name  # noqa: E402
@@ -61,6 +62,8 @@ def main():
         iterations.append({"bytes": {k: after[k] - before[k] for k in after}, "trace": trace[events_before:]})
         if args.dump_param_history:
             history.append(named_params(model))
+    if args.save:
+        save_checkpoint(trainer, trainer.start_iteration + len(losses))
     dump = {
         "rank": dist.get_rank(),
         "params": named_params(model),

@@ -47,6 +47,13 @@ class DataParallelMode(abc.ABC):
         """The ranks whose losses are averaged into the logged loss: those that train one model together."""
         return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold for this mode to continue exactly."""
+        return {}
+
+    def load_state_dict(self, state: dict, same_replica: bool) -> None:
+        """Restore `state_dict()`; same_replica is False when the number of replicas changed (elastic resume)."""
+
     def metrics(self) -> Dict[str, str]:
         """Extra fields for the log line (e.g. bytes communicated)."""
         return {}

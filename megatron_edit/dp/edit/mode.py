@@ -187,6 +187,25 @@ class EditDataParallel(DataParallelMode):
         self._norms_since_log += [r.averaged_norm for r in self.sync.records if not r.reset_to_anchor]
         print_rank_last(sync_summary(iteration, self.sync.records))
 
+    def state_dict(self) -> dict:
+        return {
+            "anchors": [u.anchor.cpu().clone() for u in self.sync.units],
+            "momenta": [u.momentum.cpu().clone() for u in self.sync.units],
+            "detectors": [(d.mean, d.variance, d.count) for d in self.sync.detectors],
+            "local_steps_since_sync": self.local_steps_since_sync,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict, same_replica: bool) -> None:
+        """Anchors and momentum are the same in every replica, so they carry over whatever the replica count;
+        detectors and step counters are per replica and come from the replica this one continues."""
+        for unit, anchor, momentum in zip(self.sync.units, state["anchors"], state["momenta"]):
+            unit.anchor.copy_(anchor)
+            unit.momentum.copy_(momentum)
+        for detector, (mean, variance, count) in zip(self.sync.detectors, state["detectors"]):
+            detector.mean, detector.variance, detector.count = mean, variance, count
+        self.local_steps_since_sync = state["local_steps_since_sync"]
+
     def outer_state_numel(self) -> int:
         return sum(unit.outer_state_numel() for unit in self.sync.units)
 

@@ -1,0 +1,252 @@
+"""Save and load everything that changes the future of a run, atomically, in Megatron's directory layout.
+
+    <save>/latest_checkpointed_iteration.txt      the tracker: iteration of the newest complete checkpoint
+    <save>/iter_0000010/metadata.json             model shape, layout, mode (written last: marks completeness)
+    <save>/iter_0000010/mp_rank_00_000_dp_000/model_optim_rng.pt    one file per rank
+
+Each rank's file holds its model, the inner optimizer (the values of the parameters it steps and its state),
+the LR scheduler, its iteration and data positions, every RNG state, and the data-parallel mode's state
+(EDiT: anchor and momentum shards, anomaly detectors, step counters, sync clock). A checkpoint is written
+under iter_X.tmp and renamed, and the tracker moves, only once every rank's file is in place; loading skips
+a newest checkpoint that is incomplete or unreadable, with a warning, in favour of the previous one.
+"""
+import json
+import os
+import random
+import shutil
+import sys
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+
+TRACKER = "latest_checkpointed_iteration.txt"
+# What must match for a checkpoint to load; data parallelism may differ where the mode allows it.
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+              "padded_vocab_size", "max_position_embeddings", "swiglu", "normalization", "position_embedding_type",
+              "untie_embeddings_and_output_weights", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+              "bf16", "fp16", "use_distributed_optimizer", "dp_mode")
+
+
+class CheckpointError(SystemExit):
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")
+
+
+def _iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def _rank_file(directory: str, tp: int, pp: int, dp: int) -> str:
+    return os.path.join(directory, f"mp_rank_{tp:02d}_{pp:03d}_dp_{dp:03d}", "model_optim_rng.pt")
+
+
+def _this_rank_file(directory: str, dp_rank: Optional[int] = None) -> str:
+    return _rank_file(directory, parallel_state.get_tensor_model_parallel_rank(),
+                      parallel_state.get_pipeline_model_parallel_rank(),
+                      parallel_state.get_data_parallel_rank() if dp_rank is None else dp_rank)
+
+
+def _inner_optimizers(optimizer) -> list:
+    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+
+
+def _optimizer_state(optimizer) -> list:
+    """Per inner optimizer: the values of the tensors torch steps (fp32 main parameters or the parameters
+    themselves, full or this rank's shard) and torch's state for them."""
+    states = []
+    for inner in _inner_optimizers(optimizer):
+        params = [p for group in inner.optimizer.param_groups for p in group["params"]]
+        states.append({"params": [p.detach().cpu().clone() for p in params],
+                       "torch": inner.optimizer.state_dict(),
+                       "grad_scaler": inner.grad_scaler.state_dict() if getattr(inner, "grad_scaler", None) else None})
+    return states
+
+
+@torch.no_grad()
+def _load_optimizer_state(optimizer, states: list) -> None:
+    for inner, state in zip(_inner_optimizers(optimizer), states):
+        params = [p for group in inner.optimizer.param_groups for p in group["params"]]
+        for param, value in zip(params, state["params"]):
+            param.copy_(value)
+        inner.optimizer.load_state_dict(state["torch"])
+        if state["grad_scaler"] is not None:
+            inner.grad_scaler.load_state_dict(state["grad_scaler"])
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _metadata(args, iteration: int) -> dict:
+    meta = {key: getattr(args, key) for key in SHAPE_KEYS}
+    meta.update(iteration=iteration, data_parallel_size=args.data_parallel_size,
+                model_shard_group_size=getattr(args, "model_shard_group_size", None) or args.data_parallel_size)
+    return meta
+
+
+def save_checkpoint(trainer, iteration: int) -> None:
+    """Every rank writes its file into iter_X.tmp; rank 0 completes the directory, renames it, moves the tracker."""
+    args = trainer.args
+    final = _iteration_dir(args.save, iteration)
+    staging = final + ".tmp"
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+    dist.barrier()
+    path = _this_rank_file(staging)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state = {
+        "iteration": iteration,
+        "evaluations": trainer.evaluations,
+        "model": [chunk.state_dict() for chunk in trainer.model],
+        "optimizer": _optimizer_state(trainer.optimizer),
+        "scheduler": trainer.scheduler.state_dict(),
+        "rng": _rng_state(),
+        "dp_mode": trainer.dp_mode.state_dict(),
+    }
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        meta = _metadata(args, iteration)
+        meta["files"] = {os.path.relpath(os.path.join(d, name), staging): os.path.getsize(os.path.join(d, name))
+                         for d, _, names in os.walk(staging) for name in names}
+        with open(os.path.join(staging, "metadata.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        with open(os.path.join(args.save, TRACKER + ".tmp"), "w") as f:
+            f.write(str(iteration))
+        os.replace(os.path.join(args.save, TRACKER + ".tmp"), os.path.join(args.save, TRACKER))
+        _remove_old(args)
+        print(f" saved checkpoint at iteration {iteration:7d} to {args.save}", flush=True)
+    dist.barrier()
+
+
+def _remove_old(args) -> None:
+    if args.keep_last_checkpoints is None:
+        return
+    iterations = sorted(_complete_iterations(args.save))
+    for old in iterations[:-args.keep_last_checkpoints]:
+        shutil.rmtree(_iteration_dir(args.save, old), ignore_errors=True)
+
+
+def _complete_iterations(root: str) -> list:
+    found = []
+    for name in os.listdir(root):
+        if name.startswith("iter_") and not name.endswith(".tmp") and name[5:].isdigit():
+            if os.path.exists(os.path.join(root, name, "metadata.json")):
+                found.append(int(name[5:]))
+    return found
+
+
+def _incomplete(directory: str, meta: dict) -> Optional[str]:
+    """Why the checkpoint in `directory` cannot be used (a rank file missing or not the size it was written), or None."""
+    for tp in range(meta["tensor_model_parallel_size"]):
+        for pp in range(meta["pipeline_model_parallel_size"]):
+            for dp in range(meta["data_parallel_size"]):
+                path = _rank_file(directory, tp, pp, dp)
+                expected = meta["files"].get(os.path.relpath(path, directory))
+                if not os.path.exists(path):
+                    return f"{path} is missing"
+                if os.path.getsize(path) != expected:
+                    return f"{path} has {os.path.getsize(path)} bytes, {expected} were written"
+    return None
+
+
+def _check_compatible(meta: dict, args) -> None:
+    mismatches = [f"{key} {meta[key]} (checkpoint) vs {getattr(args, key)} (this run)"
+                  for key in SHAPE_KEYS if meta.get(key) != getattr(args, key)]
+    shard = getattr(args, "model_shard_group_size", None) or args.data_parallel_size
+    if args.dp_mode == "ddp" and meta["data_parallel_size"] != args.data_parallel_size \
+            and args.use_distributed_optimizer:
+        mismatches.append(f"data_parallel_size {meta['data_parallel_size']} vs {args.data_parallel_size} "
+                          "(the distributed optimizer's shards cannot be regrouped)")
+    if args.dp_mode != "ddp" and meta["model_shard_group_size"] != shard:
+        mismatches.append(f"model_shard_group_size {meta['model_shard_group_size']} vs {shard} "
+                          "(replicas may come and go, their sharding may not change)")
+    if mismatches:
+        raise CheckpointError(f"checkpoint {meta['iteration']} does not fit this run: " + "; ".join(mismatches))
+
+
+def _source_dp_rank(meta: dict, args) -> int:
+    """Which saved data-parallel rank this rank continues: the same shard position in replica m mod M_saved."""
+    dp_rank = parallel_state.get_data_parallel_rank()
+    shard = meta["model_shard_group_size"]
+    saved_replicas = meta["data_parallel_size"] // shard
+    return (dp_rank // shard) % saved_replicas * shard + dp_rank % shard
+
+
+def find_checkpoint(root: str, args) -> Optional[tuple]:
+    """(directory, metadata) of the newest usable checkpoint under `root`, or None if there is none."""
+    if not os.path.isdir(root):
+        if root == args.save:  # the usual `--save D --load D`: nothing saved yet
+            return None
+        raise CheckpointError(f"--load {root} does not exist")
+    candidates = sorted(_complete_iterations(root), reverse=True)
+    tracked = None
+    if os.path.exists(os.path.join(root, TRACKER)):
+        tracked = int(open(os.path.join(root, TRACKER)).read().strip())
+        if tracked not in candidates:
+            _warn(f"the tracker names iteration {tracked}, which is not a complete checkpoint; looking for an older one")
+    for iteration in candidates:
+        directory = _iteration_dir(root, iteration)
+        try:
+            with open(os.path.join(directory, "metadata.json")) as f:
+                meta = json.load(f)
+        except (OSError, json.JSONDecodeError) as exc:
+            _warn(f"skipping {directory}: unreadable metadata ({exc})")
+            continue
+        problem = _incomplete(directory, meta)
+        if problem:
+            _warn(f"skipping {directory}: {problem}")
+            continue
+        return directory, meta
+    return None
+
+
+def _warn(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(f"WARNING: {message}", file=sys.stderr, flush=True)
+
+
+def load_checkpoint(trainer) -> int:
+    """Restore this rank from the newest usable checkpoint under --load; returns its iteration (0 if none)."""
+    args = trainer.args
+    found = find_checkpoint(args.load, args)
+    if found is None:
+        _warn(f"no checkpoint under {args.load}; starting from scratch")
+        return 0
+    directory, meta = found
+    _check_compatible(meta, args)
+    path = _this_rank_file(directory, _source_dp_rank(meta, args))
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises assorted errors on a truncated file
+        raise CheckpointError(f"{path} cannot be read ({exc}); delete {directory} to fall back to an older one")
+    for chunk, chunk_state in zip(trainer.model, state["model"]):
+        chunk.load_state_dict(chunk_state)
+    _load_optimizer_state(trainer.optimizer, state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    trainer.dp_mode.load_state_dict(state["dp_mode"], same_replica=meta["data_parallel_size"] == args.data_parallel_size)
+    trainer.evaluations = state["evaluations"]
+    if dist.get_rank() == 0:
+        print(f" loaded checkpoint from {directory} at iteration {state['iteration']}", flush=True)
+    return state["iteration"]

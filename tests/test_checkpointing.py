@@ -1,0 +1,88 @@
+"""Checkpoints: exact resume, elastic resume, a killed rank under torchrun, and bad checkpoints."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from launcher import REPO, TINY_GPT, run_training
+from test_edit import edit, local_sgd, run
+
+STEPS = ["--micro-batch-size", "2", "--global-batch-size", "8", "--log-interval", "1", "--eval-interval", "1000",
+         "--eval-iters", "1"]
+EDIT_WITH_PENALTY = ["--dp-mode", "edit", "--model-shard-group-size", "2", *local_sgd(2, 2),
+                     "--edit-anomaly-elimination", "--edit-anomaly-warmup-syncs", "1", "--edit-weighted-average",
+                     "--edit-pseudo-grad-clip", "0.5"]
+
+
+@pytest.mark.parametrize("nproc,mode", [(2, []), (4, EDIT_WITH_PENALTY)], ids=["ddp", "edit_with_penalty"])
+def test_resumed_run_reproduces_the_uninterrupted_one_bitwise(tmp_path, nproc, mode):
+    """12 iterations straight vs 6, save, load, 6 more (EDiT: syncs at 5 | 7, 9, 11, penalty on)."""
+    args = TINY_GPT + STEPS + mode + ["--train-iters", "12"]
+    straight = run_training(nproc, args).check().losses
+    first = run_training(nproc, args + ["--save", str(tmp_path), "--exit-interval", "6"]).check()
+    assert "exiting after iteration 6" in first.stdout and len(first.losses) == 6
+    second = run_training(nproc, args + ["--load", str(tmp_path)]).check()
+    assert "loaded checkpoint from" in second.stdout and "at iteration 6" in second.stdout
+    assert first.losses + second.losses == straight
+
+
+ELASTIC = ("--micro-batch-size", "1", "--global-batch-size", "6", *local_sgd(2, 2))
+
+
+@pytest.mark.parametrize("replicas", [1, 3])
+def test_edit_checkpoint_resumes_with_a_different_number_of_replicas(tmp_path, replicas):
+    saved = run(*edit(1, 2, *ELASTIC, "--train-iters", "6", "--save", str(tmp_path)))
+    resumed = run(*edit(1, replicas, *ELASTIC, "--train-iters", "6", "--load", str(tmp_path)))
+    for dump in resumed:  # every replica continues from the same anchor (and replica m from replica m mod 2)
+        for unit, saved_unit in zip(dump["units"], saved[0]["units"]):
+            assert torch.equal(unit["anchor"], saved_unit["anchor"]), unit["name"]
+        for name, value in dump["params"].items():
+            assert torch.equal(value, saved[dump["rank"] % 2]["params"][name]), name
+    continued = run(*edit(1, replicas, *ELASTIC, "--train-iters", "10", "--load", str(tmp_path)))
+    assert len(continued[-1]["losses"]) == 4 and len(continued[-1]["syncs"]) == (2 if replicas > 1 else 0)
+
+
+def test_killed_rank_restarts_from_the_last_checkpoint_and_finishes(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+               str(REPO / "pretrain_gpt.py"), *TINY_GPT, "--micro-batch-size", "2", "--train-iters", "300",
+               "--log-interval", "50", "--eval-interval", "1000", "--eval-iters", "1",
+               "--save", str(tmp_path), "--load", str(tmp_path), "--save-interval", "10"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tracker = tmp_path / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 240
+    while not tracker.exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    assert tracker.exists() and job.poll() is None, "no checkpoint was written while the job ran"
+    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    os.kill(int(workers[-1]), signal.SIGKILL)
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-3000:]
+    assert "loaded checkpoint from" in stdout
+    assert " iteration      300/     300 |" in stdout
+    assert tracker.read_text() == "300"
+
+
+def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
+    args = TINY_GPT + STEPS + ["--train-iters", "6", "--save", str(tmp_path), "--save-interval", "3"]
+    run_training(1, args).check()
+    newest = tmp_path / "iter_0000006" / "mp_rank_00_000_dp_000" / "model_optim_rng.pt"
+    with open(newest, "r+b") as f:
+        f.truncate(newest.stat().st_size // 2)
+    resumed = run_training(1, TINY_GPT + STEPS + ["--train-iters", "6", "--load", str(tmp_path)]).check()
+    assert "skipping" in resumed.stderr and "iter_0000006" in resumed.stderr
+    assert "at iteration 3" in resumed.stdout and len(resumed.losses) == 3
+
+
+def test_incompatible_or_missing_checkpoint_is_one_line(tmp_path):
+    run_training(1, TINY_GPT + STEPS + ["--train-iters", "2", "--save", str(tmp_path)]).check()
+    wider = [a if a != "64" else "128" for a in TINY_GPT]
+    result = run_training(1, wider + STEPS + ["--train-iters", "4", "--load", str(tmp_path)])
+    assert result.returncode != 0
+    assert "error: checkpoint 2 does not fit this run: hidden_size 64 (checkpoint) vs 128 (this run)" in result.stderr
+    result = run_training(1, TINY_GPT + STEPS + ["--train-iters", "4", "--load", str(tmp_path / "nope")])
+    assert result.returncode != 0 and f"error: --load {tmp_path / 'nope'} does not exist" in result.stderr

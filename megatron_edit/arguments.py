@@ -8,15 +8,9 @@ what is wrong and how to fix it.
 import argparse
 
 from megatron_edit import platform
+from megatron_edit.errors import UsageError
 from megatron_edit.data.datasets import check_data_path
 from megatron_edit.data.tokenizers import add_tokenizer_args, check_tokenizer_args
-
-
-class ConfigError(SystemExit):
-    """A configuration that cannot run; the message is the one line the user sees."""
-
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _require(condition: bool, message: str) -> None:
     if not condition:
-        raise ConfigError(message)
+        raise UsageError(message)
 
 
 def padded_vocab_size(vocab_size: int, args) -> int:
@@ -231,7 +225,7 @@ def validate_args(args: argparse.Namespace) -> None:
                  "--data-path needs --tokenizer-type (and --tokenizer-model) matching the one used to preprocess it")
         check_data_path(args.data_path, args.split)
     else:
-        raise ConfigError("no training data: pass --data-path PREFIX (made by tools/preprocess_data.py) or --mock-data")
+        raise UsageError("no training data: pass --data-path PREFIX (made by tools/preprocess_data.py) or --mock-data")
     check_tokenizer_args(args)
 
     from megatron_edit.dp import DP_MODES, LOCAL_SGD_MODES

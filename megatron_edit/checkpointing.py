@@ -22,17 +22,15 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from megatron_edit.errors import UsageError
+from megatron_edit.optimizers import inner_optimizers
+
 TRACKER = "latest_checkpointed_iteration.txt"
 # What must match for a checkpoint to load; data parallelism may differ where the mode allows it.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
               "padded_vocab_size", "max_position_embeddings", "swiglu", "normalization", "position_embedding_type",
               "untie_embeddings_and_output_weights", "tensor_model_parallel_size", "pipeline_model_parallel_size",
               "bf16", "fp16", "use_distributed_optimizer", "dp_mode")
-
-
-class CheckpointError(SystemExit):
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
 
 
 def _iteration_dir(root: str, iteration: int) -> str:
@@ -49,15 +47,11 @@ def _this_rank_file(directory: str, dp_rank: Optional[int] = None) -> str:
                       parallel_state.get_data_parallel_rank() if dp_rank is None else dp_rank)
 
 
-def _inner_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
-
-
 def _optimizer_state(optimizer) -> list:
     """Per inner optimizer: the values of the tensors torch steps (fp32 main parameters or the parameters
     themselves, full or this rank's shard) and torch's state for them."""
     states = []
-    for inner in _inner_optimizers(optimizer):
+    for inner in inner_optimizers(optimizer):
         params = [p for group in inner.optimizer.param_groups for p in group["params"]]
         states.append({"params": [p.detach().cpu().clone() for p in params],
                        "torch": inner.optimizer.state_dict(),
@@ -67,7 +61,7 @@ def _optimizer_state(optimizer) -> list:
 
 @torch.no_grad()
 def _load_optimizer_state(optimizer, states: list) -> None:
-    for inner, state in zip(_inner_optimizers(optimizer), states):
+    for inner, state in zip(inner_optimizers(optimizer), states):
         params = [p for group in inner.optimizer.param_groups for p in group["params"]]
         for param, value in zip(params, state["params"]):
             param.copy_(value)
@@ -182,7 +176,7 @@ def _check_compatible(meta: dict, args) -> None:
         mismatches.append(f"model_shard_group_size {meta['model_shard_group_size']} vs {shard} "
                           "(replicas may come and go, their sharding may not change)")
     if mismatches:
-        raise CheckpointError(f"checkpoint {meta['iteration']} does not fit this run: " + "; ".join(mismatches))
+        raise UsageError(f"checkpoint {meta['iteration']} does not fit this run: " + "; ".join(mismatches))
 
 
 def _source_dp_rank(meta: dict, args) -> int:
@@ -198,7 +192,7 @@ def find_checkpoint(root: str, args) -> Optional[tuple]:
     if not os.path.isdir(root):
         if root == args.save:  # the usual `--save D --load D`: nothing saved yet
             return None
-        raise CheckpointError(f"--load {root} does not exist")
+        raise UsageError(f"--load {root} does not exist")
     candidates = sorted(_complete_iterations(root), reverse=True)
     tracked = None
     if os.path.exists(os.path.join(root, TRACKER)):
@@ -239,7 +233,7 @@ def load_checkpoint(trainer) -> int:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises assorted errors on a truncated file
-        raise CheckpointError(f"{path} cannot be read ({exc}); delete {directory} to fall back to an older one")
+        raise UsageError(f"{path} cannot be read ({exc}); delete {directory} to fall back to an older one")
     for chunk, chunk_state in zip(trainer.model, state["model"]):
         chunk.load_state_dict(chunk_state)
     _load_optimizer_state(trainer.optimizer, state["optimizer"])

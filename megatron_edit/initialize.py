@@ -10,6 +10,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
 from megatron_edit import platform
+from megatron_edit.errors import UsageError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,7 @@ def initialize_megatron(args) -> torch.device:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
     elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise SystemExit("error: MASTER_ADDR and MASTER_PORT must be set for a multi-process launch "
+        raise UsageError("MASTER_ADDR and MASTER_PORT must be set for a multi-process launch "
                          "(torchrun sets them; under srun export them from the batch script)")
     dist.init_process_group(
         backend=platform.distributed_backend(device_type),

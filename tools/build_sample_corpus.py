@@ -15,6 +15,10 @@ import sys
 import sysconfig
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from megatron_edit.errors import UsageError  # noqa: E402
+
 SKIPPED_DIRS = {"test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "__pycache__",
                 "ensurepip", "turtledemo", "tkinter", "pydoc_data"}
 
@@ -62,7 +66,7 @@ def main(argv=None):
                 size += len(text.encode("utf-8"))
     if documents == 0:
         os.remove(temporary)
-        raise SystemExit(f"error: found no documented modules under {root}; pass --stdlib")
+        raise UsageError(f"found no documented modules under {root}; pass --stdlib")
     os.replace(temporary, args.output)
     print(f"wrote {documents} documents ({size / 2**20:.1f} MB of text) from {root} to {args.output}",
           file=sys.stderr)

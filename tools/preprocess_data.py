@@ -26,6 +26,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_edit.errors import UsageError  # noqa: E402
+
 import megatron_edit  # noqa: E402,F401  (first: it quiets megatron-core's import-time warnings)
 import numpy as np  # noqa: E402
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # noqa: E402
@@ -50,10 +52,10 @@ def get_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.input_files = expand_inputs(args.input)
     if args.tokenizer_type is None:
-        raise SystemExit("error: --tokenizer-type is required")
+        raise UsageError("--tokenizer-type is required")
     check_tokenizer_args(args)
     if args.workers < 1 or args.partitions < 1 or args.partitions > args.workers:
-        raise SystemExit("error: need 1 <= --partitions <= --workers")
+        raise UsageError("need 1 <= --partitions <= --workers")
     return args
 
 
@@ -62,7 +64,7 @@ def expand_inputs(patterns: List[str]) -> List[str]:
     for pattern in patterns:
         matches = sorted(glob.glob(pattern))
         if not matches:
-            raise SystemExit(f"error: --input {pattern} matches no file")
+            raise UsageError(f"--input {pattern} matches no file")
         files += matches
     return files
 
@@ -152,10 +154,10 @@ def encode_lines(args, lines, prefix: str, workers: int, total_bytes: Optional[i
         for result in results:
             stats.bytes += result.nbytes
             if result.missing_key:
-                raise SystemExit(f"error: {result.location}: {result.missing_key}; pass the right --json-keys")
+                raise UsageError(f"{result.location}: {result.missing_key}; pass the right --json-keys")
             if result.bad_line:
                 if not args.skip_bad_lines:
-                    raise SystemExit(f"error: {result.location}: {result.bad_line}; fix the line or pass "
+                    raise UsageError(f"{result.location}: {result.bad_line}; fix the line or pass "
                                      "--skip-bad-lines")
                 stats.bad_lines += 1
                 continue
@@ -240,7 +242,7 @@ def preprocess(args) -> Stats:
         else:
             stats = encode_partitions(args, temporary, scratch)
         if stats.documents == 0:
-            raise SystemExit(f"error: no documents in {', '.join(args.input_files)} (empty input"
+            raise UsageError(f"no documents in {', '.join(args.input_files)} (empty input"
                              f"{', or every line was skipped' if stats.bad_lines else ''})")
         for key in args.json_keys:
             for suffix in (".bin", ".idx"):  # .idx last: a .bin without its .idx never looks complete

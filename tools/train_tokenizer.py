@@ -15,6 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_edit.errors import UsageError  # noqa: E402
+
 from tools.preprocess_data import expand_inputs, read_lines  # noqa: E402
 
 
@@ -24,7 +26,7 @@ def texts(files, keys):
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise SystemExit(f"error: {location_file}:{number}: not valid JSON ({exc.msg}); fix the line")
+            raise UsageError(f"{location_file}:{number}: not valid JSON ({exc.msg}); fix the line")
         for key in keys:
             if isinstance(record.get(key), str):
                 yield from (part for part in record[key].split("\n") if part.strip())

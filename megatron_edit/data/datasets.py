@@ -15,10 +15,7 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import DType, _IndexReader
 
-
-class DataError(SystemExit):
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
+from megatron_edit.errors import UsageError
 
 
 def _is_number(text: str) -> bool:
@@ -36,7 +33,7 @@ def parse_blend(data_path: List[str]) -> Tuple[List[str], Optional[List[float]]]
         return list(data_path), None
     pairs_ok = len(data_path) % 2 == 0 and all(numbers[0::2]) and not any(numbers[1::2])
     if not pairs_ok:
-        raise DataError(f"--data-path {' '.join(data_path)}: give prefixes, or weight/prefix pairs "
+        raise UsageError(f"--data-path {' '.join(data_path)}: give prefixes, or weight/prefix pairs "
                         "(e.g. --data-path 0.3 wiki_text_document 0.7 code_text_document)")
     return list(data_path[1::2]), [float(w) for w in data_path[0::2]]
 
@@ -47,25 +44,25 @@ def check_indexed_dataset(prefix: str, split: str) -> None:
     bin_path, idx_path = prefix + ".bin", prefix + ".idx"
     for path in (bin_path, idx_path):
         if not os.path.exists(path):
-            raise DataError(f"--data-path {prefix}: {path} does not exist; make it with tools/preprocess_data.py "
+            raise UsageError(f"--data-path {prefix}: {path} does not exist; make it with tools/preprocess_data.py "
                             "(the prefix is --output-prefix plus _{key}_document)")
     try:
         index = _IndexReader(idx_path, multimodal=False)
     except Exception as exc:  # megatron-core raises assorted errors on a damaged index
-        raise DataError(f"{idx_path} is not a readable Megatron index ({exc}); rerun tools/preprocess_data.py")
+        raise UsageError(f"{idx_path} is not a readable Megatron index ({exc}); rerun tools/preprocess_data.py")
     expected = 0
     if len(index) > 0:
         expected = int(index.sequence_pointers[-1]) + int(index.sequence_lengths[-1]) * DType.size(index.dtype)
     actual = os.path.getsize(bin_path)
     if actual != expected:
-        raise DataError(f"{bin_path} has {actual} bytes but {idx_path} describes {expected}; the pair does not "
+        raise UsageError(f"{bin_path} has {actual} bytes but {idx_path} describes {expected}; the pair does not "
                         "match (an interrupted or mixed-up run?): rerun tools/preprocess_data.py")
     documents = len(index.document_indices) - 1
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
     for name, bounds in zip(("train", "valid", "test"), matrix):
         # The same rounding as BlendedMegatronDatasetBuilder.
         if bounds is not None and int(round(bounds[1] * documents)) == int(round(bounds[0] * documents)):
-            raise DataError(f"--split {split} leaves the {name} split of {prefix} without documents (it has "
+            raise UsageError(f"--split {split} leaves the {name} split of {prefix} without documents (it has "
                             f"{documents}); give {name} a larger share, or 0")
 
 

@@ -9,13 +9,10 @@ import os
 from collections import OrderedDict
 from typing import List
 
+from megatron_edit.errors import UsageError
+
 TOKENIZER_TYPES = ["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer"]
 _EOD_CANDIDATES = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>"]
-
-
-class TokenizerError(SystemExit):
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
 
 
 def add_tokenizer_args(parser):
@@ -39,12 +36,12 @@ def check_tokenizer_args(args) -> None:
         flag = "--" + attribute.replace("_", "-")
         path = getattr(args, attribute)
         if path is None:
-            raise TokenizerError(f"--tokenizer-type {kind} needs {flag}")
+            raise UsageError(f"--tokenizer-type {kind} needs {flag}")
         if not os.path.exists(path):
-            raise TokenizerError(f"{flag} {path} does not exist; train one with tools/train_tokenizer.py "
+            raise UsageError(f"{flag} {path} does not exist; train one with tools/train_tokenizer.py "
                                  "or point to an existing file")
     if kind == "NullTokenizer" and (args.vocab_size is None or args.vocab_size < 1):
-        raise TokenizerError("--tokenizer-type NullTokenizer needs --vocab-size N (N >= 1)")
+        raise UsageError("--tokenizer-type NullTokenizer needs --vocab-size N (N >= 1)")
 
 
 def build_tokenizer(args):
@@ -91,7 +88,7 @@ class SentencePieceTokenizer(_Tokenizer):
         self.vocab_size = self._sp.get_piece_size()
         self.eod = self._sp.eos_id()
         if self.eod < 0:
-            raise TokenizerError(f"{model_file} defines no end-of-sentence piece (</s>) to mark document ends")
+            raise UsageError(f"{model_file} defines no end-of-sentence piece (</s>) to mark document ends")
 
     def tokenize(self, text: str) -> List[int]:
         return self._sp.encode(text)
@@ -107,7 +104,7 @@ class _HFTokenizersBase(_Tokenizer):
             if token in vocab:
                 self.eod = vocab[token]
                 return
-        raise TokenizerError(f"{self.source} has none of the end-of-document tokens {_EOD_CANDIDATES}")
+        raise UsageError(f"{self.source} has none of the end-of-document tokens {_EOD_CANDIDATES}")
 
     def tokenize(self, text: str) -> List[int]:
         return self._tokenizer.encode(text, add_special_tokens=False).ids
@@ -125,7 +122,7 @@ class HuggingFaceTokenizer(_HFTokenizersBase):
         directory = path if os.path.isdir(path) else os.path.dirname(path)
         file = os.path.join(path, "tokenizer.json") if os.path.isdir(path) else path
         if not os.path.exists(file):
-            raise TokenizerError(f"{path} holds no tokenizer.json; pass the file or a directory with it")
+            raise UsageError(f"{path} holds no tokenizer.json; pass the file or a directory with it")
         self.source = os.path.abspath(file)
         self._tokenizer = Tokenizer.from_file(file)
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)

@@ -5,6 +5,8 @@ Everything that differs between the two lives here, so the rest of the code asks
 """
 import torch
 
+from megatron_edit.errors import UsageError
+
 from megatron_edit.platform.cpu_compat import cpu_compat_enabled, enable_cpu_compat
 
 
@@ -13,7 +15,7 @@ def resolve_device_type(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was requested but no CUDA device is visible; use --device cpu or auto")
+        raise UsageError("--device cuda was requested but no CUDA device is visible; use --device cpu or auto")
     return requested
 
 

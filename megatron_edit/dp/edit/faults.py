@@ -11,12 +11,9 @@ from typing import Iterator, List, Optional
 
 import torch
 
+from megatron_edit.errors import UsageError
+
 FAULT_KINDS = ("scale", "nan", "bad-data")
-
-
-class FaultSpecError(SystemExit):
-    def __init__(self, message: str):
-        super().__init__(f"error: {message}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +30,9 @@ def parse_straggler(spec: Optional[str]):
         replica, factor = spec.split(":")
         parsed = int(replica), float(factor)
     except ValueError:
-        raise FaultSpecError(f"--simulate-straggler {spec}: expected REPLICA:FACTOR, e.g. 1:3")
+        raise UsageError(f"--simulate-straggler {spec}: expected REPLICA:FACTOR, e.g. 1:3")
     if parsed[1] < 1:
-        raise FaultSpecError(f"--simulate-straggler {spec}: FACTOR must be >= 1")
+        raise UsageError(f"--simulate-straggler {spec}: FACTOR must be >= 1")
     return parsed
 
 
@@ -44,9 +41,9 @@ def parse_fault(spec: str) -> Fault:
         replica, iteration, kind = spec.split(":")
         fault = Fault(int(replica), int(iteration), kind)
     except ValueError:
-        raise FaultSpecError(f"--inject-fault {spec}: expected REPLICA:ITER:KIND, e.g. 1:50:scale")
+        raise UsageError(f"--inject-fault {spec}: expected REPLICA:ITER:KIND, e.g. 1:50:scale")
     if kind not in FAULT_KINDS:
-        raise FaultSpecError(f"--inject-fault {spec}: KIND must be one of {', '.join(FAULT_KINDS)}")
+        raise UsageError(f"--inject-fault {spec}: KIND must be one of {', '.join(FAULT_KINDS)}")
     return fault
 
 

@@ -12,9 +12,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.distributed as dist
 
-
-def _inner_optimizers(optimizer) -> list:
-    return list(getattr(optimizer, "chained_optimizers", [optimizer]))
+from megatron_edit.optimizers import inner_optimizers
 
 
 class MainParams:
@@ -24,7 +22,7 @@ class MainParams:
     def __init__(self, optimizer):
         self.full: Dict[torch.nn.Parameter, torch.Tensor] = {}
         self.fragments: Dict[torch.nn.Parameter, Tuple[torch.Tensor, int, int]] = {}
-        for inner in _inner_optimizers(optimizer):
+        for inner in inner_optimizers(optimizer):
             if hasattr(inner, "shard_fp32_from_float16_groups"):  # DistributedOptimizer
                 for model_group, main_group in zip(inner.model_float16_groups, inner.shard_fp32_from_float16_groups):
                     for param, main in zip(model_group, main_group):

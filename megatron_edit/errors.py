@@ -1,0 +1,8 @@
+"""The one way this project stops on bad input: a single line that says what is wrong and how to fix it."""
+
+
+class UsageError(SystemExit):
+    """Raised for bad flags, files or checkpoints; Python prints the message and exits with status 1."""
+
+    def __init__(self, message: str):
+        super().__init__(f"error: {message}")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from launcher import REPO, run_training
+from launcher import run_training
 from megatron_edit.data import datasets as data_sets
 from megatron_edit.data.tokenizers import GPT2BPETokenizer, HuggingFaceTokenizer, SentencePieceTokenizer
 from tools import build_sample_corpus, preprocess_data, train_tokenizer

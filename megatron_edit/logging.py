@@ -1,5 +1,6 @@
-"""Console lines in Megatron-LM's format (users' log parsers depend on it), printed by one rank."""
+"""Console lines in Megatron-LM's format (users' log parsers depend on it) and wandb, both from one rank."""
 import math
+import os
 
 import torch.distributed as dist
 
@@ -27,7 +28,7 @@ def iteration_line(iteration, train_iters, consumed_samples, elapsed_ms, learnin
         f" tokens/s: {tokens_per_second:.1f}",
         f" TFLOP/s: {tflops_per_device:.3f}",
     ]
-    fields += [f" {key}: {value}" for key, value in (extra or {}).items()]
+    fields += [f" {key}: {value:.4g}" for key, value in (extra or {}).items()]
     return " |".join(fields) + " |"
 
 
@@ -39,3 +40,29 @@ def validation_line(label: str, lm_loss: float) -> str:
     text = f" validation loss at {label} | lm loss value: {lm_loss:.6E} | lm loss PPL: {perplexity(lm_loss):.6E} | "
     rule = "-" * len(text)
     return f"{rule}\n{text}\n{rule}"
+
+
+class WandbTracker:
+    """wandb run of the last rank when --wandb-project is set (offline when no WANDB_API_KEY), else nothing."""
+
+    def __init__(self, args):
+        self.run = None
+        if not args.wandb_project or not is_last_rank():
+            return
+        import wandb
+
+        config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+        self.run = wandb.init(project=args.wandb_project, name=args.wandb_exp_name, dir=args.wandb_save_dir,
+                              config=config, mode="online" if os.environ.get("WANDB_API_KEY") else "offline")
+
+    def log(self, metrics: dict, iteration: int) -> None:
+        if self.run is not None:
+            self.run.log(metrics, step=iteration)
+
+    def finish(self) -> str:
+        """Where the run's files are, for the summary; empty without a run."""
+        if self.run is None:
+            return ""
+        directory = self.run.dir
+        self.run.finish()
+        return os.path.dirname(directory)

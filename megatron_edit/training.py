@@ -19,7 +19,7 @@ from megatron_edit.data.tokenizers import build_tokenizer
 from megatron_edit.dp import build_dp_mode
 from megatron_edit.flops import flops_per_iteration
 from megatron_edit.initialize import destroy, initialize_megatron, launch_env
-from megatron_edit.logging import iteration_line, perplexity, print_rank_last, validation_line
+from megatron_edit.logging import WandbTracker, iteration_line, perplexity, print_rank_last, validation_line
 from megatron_edit.model import initialize_weights, params_dtype, transformer_config_from_args
 
 
@@ -167,13 +167,18 @@ class Trainer:
         return _mean_loss(total, self.dp_mode.loss_group())
 
 
-def train(trainer: Trainer) -> Dict[str, float]:
+def _report_validation(tracker: WandbTracker, iteration: int, loss: float) -> None:
+    print_rank_last(validation_line(f"iteration {iteration}", loss))
+    tracker.log({"validation lm loss": loss, "validation lm loss PPL": perplexity(loss)}, iteration)
+
+
+def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
     """Iterate to --train-iters with a log line every --log-interval and validation every --eval-interval."""
     args = trainer.args
     tokens_per_iteration = args.global_batch_size * args.seq_length
     flops = flops_per_iteration(args)
     initial_valid_loss = trainer.evaluate()
-    print_rank_last(validation_line(f"iteration {trainer.start_iteration}", initial_valid_loss))
+    _report_validation(tracker, trainer.start_iteration, initial_valid_loss)
 
     platform.synchronize()
     run_start = interval_start = time.perf_counter()
@@ -186,16 +191,18 @@ def train(trainer: Trainer) -> Dict[str, float]:
             now = time.perf_counter()
             iterations = (iteration - 1) % args.log_interval + 1
             seconds = (now - interval_start) / iterations
+            learning_rate, extra = trainer.optimizer.param_groups[0]["lr"], trainer.dp_mode.metrics()
+            tokens_per_second, tflops = tokens_per_iteration / seconds, flops / seconds / args.world_size / 1e12
             print_rank_last(iteration_line(
-                iteration, args.train_iters, iteration * args.global_batch_size, seconds * 1000.0,
-                trainer.optimizer.param_groups[0]["lr"], args.global_batch_size, loss, grad_norm or 0.0,
-                tokens_per_iteration / seconds, flops / seconds / args.world_size / 1e12, trainer.dp_mode.metrics(),
-            ))
+                iteration, args.train_iters, iteration * args.global_batch_size, seconds * 1000.0, learning_rate,
+                args.global_batch_size, loss, grad_norm or 0.0, tokens_per_second, tflops, extra))
+            tracker.log({"lm loss": loss, "learning-rate": learning_rate, "grad-norm": grad_norm or 0.0,
+                         "tokens/s": tokens_per_second, "TFLOP/s per device": tflops, **extra}, iteration)
             interval_start = time.perf_counter()
         if iteration % args.eval_interval == 0:
             eval_start = time.perf_counter()
             valid_loss = trainer.evaluate()
-            print_rank_last(validation_line(f"iteration {iteration}", valid_loss))
+            _report_validation(tracker, iteration, valid_loss)
             interval_start += time.perf_counter() - eval_start
             run_start += time.perf_counter() - eval_start
         exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
@@ -212,7 +219,7 @@ def train(trainer: Trainer) -> Dict[str, float]:
         save_checkpoint(trainer, iteration)
     if iteration % args.eval_interval != 0:  # the model as training left it (after a final sync, if any)
         valid_loss = trainer.evaluate()
-        print_rank_last(validation_line(f"iteration {iteration}", valid_loss))
+        _report_validation(tracker, iteration, valid_loss)
     platform.synchronize()
     train_seconds = time.perf_counter() - run_start
     iterations_run = iteration - trainer.start_iteration
@@ -239,6 +246,8 @@ def summary_text(args, summary: Dict[str, float]) -> str:
         f"   validation loss at iteration {summary['iterations']}: {after:.4f}  (perplexity {perplexity(after):.2f})",
         f"   throughput: {summary['tokens_per_second']:.1f} tokens/s, "
         f"{summary['tflops_per_device']:.3f} TFLOP/s per device, {summary['train_seconds']:.1f} s of training",
+        *([f"   checkpoint: {args.save}"] if args.save else []),
+        *([f"   wandb run: {summary['wandb_dir']}"] if summary.get("wandb_dir") else []),
         "=" * 78,
     ])
 
@@ -273,7 +282,9 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
     device = initialize_megatron(args)
     try:
         trainer = build_trainer(args, device, datasets_provider, model_provider, forward_step_func)
-        summary = train(trainer)
+        tracker = WandbTracker(args)
+        summary = train(trainer, tracker)
+        summary["wandb_dir"] = tracker.finish()
         print_rank_last(summary_text(args, summary))
         return summary
     finally:

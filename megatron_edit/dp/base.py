@@ -54,6 +54,6 @@ class DataParallelMode(abc.ABC):
     def load_state_dict(self, state: dict, same_replica: bool) -> None:
         """Restore `state_dict()`; same_replica is False when the number of replicas changed (elastic resume)."""
 
-    def metrics(self) -> Dict[str, str]:
-        """Extra fields for the log line (e.g. bytes communicated)."""
+    def metrics(self) -> Dict[str, float]:
+        """Extra numbers for the log line and the tracker (e.g. bytes communicated)."""
         return {}

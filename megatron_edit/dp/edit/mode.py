@@ -94,7 +94,7 @@ class EditDataParallel(DataParallelMode):
         self._iteration_start = 0.0
         self._bytes_at_log = self.counter.snapshot()
         self._iterations_since_log = 0
-        self._norms_since_log: List[float] = []
+        self._records_since_log: List[ModuleSyncRecord] = []
 
     @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
@@ -184,7 +184,7 @@ class EditDataParallel(DataParallelMode):
             time.sleep((self.faults.slowdown - 1.0) * (time.perf_counter() - self._iteration_start))
 
     def _report_sync(self, iteration: int) -> None:
-        self._norms_since_log += [r.averaged_norm for r in self.sync.records if not r.reset_to_anchor]
+        self._records_since_log += self.sync.records
         print_rank_last(sync_summary(iteration, self.sync.records))
 
     def state_dict(self) -> dict:
@@ -209,20 +209,27 @@ class EditDataParallel(DataParallelMode):
     def outer_state_numel(self) -> int:
         return sum(unit.outer_state_numel() for unit in self.sync.units)
 
-    def metrics(self) -> Dict[str, str]:
-        """Per iteration since the last log line: bytes on each group, exposed sync time, pseudo-gradient norms."""
+    def metrics(self) -> Dict[str, float]:
+        """Per iteration since the last log line: bytes on each group and exposed sync time; per sync since then:
+        pseudo-gradient norms, outliers (module x replica pairs) and each replica's mean weight."""
         now = self.counter.snapshot()
         steps = max(self._iterations_since_log, 1)
         sent = collections.Counter(now)
         sent.subtract(self._bytes_at_log)
         values = {
-            "shard bytes/iter": f"{sent['shard'] / steps:.3e}",
-            "sync bytes/iter": f"{sent['sync'] / steps:.3e}",
-            "exposed sync ms/iter": f"{1000 * self.sync.exposed_seconds / steps:.1f}",
+            "shard bytes/iter": sent["shard"] / steps,
+            "sync bytes/iter": sent["sync"] / steps,
+            "exposed sync ms/iter": 1000 * self.sync.exposed_seconds / steps,
         }
-        if self._norms_since_log:
-            norms = self._norms_since_log
-            values["pseudo-grad norm mean/max"] = f"{sum(norms) / len(norms):.3e}/{max(norms):.3e}"
-        self._bytes_at_log, self._iterations_since_log, self._norms_since_log = now, 0, []
+        records = self._records_since_log
+        norms = [r.averaged_norm for r in records if not r.reset_to_anchor]
+        if norms:
+            values["pseudo-grad norm mean"] = sum(norms) / len(norms)
+            values["pseudo-grad norm max"] = max(norms)
+        if records:
+            values["outliers"] = float(sum(sum(r.outliers) for r in records))
+            for replica in range(len(records[0].weights)):
+                values[f"weight replica {replica}"] = sum(r.weights[replica] for r in records) / len(records)
+        self._bytes_at_log, self._iterations_since_log, self._records_since_log = now, 0, []
         self.sync.exposed_seconds = 0.0
         return values

@@ -1,0 +1,27 @@
+"""wandb tracking: one rank writes an offline run with the config, training, validation and EDiT sync series."""
+import glob
+
+import pytest
+
+from launcher import TINY_GPT, run_training
+from wandb_offline import history_and_config
+
+
+def test_offline_wandb_run_holds_training_validation_and_sync_series(tmp_path):
+    run = run_training(2, TINY_GPT + [
+        "--micro-batch-size", "2", "--train-iters", "8", "--log-interval", "2", "--eval-interval", "4",
+        "--eval-iters", "1", "--dp-mode", "edit", "--model-shard-group-size", "1", "--local-sgd-sync-interval", "2",
+        "--edit-anomaly-elimination", "--wandb-project", "megatron-edit-test", "--wandb-exp-name", "tiny",
+        "--wandb-save-dir", str(tmp_path)]).check()
+    files = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1  # one rank logs
+    history, config = history_and_config(files[0])
+    assert config["num_layers"] == 4 and config["dp_mode"] == "edit"
+    assert history["lm loss"] == pytest.approx(run.losses, rel=1e-6)
+    for series in ("learning-rate", "grad-norm", "tokens/s", "TFLOP/s per device", "sync bytes/iter",
+                   "shard bytes/iter", "exposed sync ms/iter"):
+        assert len(history[series]) == 4, series
+    for series in ("pseudo-grad norm mean", "pseudo-grad norm max", "outliers", "weight replica 0", "weight replica 1"):
+        assert series in history, series
+    assert history["validation lm loss"] == pytest.approx([run.validation_losses[i] for i in (0, 4, 8)], rel=1e-6)
+    assert "wandb run:" in run.stdout

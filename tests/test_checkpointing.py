@@ -58,7 +58,7 @@ def test_killed_rank_restarts_from_the_last_checkpoint_and_finishes(tmp_path):
     while not tracker.exists() and time.time() < deadline and job.poll() is None:
         time.sleep(0.2)
     assert tracker.exists() and job.poll() is None, "no checkpoint was written while the job ran"
-    workers = subprocess.run(["pgrep", "-P", str(job.pid)], capture_output=True, text=True).stdout.split()
+    workers = open(f"/proc/{job.pid}/task/{job.pid}/children").read().split()  # torchrun's worker processes
     os.kill(int(workers[-1]), signal.SIGKILL)
     stdout, stderr = job.communicate(timeout=300)
     assert job.returncode == 0, stderr[-3000:]

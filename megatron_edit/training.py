@@ -120,7 +120,7 @@ class Trainer:
         train = micro_batches(self.train_ds, iteration * args.global_batch_size, **batches)
         self.train_iter = self.dp_mode.wrap_train_batches(train, args)
         valid_start = self.evaluations * args.eval_iters * args.global_batch_size
-        self.valid_iter = micro_batches(self.valid_ds, valid_start, **batches)
+        self.valid_iter = micro_batches(self.valid_ds, valid_start, cyclic=True, **batches)
 
     def _run_schedule(self, data_iterator, forward_only: bool):
         args = self.args

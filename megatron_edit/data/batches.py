@@ -9,12 +9,13 @@ import torch
 
 
 def micro_batches(dataset, start_sample: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-                  device: torch.device) -> Iterator[Dict[str, torch.Tensor]]:
-    """Endless stream of this rank's micro-batches, beginning at global sample `start_sample`."""
+                  device: torch.device, cyclic: bool = False) -> Iterator[Dict[str, torch.Tensor]]:
+    """Stream of this rank's micro-batches from global sample `start_sample`. Training data is sized exactly and
+    never wraps; validation is `cyclic`, like Megatron-LM's, so extra evaluations (at exit, at resume) re-read it."""
     round_size = micro_batch_size * dp_size
     position = start_sample
     while True:
         first = position + dp_rank * micro_batch_size
-        samples = [dataset[first + k] for k in range(micro_batch_size)]
+        samples = [dataset[(first + k) % len(dataset) if cyclic else first + k] for k in range(micro_batch_size)]
         yield {key: torch.stack([s[key] for s in samples]).to(device) for key in samples[0]}
         position += round_size

@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 NPROC ?= 1
+DP_MODE ?= ddp
 
 .PHONY: train test bench clean-venv
 
@@ -13,7 +14,7 @@ $(VENV)/installed: requirements.txt
 	touch $@
 
 train: $(VENV)/installed
-	NPROC=$(NPROC) bash examples/train_small_gpt.sh $(ARGS)
+	NPROC=$(NPROC) DP_MODE=$(DP_MODE) bash examples/pretrain_edit.sh $(ARGS)
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# GPT pretraining with EDiT on Slurm, or locally with plain `bash` (CPU when there is no GPU).
+#
+#   sbatch examples/pretrain_edit.sh                       # one torchrun per node via srun; nodes = replicas
+#   bash examples/pretrain_edit.sh                         # local: the embedded sample corpus, NPROC processes
+#   DP_MODE=ddp TRAIN_ITERS=500 bash examples/pretrain_edit.sh --log-interval 50   # extra flags pass through
+#
+# Every knob is an environment variable named after its flag: TRAIN_ITERS, DATA_PATH, TOKENIZER_MODEL, DP_MODE,
+# LOCAL_SGD_SYNC_INTERVAL, LOCAL_SGD_WARMUP_ITERS, OUTER_LR, OUTER_MOMENTUM, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE, LR,
+# NUM_LAYERS, HIDDEN_SIZE, NUM_ATTENTION_HEADS, SEQ_LENGTH, SAVE, SAVE_INTERVAL, WANDB_PROJECT, WANDB_SAVE_DIR;
+# GPUS_PER_NODE and NPROC (local) set the processes. On Slurm the GPUs of a node form the model shard group
+# (the default of --model-shard-group-size) and the nodes the model sync group.
+#SBATCH --job-name=megatron-edit
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --time=04:00:00
+#SBATCH --output=megatron-edit-%j.out
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
+
+fail() { echo "error: $*" >&2; exit 2; }
+
+DP_MODE=${DP_MODE:-edit}
+case "$DP_MODE" in ddp|edit|aedit) ;; *) fail "DP_MODE=$DP_MODE is unknown; use ddp, edit or aedit" ;; esac
+
+if [ -z "${DATA_PATH:-}" ]; then
+    bash examples/prepare_sample_data.sh
+    DATA_PATH=data/sample/corpus_text_document
+    TOKENIZER_MODEL=${TOKENIZER_MODEL:-data/sample/tokenizer.model}
+fi
+for suffix in bin idx; do
+    [ -f "$DATA_PATH.$suffix" ] || fail "DATA_PATH=$DATA_PATH: $DATA_PATH.$suffix does not exist (make it with tools/preprocess_data.py)"
+done
+[ -f "${TOKENIZER_MODEL:-}" ] || fail "TOKENIZER_MODEL=${TOKENIZER_MODEL:-} does not exist"
+
+visible_gpus=$(nvidia-smi -L 2>/dev/null | wc -l || true)
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+    GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-$visible_gpus}}
+    [ "$GPUS_PER_NODE" -ge 1 ] || GPUS_PER_NODE=1
+    if [ "$visible_gpus" -gt 0 ] && [ "$GPUS_PER_NODE" -gt "$visible_gpus" ]; then
+        fail "GPUS_PER_NODE=$GPUS_PER_NODE but this node has $visible_gpus GPUs"
+    fi
+    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    LAUNCH=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON_BIN" -m torch.distributed.run
+            --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$GPUS_PER_NODE"
+            --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "$SLURM_JOB_ID")
+else
+    NPROC=${NPROC:-$([ "$visible_gpus" -gt 0 ] && echo "$visible_gpus" || echo 1)}
+    if [ "$visible_gpus" -gt 0 ] && [ "$NPROC" -gt "$visible_gpus" ]; then
+        fail "NPROC=$NPROC but this machine has $visible_gpus GPUs"
+    fi
+    LAUNCH=("$PYTHON_BIN" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")
+fi
+
+ARGS=(
+    --num-layers "${NUM_LAYERS:-4}" --hidden-size "${HIDDEN_SIZE:-128}" --num-attention-heads "${NUM_ATTENTION_HEADS:-4}"
+    --seq-length "${SEQ_LENGTH:-128}" --position-embedding-type rope --normalization RMSNorm --swiglu
+    --disable-bias-linear --hidden-dropout 0 --attention-dropout 0
+    --micro-batch-size "${MICRO_BATCH_SIZE:-8}" --global-batch-size "${GLOBAL_BATCH_SIZE:-16}"
+    --train-iters "${TRAIN_ITERS:-200}" --lr "${LR:-2e-3}" --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 20
+    --weight-decay 0.1 --clip-grad 1.0 --adam-beta2 0.95 --seed 1234
+    --data-path "$DATA_PATH" --split "${SPLIT:-95,5,0}" --data-cache-path data/cache
+    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
+    --log-interval 20 --eval-interval 100 --eval-iters 8
+    --dp-mode "$DP_MODE" --local-sgd-sync-interval "${LOCAL_SGD_SYNC_INTERVAL:-16}"
+    --local-sgd-warmup-iters "${LOCAL_SGD_WARMUP_ITERS:-20}" --outer-lr "${OUTER_LR:-0.7}"
+    --outer-momentum "${OUTER_MOMENTUM:-0.8}"
+)
+[ -n "${SAVE:-}" ] && ARGS+=(--save "$SAVE" --load "$SAVE" --save-interval "${SAVE_INTERVAL:-100}")
+[ -n "${WANDB_PROJECT:-}" ] && ARGS+=(--wandb-project "$WANDB_PROJECT" --wandb-save-dir "${WANDB_SAVE_DIR:-.}")
+
+export CUDA_DEVICE_MAX_CONNECTIONS=1  # megatron-core overlaps TP communication only with one queue
+exec "${LAUNCH[@]}" pretrain_gpt.py "${ARGS[@]}" "$@"

@@ -1,0 +1,33 @@
+"""examples/pretrain_edit.sh outside Slurm: bad input stops before launch; a local EDiT run trains."""
+import os
+import subprocess
+
+from launcher import REPO
+
+
+def launch(env_overrides, *args, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON_BIN=str(REPO / ".venv/bin/python"), **env_overrides)
+    env.pop("SLURM_JOB_ID", None)
+    return subprocess.run(["bash", "examples/pretrain_edit.sh", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def test_unknown_dp_mode_and_missing_data_stop_before_launch():
+    result = launch({"DP_MODE": "nope"})
+    assert result.returncode == 2 and result.stderr.strip() == "error: DP_MODE=nope is unknown; use ddp, edit or aedit"
+    result = launch({"DATA_PATH": "/nonexistent/corpus"})
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith("error: DATA_PATH=/nonexistent/corpus: /nonexistent/corpus.bin does not exist")
+
+
+def test_local_run_with_two_edit_replicas_lowers_validation_loss():
+    result = launch({"NPROC": "2", "DP_MODE": "edit", "TRAIN_ITERS": "40", "NUM_LAYERS": "2", "HIDDEN_SIZE": "64",
+                     "SEQ_LENGTH": "64", "MICRO_BATCH_SIZE": "4", "GLOBAL_BATCH_SIZE": "8",
+                     "LOCAL_SGD_SYNC_INTERVAL": "4", "LOCAL_SGD_WARMUP_ITERS": "8"},
+                    "--model-shard-group-size", "1", "--eval-interval", "40", "--eval-iters", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "edit sync at iteration 13" in result.stdout
+    assert "TP=1 PP=1 DP=2 (edit)" in result.stdout
+    before = float(result.stdout.split("validation loss at iteration 0: ")[1].split()[0])
+    after = float(result.stdout.split("validation loss at iteration 40: ")[1].split()[0])
+    assert after < before - 1.0

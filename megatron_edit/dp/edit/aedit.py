@@ -36,19 +36,12 @@ class AsyncEditDataParallel(EditDataParallel):
         dist.all_reduce(due, op=dist.ReduceOp.MAX, group=self.groups.shard)
         return bool(due.item())
 
-    def begin_iteration(self, iteration: int, finished: bool) -> bool:
-        self._iteration_start = time.perf_counter()
-        self.in_warmup = self.local_sgd.is_warmup(iteration)
-        if self.in_warmup or self.groups.sync is None:
-            return not finished
-        if not self.sync_due(iteration, finished):
-            return True
+    def _start_sync(self, iteration: int, finished: bool) -> bool:
+        """Every sync opens with the stop flag: if any replica has run --train-iters, all sync now and end."""
         stop = torch.tensor([float(finished)])
         dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.groups.sync)
         if stop.item():
             self.sync.sync_now(iteration)
             self._report_sync(iteration)
             return False
-        self.sync.arm(iteration)
-        self.local_steps_since_sync = 0
-        return True
+        return super()._start_sync(iteration, finished)

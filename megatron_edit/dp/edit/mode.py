@@ -167,8 +167,13 @@ class EditDataParallel(DataParallelMode):
         self.in_warmup = self.local_sgd.is_warmup(iteration)
         # A single replica has no one to synchronize with: it trains exactly like plain data parallelism.
         if not self.in_warmup and self.groups.sync is not None and self.sync_due(iteration, finished):
-            self.sync.arm(iteration)
-            self.local_steps_since_sync = 0
+            return self._start_sync(iteration, finished)
+        return not finished
+
+    def _start_sync(self, iteration: int, finished: bool) -> bool:
+        """A sync is due: arm it for this iteration's forward. Returns whether to run the iteration."""
+        self.sync.arm(iteration)
+        self.local_steps_since_sync = 0
         return not finished
 
     def after_optimizer_step(self, iteration: int) -> None:

@@ -1,4 +1,5 @@
 """Console lines in Megatron-LM's format (users' log parsers depend on it) and wandb, both from one rank."""
+import datetime
 import math
 import os
 
@@ -16,7 +17,7 @@ def print_rank_last(message: str) -> None:
 
 
 def iteration_line(iteration, train_iters, consumed_samples, elapsed_ms, learning_rate, global_batch_size,
-                   lm_loss, grad_norm, tokens_per_second, tflops_per_device, extra=None) -> str:
+                   lm_loss, grad_norm, tokens_per_second, tflops_per_device, eta_seconds, extra=None) -> str:
     fields = [
         f" iteration {iteration:8d}/{train_iters:8d}",
         f" consumed samples: {consumed_samples:12d}",
@@ -27,6 +28,7 @@ def iteration_line(iteration, train_iters, consumed_samples, elapsed_ms, learnin
         f" grad norm: {grad_norm:.3f}",
         f" tokens/s: {tokens_per_second:.1f}",
         f" TFLOP/s: {tflops_per_device:.3f}",
+        f" ETA: {datetime.timedelta(seconds=round(eta_seconds))}",
     ]
     fields += [f" {key}: {value:.4g}" for key, value in (extra or {}).items()]
     return " |".join(fields) + " |"

@@ -172,6 +172,11 @@ def _report_validation(tracker: WandbTracker, iteration: int, loss: float) -> No
     tracker.log({"validation lm loss": loss, "validation lm loss PPL": perplexity(loss)}, iteration)
 
 
+def _track_events(trainer: Trainer, tracker: WandbTracker) -> None:
+    for iteration, values in trainer.dp_mode.pop_events():
+        tracker.log(values, iteration)
+
+
 def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
     """Iterate to --train-iters with a log line every --log-interval and validation every --eval-interval."""
     args = trainer.args
@@ -186,6 +191,7 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
     saved = trainer.start_iteration
     for iteration in trainer.iterations():
         loss, grad_norm = trainer.train_step(iteration)
+        _track_events(trainer, tracker)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             platform.synchronize()
             now = time.perf_counter()
@@ -193,9 +199,11 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
             seconds = (now - interval_start) / iterations
             learning_rate, extra = trainer.optimizer.param_groups[0]["lr"], trainer.dp_mode.metrics()
             tokens_per_second, tflops = tokens_per_iteration / seconds, flops / seconds / args.world_size / 1e12
+            seconds_per_iteration = (now - run_start) / (iteration - trainer.start_iteration)
+            eta = max(args.train_iters - iteration, 0) * seconds_per_iteration
             print_rank_last(iteration_line(
                 iteration, args.train_iters, iteration * args.global_batch_size, seconds * 1000.0, learning_rate,
-                args.global_batch_size, loss, grad_norm or 0.0, tokens_per_second, tflops, extra))
+                args.global_batch_size, loss, grad_norm or 0.0, tokens_per_second, tflops, eta, extra))
             tracker.log({"lm loss": loss, "learning-rate": learning_rate, "grad-norm": grad_norm or 0.0,
                          "tokens/s": tokens_per_second, "TFLOP/s per device": tflops, **extra}, iteration)
             interval_start = time.perf_counter()
@@ -215,6 +223,7 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
         if exiting:
             print_rank_last(f" exiting after iteration {iteration} (--exit-interval {args.exit_interval})")
             break
+    _track_events(trainer, tracker)  # a mode's final sync happens after the last iteration
     if args.save and saved != iteration:
         save_checkpoint(trainer, iteration)
     if iteration % args.eval_interval != 0:  # the model as training left it (after a final sync, if any)

@@ -21,7 +21,12 @@ def test_offline_wandb_run_holds_training_validation_and_sync_series(tmp_path):
     for series in ("learning-rate", "grad-norm", "tokens/s", "TFLOP/s per device", "sync bytes/iter",
                    "shard bytes/iter", "exposed sync ms/iter"):
         assert len(history[series]) == 4, series
-    for series in ("pseudo-grad norm mean", "pseudo-grad norm max", "outliers", "weight replica 0", "weight replica 1"):
-        assert series in history, series
+    syncs = run.stdout.count("edit sync at iteration")
+    assert syncs >= 2
+    for series in ("sync/pseudo-grad norm mean", "sync/pseudo-grad norm max", "sync/outliers", "sync/exposed ms",
+                   "sync/weight replica 0", "sync/weight replica 1", "sync/bytes"):
+        assert len(history[series]) == syncs, series
+    assert len(set(history["sync/bytes"])) == 1 and history["sync/bytes"][0] > 0  # every sync moves the same bytes
     assert history["validation lm loss"] == pytest.approx([run.validation_losses[i] for i in (0, 4, 8)], rel=1e-6)
     assert "wandb run:" in run.stdout
+    assert run.stdout.count(" ETA: ") == 4

@@ -1,6 +1,6 @@
 """The narrow interface between the train loop and a data-parallel mode."""
 import abc
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -10,7 +10,7 @@ from megatron.core.distributed import finalize_model_grads
 class DataParallelMode(abc.ABC):
     """Hooks the train loop calls: wrap_model, build_optimizer and wrap_train_batches once; then every iteration
     begin_iteration, finalize_model_grads (inside the schedule, after backward) and after_optimizer_step;
-    metrics() at every log line."""
+    metrics() at every log line and pop_events() after every iteration."""
 
     name: str = ""
 
@@ -57,3 +57,8 @@ class DataParallelMode(abc.ABC):
     def metrics(self) -> Dict[str, float]:
         """Extra numbers for the log line and the tracker (e.g. bytes communicated)."""
         return {}
+
+    def pop_events(self) -> List[Tuple[int, Dict[str, float]]]:
+        """Numbers that belong to one event rather than a log interval (e.g. one sync), as (iteration, values),
+        each returned once, for the tracker."""
+        return []

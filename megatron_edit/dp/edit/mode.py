@@ -94,7 +94,8 @@ class EditDataParallel(DataParallelMode):
         self._iteration_start = 0.0
         self._bytes_at_log = self.counter.snapshot()
         self._iterations_since_log = 0
-        self._records_since_log: List[ModuleSyncRecord] = []
+        self._events: List[tuple] = []
+        self._sync_start = (0, 0.0)  # sync-group bytes and exposed seconds when the current sync began
 
     @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
@@ -167,6 +168,7 @@ class EditDataParallel(DataParallelMode):
         self.in_warmup = self.local_sgd.is_warmup(iteration)
         # A single replica has no one to synchronize with: it trains exactly like plain data parallelism.
         if not self.in_warmup and self.groups.sync is not None and self.sync_due(iteration, finished):
+            self._sync_start = (self.counter.snapshot().get("sync", 0), self.sync.exposed_seconds)
             return self._start_sync(iteration, finished)
         return not finished
 
@@ -189,8 +191,26 @@ class EditDataParallel(DataParallelMode):
             time.sleep((self.faults.slowdown - 1.0) * (time.perf_counter() - self._iteration_start))
 
     def _report_sync(self, iteration: int) -> None:
-        self._records_since_log += self.sync.records
-        print_rank_last(sync_summary(iteration, self.sync.records))
+        """The sync's log line, and its numbers as one tracker event: pseudo-gradient norms, outliers (module x
+        replica pairs), each replica's mean weight, exposed time and bytes sent on the sync group."""
+        records = self.sync.records
+        print_rank_last(sync_summary(iteration, records))
+        bytes_before, exposed_before = self._sync_start
+        values = {"sync/exposed ms": 1000 * (self.sync.exposed_seconds - exposed_before),
+                  "sync/bytes": float(self.counter.snapshot().get("sync", 0) - bytes_before)}
+        norms = [r.averaged_norm for r in records if not r.reset_to_anchor]
+        if norms:
+            values["sync/pseudo-grad norm mean"] = sum(norms) / len(norms)
+            values["sync/pseudo-grad norm max"] = max(norms)
+        if records:
+            values["sync/outliers"] = float(sum(sum(r.outliers) for r in records))
+            for replica in range(len(records[0].weights)):
+                values[f"sync/weight replica {replica}"] = sum(r.weights[replica] for r in records) / len(records)
+        self._events.append((iteration, values))
+
+    def pop_events(self):
+        events, self._events = self._events, []
+        return events
 
     def state_dict(self) -> dict:
         return {
@@ -215,8 +235,7 @@ class EditDataParallel(DataParallelMode):
         return sum(unit.outer_state_numel() for unit in self.sync.units)
 
     def metrics(self) -> Dict[str, float]:
-        """Per iteration since the last log line: bytes on each group and exposed sync time; per sync since then:
-        pseudo-gradient norms, outliers (module x replica pairs) and each replica's mean weight."""
+        """Per iteration since the last log line: bytes on each group and exposed sync time."""
         now = self.counter.snapshot()
         steps = max(self._iterations_since_log, 1)
         sent = collections.Counter(now)
@@ -226,15 +245,6 @@ class EditDataParallel(DataParallelMode):
             "sync bytes/iter": sent["sync"] / steps,
             "exposed sync ms/iter": 1000 * self.sync.exposed_seconds / steps,
         }
-        records = self._records_since_log
-        norms = [r.averaged_norm for r in records if not r.reset_to_anchor]
-        if norms:
-            values["pseudo-grad norm mean"] = sum(norms) / len(norms)
-            values["pseudo-grad norm max"] = max(norms)
-        if records:
-            values["outliers"] = float(sum(sum(r.outliers) for r in records))
-            for replica in range(len(records[0].weights)):
-                values[f"weight replica {replica}"] = sum(r.weights[replica] for r in records) / len(records)
-        self._bytes_at_log, self._iterations_since_log, self._records_since_log = now, 0, []
+        self._bytes_at_log, self._iterations_since_log = now, 0
         self.sync.exposed_seconds = 0.0
         return values

@@ -42,7 +42,8 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
     if [ "$visible_gpus" -gt 0 ] && [ "$GPUS_PER_NODE" -gt "$visible_gpus" ]; then
         fail "GPUS_PER_NODE=$GPUS_PER_NODE but this node has $visible_gpus GPUs"
     fi
-    MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    MASTER_ADDR=$(scontrol show node "$first_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
     LAUNCH=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON_BIN" -m torch.distributed.run
             --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$GPUS_PER_NODE"
             --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "$SLURM_JOB_ID")

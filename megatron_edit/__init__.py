@@ -6,3 +6,5 @@ import warnings
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine).* not installed", category=UserWarning)
 # Raised by TransformerConfig for its own default of cuda_graph_scope, which we never set.
 warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
+# torch 2.13 renamed all_gather_into_tensor; megatron-core 0.16 and comm_stats still use (and count) the old name.
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)

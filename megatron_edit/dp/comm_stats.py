@@ -7,6 +7,7 @@ size of the collective's full buffer: the tensor for all-reduce/broadcast/send, 
 reduce-scatter, the output of an all-gather; pipeline sends are counted through batch_isend_irecv
 (isend itself is left alone: torch.distributed.P2POp checks its identity). Groups are counted under
 the names given with `name_group`; megatron-core's model-parallel groups are named by `install`.
+Collectives of a one-rank group are not counted: nothing of them leaves the process.
 """
 import collections
 import functools
@@ -38,6 +39,8 @@ class CommunicationCounter:
             self._names[group] = name
 
     def _record(self, group, nbytes: int) -> None:
+        if dist.get_world_size(group) == 1:
+            return
         if group is None or group is dist.GroupMember.WORLD:
             key = "world"
         else:

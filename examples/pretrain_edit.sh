@@ -23,7 +23,8 @@ PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
 fail() { echo "error: $*" >&2; exit 2; }
 
 DP_MODE=${DP_MODE:-edit}
-case "$DP_MODE" in ddp|edit|aedit) ;; *) fail "DP_MODE=$DP_MODE is unknown; use ddp, edit or aedit" ;; esac
+case "$DP_MODE" in ddp|edit|aedit|diloco|post-local-sgd) ;;
+    *) fail "DP_MODE=$DP_MODE is unknown; use ddp, edit, aedit, diloco or post-local-sgd" ;; esac
 
 if [ -z "${DATA_PATH:-}" ]; then
     bash examples/prepare_sample_data.sh

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--dp-mode", default="ddp", help="data-parallel mode: ddp, edit (see megatron_edit/dp/)")
+    g.add_argument("--dp-mode", default="ddp", help="data-parallel mode: ddp, edit, aedit, diloco, post-local-sgd (see megatron_edit/dp/)")
 
     g = parser.add_argument_group("local SGD (edit and the other local-SGD modes)")
     g.add_argument("--model-shard-group-size", type=int, default=None,
@@ -237,6 +237,7 @@ def validate_args(args: argparse.Namespace) -> None:
     args.num_model_replicas = 1
     if args.dp_mode in LOCAL_SGD_MODES:
         _validate_local_sgd(args)
+    _validate_faults(args, replicas=args.num_model_replicas if args.dp_mode in LOCAL_SGD_MODES else args.data_parallel_size)
 
 
 def _validate_local_sgd(args: argparse.Namespace) -> None:
@@ -258,10 +259,24 @@ def _validate_local_sgd(args: argparse.Namespace) -> None:
     _require(args.edit_pseudo_grad_clip is None or args.edit_pseudo_grad_clip > 0, "--edit-pseudo-grad-clip must be > 0")
     _require(0 <= args.aedit_step_weight <= 1, "--aedit-step-weight must be in [0, 1]")
     _require(args.aedit_sync_seconds > 0, "--aedit-sync-seconds must be > 0")
-    from megatron_edit.dp.edit.faults import parse_fault, parse_straggler
-
-    replicas = dp // shard
-    straggler = parse_straggler(args.simulate_straggler)
-    for replica in [f.replica for f in map(parse_fault, args.inject_fault)] + ([straggler[0]] if straggler else []):
-        _require(0 <= replica < replicas, f"fault injection names replica {replica}, but there are {replicas} (0..{replicas - 1})")
     args.num_model_replicas = dp // shard
+    from megatron_edit.dp import PENALTY_MODES
+
+    penalty = [flag for flag, on in [("--edit-anomaly-elimination", args.edit_anomaly_elimination),
+                                     ("--edit-weighted-average", args.edit_weighted_average),
+                                     ("--edit-pseudo-grad-clip", args.edit_pseudo_grad_clip is not None)] if on]
+    _require(not penalty or args.dp_mode in PENALTY_MODES,
+             f"{', '.join(penalty)}: the pseudo-gradient penalty is EDiT's; use --dp-mode edit or aedit")
+
+
+def _validate_faults(args: argparse.Namespace, replicas: int) -> None:
+    from megatron_edit.dp import LOCAL_SGD_MODES, PSEUDO_GRADIENT_MODES
+    from megatron_edit.dp.faults import parse_fault, parse_straggler
+
+    faults = list(map(parse_fault, args.inject_fault))
+    straggler = parse_straggler(args.simulate_straggler)
+    for fault in faults:
+        _require(args.dp_mode in LOCAL_SGD_MODES and (fault.kind == "bad-data" or args.dp_mode in PSEUDO_GRADIENT_MODES),
+                 f"--inject-fault {fault.kind} does not apply to --dp-mode {args.dp_mode}")
+    for replica in [f.replica for f in faults] + ([straggler[0]] if straggler else []):
+        _require(0 <= replica < replicas, f"fault injection names replica {replica}, but there are {replicas} (0..{replicas - 1})")

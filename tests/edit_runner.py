@@ -80,6 +80,7 @@ def main():
                           "anchor": u.anchor.cpu().clone(),
                           "anchor_device": str(u.anchor.device), "momentum_device": str(u.momentum.device)}
                          for u in units]
+    if hasattr(mode, "outer_state_numel"):
         dump["outer_state_numel"] = mode.outer_state_numel()
     torch.save(dump, os.path.join(args.dump_dir, f"rank{dist.get_rank()}.pt"))
     destroy()

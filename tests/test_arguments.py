@@ -49,6 +49,15 @@ def test_unknown_dp_mode():
     assert "--dp-mode 'nope' is unknown" in error_of(["--dp-mode", "nope"], world_size=1)
 
 
+def test_penalty_and_pseudo_gradient_faults_need_a_mode_that_has_them():
+    assert "the pseudo-gradient penalty is EDiT's; use --dp-mode edit or aedit" in \
+        error_of(["--dp-mode", "diloco", "--edit-anomaly-elimination"], world_size=2)
+    assert "--inject-fault scale does not apply to --dp-mode post-local-sgd" in \
+        error_of(["--dp-mode", "post-local-sgd", "--inject-fault", "0:5:scale"], world_size=2)
+    assert "fault injection names replica 4, but there are 4 (0..3)" in \
+        error_of(["--global-batch-size", "8", "--simulate-straggler", "4:2"], world_size=4)
+
+
 def test_valid_configuration_derives_sizes():
     args = arguments.parse_args(BASE + ["--tensor-model-parallel-size", "2", "--global-batch-size", "16"],
                                 world_size=8)

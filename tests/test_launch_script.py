@@ -14,7 +14,7 @@ def launch(env_overrides, *args, timeout=600):
 
 def test_unknown_dp_mode_and_missing_data_stop_before_launch():
     result = launch({"DP_MODE": "nope"})
-    assert result.returncode == 2 and result.stderr.strip() == "error: DP_MODE=nope is unknown; use ddp, edit or aedit"
+    assert result.returncode == 2 and result.stderr.strip() == "error: DP_MODE=nope is unknown; use ddp, edit, aedit, diloco or post-local-sgd"
     result = launch({"DATA_PATH": "/nonexistent/corpus"})
     assert result.returncode == 2
     assert result.stderr.strip().startswith("error: DATA_PATH=/nonexistent/corpus: /nonexistent/corpus.bin does not exist")

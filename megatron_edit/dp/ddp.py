@@ -3,25 +3,31 @@
 This is megatron-core's DistributedDataParallel over the full data-parallel group, with
 megatron-core's optimizer (optionally the distributed optimizer, which shards optimizer state).
 """
+import time
 from typing import List
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import get_megatron_optimizer
 
 from megatron_edit.dp.base import DataParallelMode
+from megatron_edit.dp.faults import FaultInjector
 
 
 class SynchronousDataParallel(DataParallelMode):
     name = "ddp"
 
-    def __init__(self, ddp_config: DistributedDataParallelConfig, transformer_config):
+    def __init__(self, ddp_config: DistributedDataParallelConfig, transformer_config, faults: FaultInjector):
         self.ddp_config = ddp_config
         self.transformer_config = transformer_config
+        self.faults = faults  # only --simulate-straggler applies; its REPLICA is the data-parallel rank
+        self._iteration_start = 0.0
 
     @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
-        return cls(ddp_config, transformer_config)
+        replica = parallel_state.get_data_parallel_rank(with_context_parallel=True)
+        return cls(ddp_config, transformer_config, FaultInjector.from_args(args, replica))
 
     def wrap_model(self, model_chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
         return [
@@ -37,3 +43,10 @@ class SynchronousDataParallel(DataParallelMode):
 
     def build_optimizer(self, model_chunks, optimizer_config):
         return get_megatron_optimizer(optimizer_config, model_chunks)
+
+    def begin_iteration(self, iteration: int, finished: bool) -> bool:
+        self._iteration_start = time.perf_counter()
+        return not finished
+
+    def after_optimizer_step(self, iteration: int) -> None:
+        self.faults.straggle(self._iteration_start)

@@ -1,4 +1,5 @@
 """EDiT: Local SGD where each replica is sharded over a shard group and synchronized layer by layer.
+(What all local-SGD modes share is in ../local_sgd.py; fault injection in ../faults.py.)
 
     config.py   LocalSGDConfig, shared by all local-SGD modes
     groups.py   shard group x sync group, from megatron-core's parallel state
@@ -8,7 +9,6 @@
     sync.py     per-module sync at forward pre-hooks, overlapping the next module's all-reduce
     mode.py     the DataParallelMode the train loop drives (step-count trigger)
     aedit.py    A-EDiT: the same with a wall-clock trigger
-    faults.py   straggler and fault injection for tests and demonstrations
 """
 from megatron_edit.dp.edit.aedit import AsyncEditDataParallel
 from megatron_edit.dp.edit.mode import EditDataParallel

@@ -23,3 +23,8 @@ class LocalSGDConfig:
         """Iteration t synchronizes in its first forward when H local steps have passed since the last sync."""
         local_steps_done = iteration - 1 - self.warmup_iters
         return local_steps_done > 0 and local_steps_done % self.sync_interval == 0
+
+    def syncs_after(self, iteration: int) -> bool:
+        """Modes that synchronize at the end of a step (DiLoCo, Post-Local-SGD) do so after iteration t when
+        the next one is a sync iteration: the same parameters EDiT's next forward sees."""
+        return self.is_sync_iteration(iteration + 1)

@@ -1,26 +1,20 @@
 """`--dp-mode edit`: Local SGD with sharded, layer-wise synchronization (EDiT, arXiv 2412.07210).
 
-Warm-up (iterations <= W): synchronous data parallelism over all replicas. DDP reduces gradients in the
-shard group; `finalize_model_grads` then averages this rank's gradient shard over the sync group
-(megatron-core's distributed-optimizer-instance scheme).
-Local steps: gradients stay inside the shard group; nothing crosses the sync group.
+Warm-up and local steps are local_sgd.py's: synchronous data parallelism for W iterations, then gradients
+stay inside the shard group and nothing crosses the sync group.
 Sync iterations (every H local steps): LayerwiseSync updates each module just before its forward.
 `sync_due` is the one thing A-EDiT (aedit.py) changes.
 """
 import collections
-import time
-from typing import Dict, List
+from typing import List
 
 import torch
 import torch.distributed as dist
-from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
-from megatron.core.optimizer import get_megatron_optimizer
 
-from megatron_edit.dp import comm_stats
-from megatron_edit.dp.base import DataParallelMode
 from megatron_edit.dp.edit.config import LocalSGDConfig
-from megatron_edit.dp.edit.faults import FaultInjector, random_token_batches
 from megatron_edit.dp.edit.groups import EditGroups
+from megatron_edit.dp.faults import FaultInjector
+from megatron_edit.dp.local_sgd import LocalSGDDataParallel
 from megatron_edit.dp.edit.penalty import PenaltyConfig
 from megatron_edit.dp.edit.shards import MainParams, ModuleShard
 from megatron_edit.dp.edit.sync import LayerwiseSync, ModuleSyncRecord
@@ -76,46 +70,26 @@ def sync_summary(iteration: int, records: List[ModuleSyncRecord]) -> str:
     return " |".join(parts) + " |"
 
 
-class EditDataParallel(DataParallelMode):
+class EditDataParallel(LocalSGDDataParallel):
     name = "edit"
     step_weight = 0.0  # A-EDiT may blend replicas' shares of local steps into the weights
 
-    def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, penalty: PenaltyConfig,
-                 groups: EditGroups, faults: FaultInjector):
-        self.ddp_config, self.transformer_config = ddp_config, transformer_config
-        self.local_sgd, self.penalty, self.groups, self.faults = local_sgd, penalty, groups, faults
-        self.replica_groups = groups.replica_process_groups()
-        self.counter = comm_stats.install()
-        self.counter.name_group(groups.shard, "shard")
-        self.counter.name_group(groups.sync, "sync")
-        self.model, self.sync = None, None
-        self.in_warmup = local_sgd.warmup_iters > 0
+    def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: EditGroups,
+                 faults: FaultInjector, penalty: PenaltyConfig = PenaltyConfig()):
+        super().__init__(ddp_config, transformer_config, local_sgd, groups, faults)
+        self.penalty = penalty
+        self.sync = None
         self.local_steps_since_sync = 0
-        self._iteration_start = 0.0
-        self._bytes_at_log = self.counter.snapshot()
-        self._iterations_since_log = 0
-        self._events: List[tuple] = []
         self._sync_start = (0, 0.0)  # sync-group bytes and exposed seconds when the current sync began
 
     @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
-        groups = EditGroups.from_parallel_state()
-        replica = 0 if groups.sync is None else dist.get_rank(groups.sync)
-        return cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), PenaltyConfig.from_args(args),
-                   groups, FaultInjector.from_args(args, replica))
-
-    def wrap_model(self, model_chunks):
-        self.model = [
-            DistributedDataParallel(config=self.transformer_config, ddp_config=self.ddp_config, module=chunk,
-                                    disable_bucketing=index > 0, pg_collection=self.replica_groups)
-            for index, chunk in enumerate(model_chunks)
-        ]
-        return self.model
+        mode = super().from_args(args, ddp_config, transformer_config)
+        mode.penalty = PenaltyConfig.from_args(args)
+        return mode
 
     def build_optimizer(self, model_chunks, optimizer_config):
-        # Gloo side groups only serve megatron's own checkpoint format; with explicit groups megatron refuses them.
-        optimizer = get_megatron_optimizer(optimizer_config, model_chunks, use_gloo_process_groups=False,
-                                           pg_collection=self.replica_groups)
+        optimizer = super().build_optimizer(model_chunks, optimizer_config)
         main_params = MainParams(optimizer)
         shard_rank = dist.get_rank(self.groups.shard)
         units, modules = [], []
@@ -131,46 +105,16 @@ class EditDataParallel(DataParallelMode):
             self.sync.initialize_anchors()
         return optimizer
 
-    def finalize_model_grads(self, model, num_tokens=None, **_):
-        finalize_model_grads(model, num_tokens, pg_collection=self.replica_groups)
-        if self.in_warmup and self.groups.sync is not None:
-            self._average_gradients_over_replicas(model)
-
-    @torch.no_grad()
-    def _average_gradients_over_replicas(self, model) -> None:
-        """Warm-up: each rank averages, over the sync group, the gradient shard its optimizer reads."""
-        shard_rank, shard_size = dist.get_rank(self.groups.shard), self.groups.shard_size
-        for chunk in model:
-            for buffer in chunk.buffers:
-                for bucket in buffer.buckets:
-                    grads = bucket.grad_data
-                    if self.ddp_config.use_distributed_optimizer:
-                        size = grads.numel() // shard_size
-                        grads = grads[shard_rank * size:(shard_rank + 1) * size]
-                    dist.all_reduce(grads, group=self.groups.sync)
-                    grads.div_(self.groups.num_replicas)
-
-    def loss_group(self):
-        return self.groups.shard
-
-    def wrap_train_batches(self, batches, args):
-        start = self.faults.bad_data_from()
-        if start is None:
-            return batches
-        return random_token_batches(batches, start, args.num_microbatches, args.padded_vocab_size, args.seed)
-
     def sync_due(self, iteration: int, finished: bool) -> bool:
         """EDiT syncs on a step count: H local steps after the last sync."""
         return not finished and self.local_sgd.is_sync_iteration(iteration)
 
     def begin_iteration(self, iteration: int, finished: bool) -> bool:
-        self._iteration_start = time.perf_counter()
-        self.in_warmup = self.local_sgd.is_warmup(iteration)
-        # A single replica has no one to synchronize with: it trains exactly like plain data parallelism.
-        if not self.in_warmup and self.groups.sync is not None and self.sync_due(iteration, finished):
+        run = super().begin_iteration(iteration, finished)
+        if not self.in_warmup and self.has_peers and self.sync_due(iteration, finished):
             self._sync_start = (self.counter.snapshot().get("sync", 0), self.sync.exposed_seconds)
             return self._start_sync(iteration, finished)
-        return not finished
+        return run
 
     def _start_sync(self, iteration: int, finished: bool) -> bool:
         """A sync is due: arm it for this iteration's forward. Returns whether to run the iteration."""
@@ -186,9 +130,10 @@ class EditDataParallel(DataParallelMode):
             self.sync.initialize_anchors()
         if not self.in_warmup:
             self.local_steps_since_sync += 1
-        self._iterations_since_log += 1
-        if self.faults.slowdown > 1.0:  # a simulated straggler
-            time.sleep((self.faults.slowdown - 1.0) * (time.perf_counter() - self._iteration_start))
+        super().after_optimizer_step(iteration)
+
+    def exposed_sync_seconds(self) -> float:
+        return self.sync.exposed_seconds
 
     def _report_sync(self, iteration: int) -> None:
         """The sync's log line, and its numbers as one tracker event: pseudo-gradient norms, outliers (module x
@@ -207,10 +152,6 @@ class EditDataParallel(DataParallelMode):
             for replica in range(len(records[0].weights)):
                 values[f"sync/weight replica {replica}"] = sum(r.weights[replica] for r in records) / len(records)
         self._events.append((iteration, values))
-
-    def pop_events(self):
-        events, self._events = self._events, []
-        return events
 
     def state_dict(self) -> dict:
         return {
@@ -233,18 +174,3 @@ class EditDataParallel(DataParallelMode):
 
     def outer_state_numel(self) -> int:
         return sum(unit.outer_state_numel() for unit in self.sync.units)
-
-    def metrics(self) -> Dict[str, float]:
-        """Per iteration since the last log line: bytes on each group and exposed sync time."""
-        now = self.counter.snapshot()
-        steps = max(self._iterations_since_log, 1)
-        sent = collections.Counter(now)
-        sent.subtract(self._bytes_at_log)
-        values = {
-            "shard bytes/iter": sent["shard"] / steps,
-            "sync bytes/iter": sent["sync"] / steps,
-            "exposed sync ms/iter": 1000 * self.sync.exposed_seconds / steps,
-        }
-        self._bytes_at_log, self._iterations_since_log = now, 0
-        self.sync.exposed_seconds = 0.0
-        return values

@@ -38,26 +38,20 @@ class MainParams:
         return bool(self.fragments)
 
 
-class ModuleShard:
-    """A module's parameters as one flat fp32 vector, this rank's slice of it, and the outer state of that slice."""
+class FlatParams:
+    """Parameters seen as one flat fp32 vector, read and written exactly (through the fp32 main parameters)."""
 
-    def __init__(self, name: str, params: List[torch.nn.Parameter], shard_rank: int, shard_size: int,
-                 main_params: MainParams, offload: bool):
-        self.name, self.params, self.main_params = name, params, main_params
+    def __init__(self, params: List[torch.nn.Parameter], main_params: MainParams, padded_numel: int = 0):
+        self.params, self.main_params = params, main_params
         self.numel = sum(p.numel() for p in params)
-        self.shard_numel = -(-self.numel // shard_size)
-        start = shard_rank * self.shard_numel
-        self.owned = slice(start, start + self.shard_numel)  # of the padded flat vector
+        self.padded_numel = max(padded_numel, self.numel)
         self.device = params[0].device
-        state_device = torch.device("cpu") if offload else self.device
-        pin = offload and torch.cuda.is_available() and self.device.type == "cuda"
-        self.anchor = torch.zeros(self.shard_numel, dtype=torch.float32, device=state_device, pin_memory=pin)
-        self.momentum = torch.zeros_like(self.anchor)
 
     @torch.no_grad()
     def read_full(self, shard_group) -> torch.Tensor:
-        """The module's parameters, flat, in fp32 (padded to shard_size x shard_numel)."""
-        flat = torch.zeros(self.shard_numel * shard_group.size(), dtype=torch.float32, device=self.device)
+        """The parameters, flat, in fp32 (zero-padded to padded_numel). shard_group holds the distributed
+        optimizer's fragments (the ranks that train one replica together)."""
+        flat = torch.zeros(self.padded_numel, dtype=torch.float32, device=self.device)
         offset = 0
         for param in self.params:
             n = param.numel()
@@ -86,6 +80,23 @@ class ModuleShard:
                 main, begin, end = self.main_params.fragments[param]
                 main.view(-1).copy_(values[begin:end])
             offset += n
+
+
+class ModuleShard(FlatParams):
+    """A module's flat parameters, this rank's slice of them, and the outer state (anchor, momentum) of that slice.
+    With shard_size 1 the slice is the whole module: an unsharded outer copy, as DiLoCo keeps."""
+
+    def __init__(self, name: str, params: List[torch.nn.Parameter], shard_rank: int, shard_size: int,
+                 main_params: MainParams, offload: bool):
+        self.shard_numel = -(-sum(p.numel() for p in params) // shard_size)
+        super().__init__(params, main_params, self.shard_numel * shard_size)
+        self.name = name
+        start = shard_rank * self.shard_numel
+        self.owned = slice(start, start + self.shard_numel)  # of the padded flat vector
+        state_device = torch.device("cpu") if offload else self.device
+        pin = offload and torch.cuda.is_available() and self.device.type == "cuda"
+        self.anchor = torch.zeros(self.shard_numel, dtype=torch.float32, device=state_device, pin_memory=pin)
+        self.momentum = torch.zeros_like(self.anchor)
 
     def outer_state_numel(self) -> int:
         return self.anchor.numel() + self.momentum.numel()

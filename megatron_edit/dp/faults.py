@@ -4,9 +4,11 @@
     --inject-fault REPLICA:ITER:KIND       scale: its pseudo-gradients x100 at every sync from ITER on
                                            nan:   a NaN pseudo-gradient at the first sync at or after ITER
                                            bad-data: it trains on random tokens from ITER on
-REPLICA is the replica's position in the sync group, from 0.
+REPLICA is the replica's position in the sync group, from 0 (under --dp-mode ddp: the data-parallel rank).
+Pseudo-gradient faults apply to the modes that have pseudo-gradients (edit, aedit, diloco).
 """
 import dataclasses
+import time
 from typing import Iterator, List, Optional
 
 import torch
@@ -60,6 +62,11 @@ class FaultInjector:
     @classmethod
     def from_args(cls, args, replica: int) -> "FaultInjector":
         return cls(replica, parse_straggler(args.simulate_straggler), [parse_fault(s) for s in args.inject_fault])
+
+    def straggle(self, iteration_started: float) -> None:
+        """A simulated straggler stretches its iteration (begun at perf_counter() == iteration_started) by sleeping."""
+        if self.slowdown > 1.0:
+            time.sleep((self.slowdown - 1.0) * (time.perf_counter() - iteration_started))
 
     def corrupt_pseudo_grad(self, pseudo_grad: torch.Tensor, iteration: int) -> None:
         for fault in self.faults:

@@ -1,0 +1,69 @@
+"""`--dp-mode diloco`: DiLoCo (Douillard et al., arXiv 2311.08105), the baseline EDiT is closest to.
+
+Post-Local-SGD's schedule (a sync at the end of every H-th local step, whole model, nothing overlapping it),
+with EDiT's update: the pseudo-gradient d = anchor - theta, averaged over the sync group, drives an outer
+Nesterov step on the anchor, and theta <- anchor. Unlike EDiT, every rank keeps a full, unsharded outer copy
+(anchor and momentum for every parameter of its model chunk), and there is no penalty.
+"""
+import math
+from typing import Dict
+
+import torch
+import torch.distributed as dist
+
+from megatron_edit.dp.edit.outer import outer_sgd_step
+from megatron_edit.dp.edit.shards import MainParams, ModuleShard
+from megatron_edit.dp.post_local_sgd import PostLocalSGDDataParallel
+
+
+class DiLoCoDataParallel(PostLocalSGDDataParallel):
+    name = "diloco"
+
+    def _whole_model_view(self, index: int, params, main_params: MainParams) -> ModuleShard:
+        return ModuleShard(f"model chunk {index}", params, 0, 1, main_params, self.local_sgd.offload_outer_state)
+
+    def build_optimizer(self, model_chunks, optimizer_config):
+        optimizer = super().build_optimizer(model_chunks, optimizer_config)
+        if self.local_sgd.warmup_iters == 0:
+            self._initialize_anchors()
+        return optimizer
+
+    def after_optimizer_step(self, iteration: int) -> None:
+        super().after_optimizer_step(iteration)
+        if iteration == self.local_sgd.warmup_iters:
+            self._initialize_anchors()
+
+    @torch.no_grad()
+    def _initialize_anchors(self) -> None:
+        for view in self.views:
+            view.anchor.copy_(view.read_full(self.groups.shard))
+            view.momentum.zero_()
+
+    @torch.no_grad()
+    def _synchronize(self, iteration: int) -> Dict[str, float]:
+        squares = 0.0
+        for view in self.views:
+            pseudo_grad = view.anchor.to(view.device) - view.read_full(self.groups.shard)
+            self.faults.corrupt_pseudo_grad(pseudo_grad, iteration)
+            dist.all_reduce(pseudo_grad, group=self.groups.sync)
+            pseudo_grad.div_(self.groups.num_replicas)
+            squares += pseudo_grad.double().pow(2).sum().item()
+            outer_sgd_step(view.anchor, view.momentum, pseudo_grad.to(view.anchor.device), self.local_sgd.outer_lr,
+                           self.local_sgd.outer_momentum, self.local_sgd.outer_nesterov)
+            view.write_full(view.anchor.to(view.device))
+        self.faults.end_sync()
+        return {"sync/pseudo-grad norm": math.sqrt(squares)}
+
+    def state_dict(self) -> dict:
+        return {"anchors": [v.anchor.cpu().clone() for v in self.views],
+                "momenta": [v.momentum.cpu().clone() for v in self.views]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict, same_replica: bool) -> None:
+        """Anchor and momentum are the same in every replica: they carry over whatever the replica count."""
+        for view, anchor, momentum in zip(self.views, state["anchors"], state["momenta"]):
+            view.anchor.copy_(anchor)
+            view.momentum.copy_(momentum)
+
+    def outer_state_numel(self) -> int:
+        return sum(view.outer_state_numel() for view in self.views)

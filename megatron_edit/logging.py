@@ -1,7 +1,10 @@
 """Console lines in Megatron-LM's format (users' log parsers depend on it) and wandb, both from one rank."""
+import dataclasses
 import datetime
 import math
 import os
+import re
+from typing import Dict, List
 
 import torch.distributed as dist
 
@@ -68,3 +71,37 @@ class WandbTracker:
         directory = self.run.dir
         self.run.finish()
         return os.path.dirname(directory)
+
+
+_ITERATION = re.compile(r" iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+) \| elapsed time per iteration \(ms\): "
+                        r"([0-9.]+) \|.*? lm loss: ([0-9.E+-]+) \|")
+_VALIDATION = re.compile(r" validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")
+_THROUGHPUT = re.compile(r"   throughput: ([0-9.]+) tokens/s, ([0-9.]+) TFLOP/s per device, ([0-9.]+) s of training")
+_MEMORY = re.compile(r"   peak memory: ([0-9.]+) MiB; communication per rank \(collective payload\): (.*)")
+
+
+@dataclasses.dataclass
+class TrainingLog:
+    """What tools read back from a run's console output (the lines above are the format)."""
+    iterations: List[dict]            # iteration, consumed_samples, ms_per_iteration, lm_loss per log line
+    validation: Dict[int, float]      # iteration -> validation loss
+    tokens_per_second: float
+    train_seconds: float
+    peak_memory_mib: float
+    bytes_per_group: Dict[str, float]
+
+    @classmethod
+    def parse(cls, text: str) -> "TrainingLog":
+        iterations = [{"iteration": int(i), "consumed_samples": int(c), "ms_per_iteration": float(ms),
+                       "lm_loss": float(loss)} for i, c, ms, loss in _ITERATION.findall(text)]
+        validation = {int(i): float(loss) for i, loss in _VALIDATION.findall(text)}
+        throughput, memory = _THROUGHPUT.search(text), _MEMORY.search(text)
+        if not (iterations and throughput and memory):
+            raise ValueError("not a complete training log (no iteration lines or no summary)")
+        groups = {}
+        for part in memory.group(2).split(", "):
+            if part != "none":
+                name, megabytes, _ = part.rsplit(" ", 2)
+                groups[name] = float(megabytes) * 1e6
+        return cls(iterations, validation, float(throughput.group(1)), float(throughput.group(3)),
+                   float(memory.group(1)), groups)

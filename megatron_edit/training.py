@@ -16,7 +16,7 @@ from megatron_edit.arguments import padded_vocab_size, parse_args
 from megatron_edit.checkpointing import load_checkpoint, save_checkpoint
 from megatron_edit.data.batches import micro_batches
 from megatron_edit.data.tokenizers import build_tokenizer
-from megatron_edit.dp import build_dp_mode
+from megatron_edit.dp import build_dp_mode, comm_stats
 from megatron_edit.flops import flops_per_iteration
 from megatron_edit.initialize import destroy, initialize_megatron, launch_env
 from megatron_edit.logging import WandbTracker, iteration_line, perplexity, print_rank_last, validation_line
@@ -185,6 +185,7 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
     initial_valid_loss = trainer.evaluate()
     _report_validation(tracker, trainer.start_iteration, initial_valid_loss)
 
+    bytes_at_start = comm_stats.COUNTER.snapshot()
     platform.synchronize()
     run_start = interval_start = time.perf_counter()
     valid_loss, iteration, loss = initial_valid_loss, trainer.start_iteration, float("nan")
@@ -231,7 +232,11 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
         _report_validation(tracker, iteration, valid_loss)
     platform.synchronize()
     train_seconds = time.perf_counter() - run_start
-    iterations_run = iteration - trainer.start_iteration
+    bytes_per_group = dict(comm_stats.COUNTER.snapshot() - bytes_at_start)
+    # Replicas may run different numbers of iterations (A-EDiT): throughput counts what all of them did.
+    iterations_run = torch.tensor([float(iteration - trainer.start_iteration)], dtype=torch.float64)
+    dist.all_reduce(iterations_run)
+    iterations_run = iterations_run.item() / dist.get_world_size()
     return {
         "start_iteration": trainer.start_iteration,
         "initial_valid_loss": initial_valid_loss,
@@ -241,6 +246,8 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
         "train_seconds": train_seconds,
         "tokens_per_second": tokens_per_iteration * iterations_run / train_seconds,
         "tflops_per_device": flops * iterations_run / train_seconds / args.world_size / 1e12,
+        "bytes_per_group": bytes_per_group,
+        "peak_memory_bytes": platform.max_memory_allocated_bytes(),
     }
 
 
@@ -255,6 +262,9 @@ def summary_text(args, summary: Dict[str, float]) -> str:
         f"   validation loss at iteration {summary['iterations']}: {after:.4f}  (perplexity {perplexity(after):.2f})",
         f"   throughput: {summary['tokens_per_second']:.1f} tokens/s, "
         f"{summary['tflops_per_device']:.3f} TFLOP/s per device, {summary['train_seconds']:.1f} s of training",
+        f"   peak memory: {summary['peak_memory_bytes'] / 2**20:.0f} MiB; communication per rank (collective payload): "
+        + (", ".join(f"{group} {nbytes / 1e6:.2f} MB" for group, nbytes in sorted(summary["bytes_per_group"].items()))
+           or "none"),
         *([f"   checkpoint: {args.save}"] if args.save else []),
         *([f"   wandb run: {summary['wandb_dir']}"] if summary.get("wandb_dir") else []),
         "=" * 78,
@@ -268,6 +278,7 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
     args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
     config = transformer_config_from_args(args)
     model = build_model(model_provider, args, config, device)
+    comm_stats.install()  # every mode's bytes on the wire, for the log and the summary
     dp_mode = build_dp_mode(args, ddp_config_from_args(args), config)
     model = dp_mode.wrap_model(model)
     optimizer = dp_mode.build_optimizer(model, optimizer_config_from_args(args))

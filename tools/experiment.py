@@ -1,0 +1,51 @@
+"""Shared by the comparison tools: the model and data they train on, and one training job run to its log.
+
+The default data is the embedded sample corpus (built on first use by examples/prepare_sample_data.sh).
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from megatron_edit.logging import TrainingLog  # noqa: E402
+
+SAMPLE_DATA = ["--data-path", "data/sample/corpus_text_document", "--split", "95,5,0",
+               "--data-cache-path", "data/cache", "--tokenizer-type", "SentencePieceTokenizer",
+               "--tokenizer-model", "data/sample/tokenizer.model"]
+LLAMA_STYLE = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
+               "--hidden-dropout", "0", "--attention-dropout", "0"]
+METHODS = ["ddp", "post-local-sgd", "diloco", "edit", "aedit"]
+
+
+def data_args(mock_data: bool) -> List[str]:
+    """--mock-data, or the sample corpus (built here if missing)."""
+    if mock_data:
+        return ["--mock-data", "--vocab-size", "511"]
+    if not (REPO / "data/sample/corpus_text_document.idx").exists():
+        subprocess.run(["bash", "examples/prepare_sample_data.sh"], cwd=REPO, check=True, capture_output=True)
+    return SAMPLE_DATA
+
+
+def cross_replica_bytes(method: str, log: TrainingLog) -> float:
+    """Payload one rank sent to other replicas: DDP's gradient all-reduce, or the local-SGD sync group."""
+    return log.bytes_per_group.get("dp" if method == "ddp" else "sync", 0.0)
+
+
+class JobFailed(RuntimeError):
+    pass
+
+
+def run_job(nproc: int, argv: Sequence[str], launcher_args: Sequence[str] = ("--standalone",),
+            prefix: Sequence[str] = (), env: Optional[dict] = None, timeout: int = 1800) -> TrainingLog:
+    """pretrain_gpt.py under torchrun on CPU (or the GPUs present), waited for and parsed."""
+    command = [*prefix, sys.executable, "-m", "torch.distributed.run", *launcher_args, f"--nproc-per-node={nproc}",
+               str(REPO / "pretrain_gpt.py"), *argv]
+    full_env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1", **(env or {}))
+    result = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise JobFailed(f"{' '.join(command)}\nexited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
+    return TrainingLog.parse(result.stdout)

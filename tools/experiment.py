@@ -39,13 +39,24 @@ class JobFailed(RuntimeError):
     pass
 
 
-def run_job(nproc: int, argv: Sequence[str], launcher_args: Sequence[str] = ("--standalone",),
-            prefix: Sequence[str] = (), env: Optional[dict] = None, timeout: int = 1800) -> TrainingLog:
-    """pretrain_gpt.py under torchrun on CPU (or the GPUs present), waited for and parsed."""
-    command = [*prefix, sys.executable, "-m", "torch.distributed.run", *launcher_args, f"--nproc-per-node={nproc}",
-               str(REPO / "pretrain_gpt.py"), *argv]
-    full_env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1", **(env or {}))
-    result = subprocess.run(command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if result.returncode != 0:
-        raise JobFailed(f"{' '.join(command)}\nexited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}")
-    return TrainingLog.parse(result.stdout)
+def torchrun_command(nproc: int, argv: Sequence[str], launcher_args: Sequence[str] = ("--standalone",),
+                     prefix: Sequence[str] = ()) -> List[str]:
+    return [*prefix, sys.executable, "-m", "torch.distributed.run", *launcher_args, f"--nproc-per-node={nproc}",
+            str(REPO / "pretrain_gpt.py"), *argv]
+
+
+def job_env(extra: Optional[dict] = None) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", CUDA_DEVICE_MAX_CONNECTIONS="1", **(extra or {}))
+
+
+def check_finished(command: Sequence[str], returncode: int, stdout: str, stderr: str) -> TrainingLog:
+    if returncode != 0:
+        raise JobFailed(f"{' '.join(command)}\nexited {returncode}:\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    return TrainingLog.parse(stdout)
+
+
+def run_job(nproc: int, argv: Sequence[str], timeout: int = 1800) -> TrainingLog:
+    """pretrain_gpt.py under torchrun on this machine (CPU, or the GPUs present), waited for and parsed."""
+    command = torchrun_command(nproc, argv)
+    result = subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True, timeout=timeout)
+    return check_finished(command, result.returncode, result.stdout, result.stderr)

@@ -1,0 +1,234 @@
+"""Replicas as nodes behind shaped links: throughput of each data-parallel method against bandwidth.
+
+    sudo python tools/netsim.py --output-dir runs/netsim                       # 10gbit 1gbit 100mbit 10mbit
+    sudo python tools/netsim.py --bandwidths 100mbit --methods ddp edit --straggler 1:2
+
+Each node (one replica: --nproc-per-node ranks) runs its own torchrun inside its own Linux network namespace,
+joined to the others through veth pairs on a bridge in a hub namespace. tc's token-bucket filter (tbf) caps
+every node's link in both directions (its egress, and the hub's egress towards it) at the given rate. The
+kernel here has no netem, so no delay is added: the links are bandwidth-limited, not long. Gloo is pinned to
+the namespace's interface, so all traffic between replicas crosses the shaped links, and nothing else does.
+Everything this tool creates is named after its process id and deleted at exit.
+
+The ceiling is the same nodes training with no communication at all: each node trains its share of the
+global batch alone (--standalone), all at once; tokens/s are summed. Every method's throughput is reported
+as a ratio of that ceiling. With --straggler R:F, node R runs F times slower (--simulate-straggler) in a second
+table for ddp, edit and aedit.
+"""
+import argparse
+import atexit
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.experiment import (LLAMA_STYLE, METHODS, REPO, check_finished, cross_replica_bytes,  # noqa: E402
+                              data_args, job_env, torchrun_command)
+
+SUBNET = "10.231.0"
+
+
+def _ip(*args: str, namespace: str = None) -> None:
+    command = (["ip", "netns", "exec", namespace] if namespace else []) + list(args)
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)}: {result.stderr.strip()}")
+
+
+def unavailable_reason() -> str:
+    """Why namespaces can't be made here ('' when they can)."""
+    if os.geteuid() != 0:
+        return "creating network namespaces needs root"
+    probe = f"me-probe-{os.getpid()}"
+    result = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"ip netns add failed: {result.stderr.strip()}"
+    subprocess.run(["ip", "netns", "del", probe], capture_output=True)
+    return ""
+
+
+class ShapedNetwork:
+    """N node namespaces on a bridge in a hub namespace; `shape(rate)` caps every link at rate (tc syntax)."""
+
+    def __init__(self, nodes: int):
+        tag = os.getpid()
+        self.hub, self.nodes = f"me-hub-{tag}", [f"me-node{i}-{tag}" for i in range(nodes)]
+        self.addresses = [f"{SUBNET}.{i + 1}" for i in range(nodes)]
+        atexit.register(self.close)
+        _ip("ip", "netns", "add", self.hub)
+        _ip("ip", "link", "set", "lo", "up", namespace=self.hub)
+        _ip("ip", "link", "add", "br0", "type", "bridge", namespace=self.hub)
+        _ip("ip", "link", "set", "br0", "up", namespace=self.hub)
+        for i, (node, address) in enumerate(zip(self.nodes, self.addresses)):
+            _ip("ip", "netns", "add", node)
+            _ip("ip", "link", "set", "lo", "up", namespace=node)
+            _ip("ip", "link", "add", "eth0", "netns", node, "type", "veth", "peer", "name", f"port{i}",
+                "netns", self.hub, namespace=self.hub)
+            _ip("ip", "addr", "add", f"{address}/24", "dev", "eth0", namespace=node)
+            _ip("ip", "link", "set", "eth0", "up", namespace=node)
+            _ip("ip", "link", "set", f"port{i}", "master", "br0", "up", namespace=self.hub)
+
+    def shape(self, rate: str) -> None:
+        """tbf on both ends of every link; the burst holds at least 10 ms at the rate (tbf needs rate/HZ)."""
+        bits_per_second = _rate_bits(rate)
+        burst = max(32 * 1024, int(bits_per_second / 8 / 100))
+        for i, node in enumerate(self.nodes):
+            for device, namespace in (("eth0", node), (f"port{i}", self.hub)):
+                _ip("tc", "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate, "burst", str(burst),
+                    "latency", "100ms", namespace=namespace)
+
+    def close(self) -> None:
+        for namespace in self.nodes + [self.hub]:
+            subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+
+def _rate_bits(rate: str) -> float:
+    units = {"kbit": 1e3, "mbit": 1e6, "gbit": 1e9, "bit": 1.0}
+    for unit, factor in units.items():
+        if rate.lower().endswith(unit):
+            return float(rate[:-len(unit)]) * factor
+    raise SystemExit(f"error: bandwidth {rate!r}: write it as tc does, e.g. 10gbit, 100mbit")
+
+
+def run_on_nodes(network: ShapedNetwork, nproc: int, argv: List[str], log_dir: Path, standalone: bool = False):
+    """One torchrun per node namespace, all at once; returns each node's parsed log (the job's log lines are the
+    last node's; with standalone=True every node is a job of its own)."""
+    port = 29600 + os.getpid() % 300
+    log_dir.mkdir(parents=True, exist_ok=True)
+    launched = []
+    for rank, node in enumerate(network.nodes):
+        launcher = ["--standalone"] if standalone else [
+            "--nnodes", str(len(network.nodes)), "--node-rank", str(rank), "--master-addr", network.addresses[0],
+            "--master-port", str(port)]
+        command = torchrun_command(nproc, argv, launcher, prefix=["ip", "netns", "exec", node])
+        env = job_env({"GLOO_SOCKET_IFNAME": "lo" if standalone else "eth0"})
+        out, err = open(log_dir / f"node{rank}.out", "w+"), open(log_dir / f"node{rank}.err", "w+")
+        launched.append((command, subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=err), out, err))
+    logs = []
+    for rank, (command, process, out, err) in enumerate(launched):
+        process.wait(timeout=3600)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+        if process.returncode != 0 or standalone or rank == len(launched) - 1:
+            logs.append(check_finished(command, process.returncode, stdout, stderr))
+    return logs
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", default="runs/netsim")
+    parser.add_argument("--bandwidths", nargs="+", default=["10gbit", "1gbit", "100mbit", "10mbit"])
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--nodes", type=int, default=2, help="replicas, one namespace each")
+    parser.add_argument("--nproc-per-node", type=int, default=1, help="ranks of a replica (the shard group)")
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--hidden-size", type=int, default=128)
+    parser.add_argument("--seq-length", type=int, default=64)
+    parser.add_argument("--micro-batch-size", type=int, default=4)
+    parser.add_argument("--train-iters", type=int, default=40)
+    parser.add_argument("--local-sgd-sync-interval", type=int, default=8)
+    parser.add_argument("--local-sgd-warmup-iters", type=int, default=4)
+    parser.add_argument("--aedit-sync-seconds", type=float, default=1.0)
+    parser.add_argument("--straggler", default=None, metavar="NODE:FACTOR",
+                        help="also run ddp, edit, aedit with this node slowed down (at the first bandwidth)")
+    parser.add_argument("--corpus", action="store_true", help="train on the sample corpus instead of mock data")
+    return parser.parse_args(argv)
+
+
+def job_argv(args, method: str, replicas: int) -> List[str]:
+    global_batch = args.micro_batch_size * args.nproc_per_node * replicas
+    return [
+        "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size), "--num-attention-heads", "4",
+        "--seq-length", str(args.seq_length), *LLAMA_STYLE, "--micro-batch-size", str(args.micro_batch_size),
+        "--global-batch-size", str(global_batch), "--train-iters", str(args.train_iters), "--lr", "2e-3",
+        "--seed", "1234", "--log-interval", str(args.train_iters), "--eval-interval", str(10 * args.train_iters),
+        "--eval-iters", "1", *data_args(not args.corpus), "--dp-mode", method,
+        *(["--model-shard-group-size", str(args.nproc_per_node),
+           "--local-sgd-sync-interval", str(args.local_sgd_sync_interval),
+           "--local-sgd-warmup-iters", str(args.local_sgd_warmup_iters),
+           "--aedit-sync-seconds", str(args.aedit_sync_seconds)] if method != "ddp" else []),
+    ]
+
+
+def write_table(rows: List[dict], output_dir: Path, name: str) -> str:
+    columns = list(rows[0])
+    with open(output_dir / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    table = "\n".join(lines)
+    (output_dir / f"{name}.md").write_text(table + "\n")
+    return table
+
+
+def plot(rows: List[dict], output_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for method in dict.fromkeys(r["method"] for r in rows):
+        points = sorted((_rate_bits(r["bandwidth"]), r["tokens/s"]) for r in rows if r["method"] == method)
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
+                  label=method, linestyle="--" if method == "no communication" else "-")
+    axis.set_xscale("log")
+    axis.set_xlabel("link bandwidth per node (bit/s)")
+    axis.set_ylabel("training tokens/s (all replicas)")
+    axis.legend()
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(output_dir / "throughput_vs_bandwidth.png", dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    reason = unavailable_reason()
+    if reason:
+        raise SystemExit(f"error: no network simulation here: {reason}")
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    network = ShapedNetwork(args.nodes)
+    rows = []
+    try:
+        for bandwidth in args.bandwidths:
+            network.shape(bandwidth)
+            alone = run_on_nodes(network, args.nproc_per_node, job_argv(args, "ddp", 1),
+                                 output_dir / "logs" / bandwidth / "alone", standalone=True)
+            ceiling = sum(log.tokens_per_second for log in alone)
+            rows.append({"bandwidth": bandwidth, "method": "no communication", "tokens/s": round(ceiling, 1),
+                         "vs ceiling": 1.0, "MB to other replicas per rank": 0.0})
+            for method in args.methods:
+                print(f"{bandwidth}: {method} ...", flush=True)
+                log = run_on_nodes(network, args.nproc_per_node, job_argv(args, method, args.nodes),
+                                   output_dir / "logs" / bandwidth / method)[-1]
+                rows.append({"bandwidth": bandwidth, "method": method, "tokens/s": round(log.tokens_per_second, 1),
+                             "vs ceiling": round(log.tokens_per_second / ceiling, 3),
+                             "MB to other replicas per rank": round(cross_replica_bytes(method, log) / 1e6, 2)})
+        print(write_table(rows, output_dir, "throughput_vs_bandwidth"))
+        plot(rows, output_dir)
+        if args.straggler:
+            network.shape(args.bandwidths[0])
+            straggler_rows = []
+            for method in ("ddp", "edit", "aedit"):
+                log = run_on_nodes(network, args.nproc_per_node,
+                                   job_argv(args, method, args.nodes) + ["--simulate-straggler", args.straggler],
+                                   output_dir / "logs" / "straggler" / method)[-1]
+                straggler_rows.append({"bandwidth": args.bandwidths[0], "straggler": args.straggler, "method": method,
+                                       "tokens/s": round(log.tokens_per_second, 1),
+                                       "final train loss": round(log.iterations[-1]["lm_loss"], 4)})
+            print(write_table(straggler_rows, output_dir, "straggler"))
+    finally:
+        network.close()
+    print(f"written to {output_dir}/")
+
+
+if __name__ == "__main__":
+    main()

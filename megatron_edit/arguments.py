@@ -214,6 +214,9 @@ def validate_args(args: argparse.Namespace) -> None:
                  f"--bf16 was requested but this {args.device_type} cannot compute in bfloat16; drop --bf16")
     _require(args.train_iters > 0, "--train-iters must be positive")
     _require(args.log_interval > 0 and args.eval_interval > 0, "--log-interval and --eval-interval must be positive")
+    _require(args.lr_warmup_iters < args.lr_decay_iters,
+             f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters {args.lr_decay_iters} "
+             "(default: --train-iters); shorten the warm-up")
 
     _require(args.save_interval is None or args.save_interval > 0, "--save-interval must be positive")
     _require(args.save is None or args.dp_mode != "aedit",

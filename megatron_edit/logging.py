@@ -86,9 +86,11 @@ class TrainingLog:
     iterations: List[dict]            # iteration, consumed_samples, ms_per_iteration, lm_loss per log line
     validation: Dict[int, float]      # iteration -> validation loss
     tokens_per_second: float
+    tflops_per_device: float
     train_seconds: float
     peak_memory_mib: float
     bytes_per_group: Dict[str, float]
+    text: str = dataclasses.field(repr=False, default="")  # the whole log, for anything else a tool looks for
 
     @classmethod
     def parse(cls, text: str) -> "TrainingLog":
@@ -103,5 +105,5 @@ class TrainingLog:
             if part != "none":
                 name, megabytes, _ = part.rsplit(" ", 2)
                 groups[name] = float(megabytes) * 1e6
-        return cls(iterations, validation, float(throughput.group(1)), float(throughput.group(3)),
-                   float(memory.group(1)), groups)
+        return cls(iterations, validation, float(throughput.group(1)), float(throughput.group(2)),
+                   float(throughput.group(3)), float(memory.group(1)), groups, text)

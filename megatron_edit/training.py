@@ -80,6 +80,13 @@ def build_model(model_provider: Callable, args, config, device: torch.device) ->
     )
     initialize_weights(model, config, args.seed)
     model.to(device)
+    if parallel_state.get_data_parallel_rank() == 0:  # Megatron-LM's line, one per (tensor, pipeline) rank
+        total = sum(p.numel() for p in model.parameters())
+        embedding = sum(p.numel() for name, p in model.named_parameters()
+                        if name.startswith(("embedding.", "output_layer.")))
+        print(f" > number of parameters on (tensor, pipeline) model parallel rank "
+              f"({parallel_state.get_tensor_model_parallel_rank()}, {parallel_state.get_pipeline_model_parallel_rank()})"
+              f": {total} (non-embedding: {total - embedding})", flush=True)
     if args.bf16 or args.fp16:
         model = Float16Module(config, model)
     return [model]

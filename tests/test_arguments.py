@@ -58,6 +58,10 @@ def test_penalty_and_pseudo_gradient_faults_need_a_mode_that_has_them():
         error_of(["--global-batch-size", "8", "--simulate-straggler", "4:2"], world_size=4)
 
 
+def test_learning_rate_warmup_longer_than_decay():
+    assert "--lr-warmup-iters 5 must be below --lr-decay-iters 2" in error_of(["--lr-warmup-iters", "5"], world_size=1)
+
+
 def test_valid_configuration_derives_sizes():
     args = arguments.parse_args(BASE + ["--tensor-model-parallel-size", "2", "--global-batch-size", "16"],
                                 world_size=8)

@@ -1,0 +1,167 @@
+"""Local-SGD scaling laws on the sample corpus: final loss against model size and compute, DDP vs EDiT.
+
+    python tools/scaling_law.py --output-dir runs/scaling                 # 5 sizes x (ddp, edit), ~10 min on 2 cores
+
+Every size trains on the same tokens (same global batch, sequence and iterations, so L(N) here is at a fixed
+data budget, far from convergence), with the same seed. EDiT runs 2 replicas of one rank each. N is the number
+of non-embedding parameters (from the run's log); C is the run's model FLOPs (megatron_edit/flops.py). For each
+method the tool fits L = A * X^(-alpha) + E by least squares (alpha on a grid, A and E linear for each alpha,
+then Gauss-Newton) and reports one-sigma uncertainties from the fit's covariance, s^2 (J^T J)^-1: with five
+points and three constants they are wide, and the table says so rather than hiding it.
+"""
+import argparse
+import csv
+import re
+import sys
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tools.experiment import LLAMA_STYLE, data_args, run_job  # noqa: E402
+
+# (layers, hidden, heads): tiny to what trains in about a minute on 2 CPU cores.
+SIZES = [(1, 32, 2), (2, 48, 3), (2, 64, 4), (3, 96, 4), (4, 128, 4)]
+_NON_EMBEDDING = re.compile(r"number of parameters on \(tensor, pipeline\) model parallel rank \(0, 0\): \d+ "
+                            r"\(non-embedding: (\d+)\)")
+
+
+def power_law(x: np.ndarray, a: float, alpha: float, e: float) -> np.ndarray:
+    return a * x ** (-alpha) + e
+
+
+def fit_power_law(x, loss) -> Tuple[np.ndarray, np.ndarray]:
+    """(A, alpha, E) minimizing squared error of A x^-alpha + E, and their one-sigma errors (nan when the
+    fit has no degrees of freedom left)."""
+    x, loss = np.asarray(x, dtype=np.float64), np.asarray(loss, dtype=np.float64)
+    scale = np.exp(np.mean(np.log(x)))  # fit in x / geometric mean: A stays O(loss) and the problem well scaled
+    u = x / scale
+
+    def linear_fit(alpha):
+        design = np.stack([u ** (-alpha), np.ones_like(u)], axis=1)
+        (a, e), *_ = np.linalg.lstsq(design, loss, rcond=None)
+        return np.array([a, alpha, e]), float(np.sum((design @ [a, e] - loss) ** 2))
+
+    theta = min((linear_fit(alpha) for alpha in np.linspace(0.01, 3.0, 600)), key=lambda fit: fit[1])[0]
+
+    def jacobian(theta):
+        a, alpha, _ = theta
+        return np.stack([u ** (-alpha), -a * np.log(u) * u ** (-alpha), np.ones_like(u)], axis=1)
+
+    for _ in range(50):  # Gauss-Newton from the best grid point
+        residual = power_law(u, *theta) - loss
+        step, *_ = np.linalg.lstsq(jacobian(theta), -residual, rcond=None)
+        theta = theta + step
+        if np.max(np.abs(step)) < 1e-12:
+            break
+    residual = power_law(u, *theta) - loss
+    dof = len(x) - 3
+    if dof > 0:
+        covariance = np.sum(residual ** 2) / dof * np.linalg.pinv(jacobian(theta).T @ jacobian(theta))
+        errors = np.sqrt(np.abs(np.diag(covariance)))
+    else:
+        errors = np.full(3, np.nan)
+    a, alpha, e = theta
+    # back to x's own units: A u^-alpha = A scale^alpha x^-alpha
+    return np.array([a * scale ** alpha, alpha, e]), np.array([errors[0] * scale ** alpha, errors[1], errors[2]])
+
+
+def get_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output-dir", default="runs/scaling")
+    parser.add_argument("--methods", nargs="+", default=["ddp", "edit"], choices=["ddp", "edit"])
+    parser.add_argument("--sizes", type=int, default=len(SIZES), help=f"the first K of {SIZES}")
+    parser.add_argument("--train-iters", type=int, default=150)
+    parser.add_argument("--seq-length", type=int, default=128)
+    parser.add_argument("--global-batch-size", type=int, default=16)
+    parser.add_argument("--local-sgd-sync-interval", type=int, default=8)
+    parser.add_argument("--local-sgd-warmup-iters", type=int, default=15)
+    parser.add_argument("--mock-data", action="store_true")
+    return parser.parse_args(argv)
+
+
+def train(args, method: str, layers: int, hidden: int, heads: int) -> Dict[str, float]:
+    nproc = 1 if method == "ddp" else 2
+    argv = ["--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads", str(heads),
+            "--seq-length", str(args.seq_length), *LLAMA_STYLE, "--micro-batch-size", str(args.global_batch_size // 2),
+            "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.train_iters),
+            "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
+            "--lr-warmup-iters", str(min(15, args.train_iters // 10)),
+            "--weight-decay", "0.1", "--clip-grad", "1.0", "--adam-beta2", "0.95", "--seed", "1234",
+            "--log-interval", str(args.train_iters), "--eval-interval", str(args.train_iters), "--eval-iters", "8",
+            *data_args(args.mock_data), "--dp-mode", method, "--model-shard-group-size", "1",
+            "--local-sgd-sync-interval", str(args.local_sgd_sync_interval),
+            "--local-sgd-warmup-iters", str(args.local_sgd_warmup_iters)]
+    log = run_job(nproc, argv)
+    return {"method": method, "layers": layers, "hidden": hidden,
+            "non-embedding params": int(_NON_EMBEDDING.search(log.text).group(1)),
+            "compute FLOPs": log.tflops_per_device * 1e12 * nproc * log.train_seconds,
+            "validation loss": log.validation[max(log.validation)]}
+
+
+def fits_table(rows: List[dict], methods: List[str]) -> Tuple[str, dict]:
+    lines = ["| method | law | A | alpha | E |", "|---|---|---|---|---|"]
+    fits = {}
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        loss = [r["validation loss"] for r in mine]
+        for law, column in (("L(N)", "non-embedding params"), ("L(C)", "compute FLOPs")):
+            values, errors = fit_power_law([r[column] for r in mine], loss)
+            fits[(method, law)] = values
+            lines.append(f"| {method} | {law} | {values[0]:.4g} ± {errors[0]:.2g} | {values[1]:.3f} ± {errors[1]:.3f} "
+                         f"| {values[2]:.3f} ± {errors[2]:.3f} |")
+    return "\n".join(lines), fits
+
+
+def plot(rows, fits, methods, output_dir: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for axis, (law, column) in zip(axes, (("L(N)", "non-embedding params"), ("L(C)", "compute FLOPs"))):
+        for method in methods:
+            mine = [r for r in rows if r["method"] == method]
+            x = np.array([r[column] for r in mine], dtype=np.float64)
+            line = axis.scatter(x, [r["validation loss"] for r in mine], label=method)
+            grid = np.geomspace(x.min(), x.max(), 100)
+            axis.plot(grid, power_law(grid, *fits[(method, law)]), color=line.get_facecolor()[0])
+        axis.set_xscale("log")
+        axis.set_xlabel(column)
+        axis.set_ylabel("validation loss")
+        axis.set_title(f"{law} = A x^-alpha + E")
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(output_dir / "scaling_laws.png", dpi=120)
+    plt.close(figure)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for layers, hidden, heads in SIZES[:args.sizes]:
+        for method in args.methods:
+            print(f"training {method} with {layers} layers, hidden {hidden} ...", flush=True)
+            rows.append(train(args, method, layers, hidden, heads))
+    with open(output_dir / "runs.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table, fits = fits_table(rows, args.methods)
+    (output_dir / "fits.md").write_text(table + "\n")
+    plot(rows, fits, args.methods, output_dir)
+    for row in rows:
+        print(f"{row['method']:5s} N={row['non-embedding params']:>9d} C={row['compute FLOPs']:.3e} "
+              f"loss={row['validation loss']:.4f}")
+    print(table)
+    print(f"written to {output_dir}/: runs.csv, fits.md, scaling_laws.png")
+
+
+if __name__ == "__main__":
+    main()

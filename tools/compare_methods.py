@@ -10,13 +10,13 @@ one machine, so throughput differences here come from computation and communicat
 tools/netsim.py puts the replicas behind shaped links.
 """
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.experiment import LLAMA_STYLE, METHODS, cross_replica_bytes, data_args, run_job  # noqa: E402
+from tools.experiment import (LLAMA_STYLE, METHODS, add_training_args, cross_replica_bytes, data_args,  # noqa: E402
+                              new_figure, run_job, save_figure, write_table)
 from megatron_edit.logging import perplexity  # noqa: E402
 
 
@@ -26,18 +26,13 @@ def get_args(argv=None):
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--model-shard-group-size", type=int, default=1)
-    parser.add_argument("--num-layers", type=int, default=4)
-    parser.add_argument("--hidden-size", type=int, default=128)
+    add_training_args(parser, num_layers=4, hidden_size=128, seq_length=128, micro_batch_size=8, train_iters=200,
+                      sync_interval=16, warmup_iters=20)
     parser.add_argument("--num-attention-heads", type=int, default=4)
-    parser.add_argument("--seq-length", type=int, default=128)
-    parser.add_argument("--micro-batch-size", type=int, default=8)
     parser.add_argument("--global-batch-size", type=int, default=16)
-    parser.add_argument("--train-iters", type=int, default=200)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--eval-iters", type=int, default=8)
-    parser.add_argument("--local-sgd-sync-interval", type=int, default=16)
-    parser.add_argument("--local-sgd-warmup-iters", type=int, default=20)
     parser.add_argument("--outer-lr", type=float, default=0.7)
     parser.add_argument("--outer-momentum", type=float, default=0.8)
     parser.add_argument("--aedit-sync-seconds", type=float, default=None,
@@ -76,32 +71,14 @@ def loss_curve(log, seq_length: int):
 
 def write_outputs(rows, curves, output_dir: Path) -> str:
     output_dir.mkdir(parents=True, exist_ok=True)
-    columns = list(rows[0])
-    with open(output_dir / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
-    table = "\n".join(lines)
-    (output_dir / "results.md").write_text(table + "\n")
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    table = write_table(rows, output_dir, "results")
     for index, (xlabel, filename) in enumerate([("tokens", "loss_vs_tokens.png"), ("seconds", "loss_vs_time.png")]):
-        figure, axis = plt.subplots(figsize=(7, 4.5))
+        figure, axes = new_figure()
         for method, points in curves.items():
-            axis.plot([p[index] for p in points], [p[2] for p in points], label=method)
-        axis.set_xlabel(f"training {xlabel}")
-        axis.set_ylabel("training loss (lm loss)")
-        axis.legend()
-        axis.grid(alpha=0.3)
-        figure.tight_layout()
-        figure.savefig(output_dir / filename, dpi=120)
-        plt.close(figure)
+            axes[0, 0].plot([p[index] for p in points], [p[2] for p in points], label=method)
+        axes[0, 0].set_xlabel(f"training {xlabel}")
+        axes[0, 0].set_ylabel("training loss (lm loss)")
+        save_figure(figure, output_dir / filename)
     return table
 
 

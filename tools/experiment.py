@@ -2,6 +2,8 @@
 
 The default data is the embedded sample corpus (built on first use by examples/prepare_sample_data.sh).
 """
+import argparse
+import csv
 import os
 import subprocess
 import sys
@@ -19,6 +21,53 @@ SAMPLE_DATA = ["--data-path", "data/sample/corpus_text_document", "--split", "95
 LLAMA_STYLE = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
                "--hidden-dropout", "0", "--attention-dropout", "0"]
 METHODS = ["ddp", "post-local-sgd", "diloco", "edit", "aedit"]
+
+
+def add_training_args(parser: argparse.ArgumentParser, num_layers: int, hidden_size: int, seq_length: int,
+                      micro_batch_size: int, train_iters: int, sync_interval: int, warmup_iters: int) -> None:
+    """The model and schedule flags every comparison tool takes (pretrain_gpt.py's names), with its defaults."""
+    parser.add_argument("--num-layers", type=int, default=num_layers)
+    parser.add_argument("--hidden-size", type=int, default=hidden_size)
+    parser.add_argument("--seq-length", type=int, default=seq_length)
+    parser.add_argument("--micro-batch-size", type=int, default=micro_batch_size)
+    parser.add_argument("--train-iters", type=int, default=train_iters)
+    parser.add_argument("--local-sgd-sync-interval", type=int, default=sync_interval)
+    parser.add_argument("--local-sgd-warmup-iters", type=int, default=warmup_iters)
+
+
+def write_table(rows: List[dict], output_dir: Path, name: str) -> str:
+    """rows as name.csv and as a markdown table in name.md; returns the markdown."""
+    columns = list(rows[0])
+    with open(output_dir / f"{name}.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
+    table = "\n".join(lines)
+    (output_dir / f"{name}.md").write_text(table + "\n")
+    return table
+
+
+def new_figure(columns: int = 1):
+    """A matplotlib figure for files (no display needed) and its axes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, columns, figsize=(7 * columns, 4.5), squeeze=False)
+
+
+def save_figure(figure, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for axis in figure.axes:
+        axis.legend()
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def data_args(mock_data: bool) -> List[str]:

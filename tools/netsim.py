@@ -17,7 +17,6 @@ table for ddp, edit and aedit.
 """
 import argparse
 import atexit
-import csv
 import os
 import subprocess
 import sys
@@ -26,8 +25,9 @@ from typing import List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.experiment import (LLAMA_STYLE, METHODS, REPO, check_finished, cross_replica_bytes,  # noqa: E402
-                              data_args, job_env, torchrun_command)
+from tools.experiment import (LLAMA_STYLE, METHODS, REPO, add_training_args, check_finished,  # noqa: E402
+                              cross_replica_bytes, data_args, job_env, new_figure, save_figure, torchrun_command,
+                              write_table)
 
 SUBNET = "10.231.0"
 
@@ -125,13 +125,8 @@ def get_args(argv=None):
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--nodes", type=int, default=2, help="replicas, one namespace each")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="ranks of a replica (the shard group)")
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--hidden-size", type=int, default=128)
-    parser.add_argument("--seq-length", type=int, default=64)
-    parser.add_argument("--micro-batch-size", type=int, default=4)
-    parser.add_argument("--train-iters", type=int, default=40)
-    parser.add_argument("--local-sgd-sync-interval", type=int, default=8)
-    parser.add_argument("--local-sgd-warmup-iters", type=int, default=4)
+    add_training_args(parser, num_layers=2, hidden_size=128, seq_length=64, micro_batch_size=4, train_iters=40,
+                      sync_interval=8, warmup_iters=4)
     parser.add_argument("--aedit-sync-seconds", type=float, default=1.0)
     parser.add_argument("--straggler", default=None, metavar="NODE:FACTOR",
                         help="also run ddp, edit, aedit with this node slowed down (at the first bandwidth)")
@@ -154,26 +149,9 @@ def job_argv(args, method: str, replicas: int) -> List[str]:
     ]
 
 
-def write_table(rows: List[dict], output_dir: Path, name: str) -> str:
-    columns = list(rows[0])
-    with open(output_dir / f"{name}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row[c]) for c in columns) + " |" for row in rows]
-    table = "\n".join(lines)
-    (output_dir / f"{name}.md").write_text(table + "\n")
-    return table
-
-
 def plot(rows: List[dict], output_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axes = new_figure()
+    axis = axes[0, 0]
     for method in dict.fromkeys(r["method"] for r in rows):
         points = sorted((_rate_bits(r["bandwidth"]), r["tokens/s"]) for r in rows if r["method"] == method)
         axis.plot([p[0] for p in points], [p[1] for p in points], marker="o",
@@ -181,11 +159,7 @@ def plot(rows: List[dict], output_dir: Path) -> None:
     axis.set_xscale("log")
     axis.set_xlabel("link bandwidth per node (bit/s)")
     axis.set_ylabel("training tokens/s (all replicas)")
-    axis.legend()
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(output_dir / "throughput_vs_bandwidth.png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, output_dir / "throughput_vs_bandwidth.png")
 
 
 def main(argv=None):

@@ -10,7 +10,6 @@ then Gauss-Newton) and reports one-sigma uncertainties from the fit's covariance
 points and three constants they are wide, and the table says so rather than hiding it.
 """
 import argparse
-import csv
 import re
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.experiment import LLAMA_STYLE, data_args, run_job  # noqa: E402
+from tools.experiment import LLAMA_STYLE, data_args, new_figure, run_job, save_figure, write_table  # noqa: E402
 
 # (layers, hidden, heads): tiny to what trains in about a minute on 2 CPU cores.
 SIZES = [(1, 32, 2), (2, 48, 3), (2, 64, 4), (3, 96, 4), (4, 128, 4)]
@@ -116,28 +115,19 @@ def fits_table(rows: List[dict], methods: List[str]) -> Tuple[str, dict]:
 
 
 def plot(rows, fits, methods, output_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for axis, (law, column) in zip(axes, (("L(N)", "non-embedding params"), ("L(C)", "compute FLOPs"))):
+    figure, axes = new_figure(2)
+    for axis, (law, column) in zip(axes[0], (("L(N)", "non-embedding params"), ("L(C)", "compute FLOPs"))):
         for method in methods:
             mine = [r for r in rows if r["method"] == method]
             x = np.array([r[column] for r in mine], dtype=np.float64)
-            line = axis.scatter(x, [r["validation loss"] for r in mine], label=method)
+            points = axis.scatter(x, [r["validation loss"] for r in mine], label=method)
             grid = np.geomspace(x.min(), x.max(), 100)
-            axis.plot(grid, power_law(grid, *fits[(method, law)]), color=line.get_facecolor()[0])
+            axis.plot(grid, power_law(grid, *fits[(method, law)]), color=points.get_facecolor()[0])
         axis.set_xscale("log")
         axis.set_xlabel(column)
         axis.set_ylabel("validation loss")
         axis.set_title(f"{law} = A x^-alpha + E")
-        axis.legend()
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(output_dir / "scaling_laws.png", dpi=120)
-    plt.close(figure)
+    save_figure(figure, output_dir / "scaling_laws.png")
 
 
 def main(argv=None):
@@ -149,10 +139,7 @@ def main(argv=None):
         for method in args.methods:
             print(f"training {method} with {layers} layers, hidden {hidden} ...", flush=True)
             rows.append(train(args, method, layers, hidden, heads))
-    with open(output_dir / "runs.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_table(rows, output_dir, "runs")
     table, fits = fits_table(rows, args.methods)
     (output_dir / "fits.md").write_text(table + "\n")
     plot(rows, fits, args.methods, output_dir)

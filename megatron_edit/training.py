@@ -196,25 +196,28 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
     platform.synchronize()
     run_start = interval_start = time.perf_counter()
     valid_loss, iteration, loss = initial_valid_loss, trainer.start_iteration, float("nan")
-    saved = trainer.start_iteration
+    saved = logged = trainer.start_iteration
+
+    def log_iteration(iteration: int, loss: float, grad_norm) -> None:
+        nonlocal interval_start, logged
+        platform.synchronize()
+        now = time.perf_counter()
+        seconds = (now - interval_start) / (iteration - logged)
+        learning_rate, extra = trainer.optimizer.param_groups[0]["lr"], trainer.dp_mode.metrics()
+        tokens_per_second, tflops = tokens_per_iteration / seconds, flops / seconds / args.world_size / 1e12
+        eta = max(args.train_iters - iteration, 0) * (now - run_start) / (iteration - trainer.start_iteration)
+        print_rank_last(iteration_line(
+            iteration, args.train_iters, iteration * args.global_batch_size, seconds * 1000.0, learning_rate,
+            args.global_batch_size, loss, grad_norm or 0.0, tokens_per_second, tflops, eta, extra))
+        tracker.log({"lm loss": loss, "learning-rate": learning_rate, "grad-norm": grad_norm or 0.0,
+                     "tokens/s": tokens_per_second, "TFLOP/s per device": tflops, **extra}, iteration)
+        interval_start, logged = time.perf_counter(), iteration
+
     for iteration in trainer.iterations():
         loss, grad_norm = trainer.train_step(iteration)
         _track_events(trainer, tracker)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            platform.synchronize()
-            now = time.perf_counter()
-            iterations = (iteration - 1) % args.log_interval + 1
-            seconds = (now - interval_start) / iterations
-            learning_rate, extra = trainer.optimizer.param_groups[0]["lr"], trainer.dp_mode.metrics()
-            tokens_per_second, tflops = tokens_per_iteration / seconds, flops / seconds / args.world_size / 1e12
-            seconds_per_iteration = (now - run_start) / (iteration - trainer.start_iteration)
-            eta = max(args.train_iters - iteration, 0) * seconds_per_iteration
-            print_rank_last(iteration_line(
-                iteration, args.train_iters, iteration * args.global_batch_size, seconds * 1000.0, learning_rate,
-                args.global_batch_size, loss, grad_norm or 0.0, tokens_per_second, tflops, eta, extra))
-            tracker.log({"lm loss": loss, "learning-rate": learning_rate, "grad-norm": grad_norm or 0.0,
-                         "tokens/s": tokens_per_second, "TFLOP/s per device": tflops, **extra}, iteration)
-            interval_start = time.perf_counter()
+            log_iteration(iteration, loss, grad_norm)
         if iteration % args.eval_interval == 0:
             eval_start = time.perf_counter()
             valid_loss = trainer.evaluate()
@@ -232,6 +235,8 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
             print_rank_last(f" exiting after iteration {iteration} (--exit-interval {args.exit_interval})")
             break
     _track_events(trainer, tracker)  # a mode's final sync happens after the last iteration
+    if iteration != logged:  # the last iteration always gets a line (A-EDiT's replicas may stop anywhere)
+        log_iteration(iteration, loss, grad_norm)
     if args.save and saved != iteration:
         save_checkpoint(trainer, iteration)
     if iteration % args.eval_interval != 0:  # the model as training left it (after a final sync, if any)

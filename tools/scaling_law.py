@@ -32,33 +32,46 @@ def power_law(x: np.ndarray, a: float, alpha: float, e: float) -> np.ndarray:
 
 
 def fit_power_law(x, loss) -> Tuple[np.ndarray, np.ndarray]:
-    """(A, alpha, E) minimizing squared error of A x^-alpha + E, and their one-sigma errors (nan when the
-    fit has no degrees of freedom left)."""
+    """(A, alpha, E) minimizing squared error of A x^-alpha + E with A > 0, alpha > 0, E >= 0 (an irreducible loss
+    is not negative), and their one-sigma errors
+    (nan when no degrees of freedom are left). All nan when no decreasing power law fits (loss not falling with x)."""
     x, loss = np.asarray(x, dtype=np.float64), np.asarray(loss, dtype=np.float64)
     scale = np.exp(np.mean(np.log(x)))  # fit in x / geometric mean: A stays O(loss) and the problem well scaled
     u = x / scale
 
+    def sse(theta):
+        return float(np.sum((power_law(u, *theta) - loss) ** 2))
+
     def linear_fit(alpha):
         design = np.stack([u ** (-alpha), np.ones_like(u)], axis=1)
         (a, e), *_ = np.linalg.lstsq(design, loss, rcond=None)
-        return np.array([a, alpha, e]), float(np.sum((design @ [a, e] - loss) ** 2))
+        if e < 0:  # on the bound: a pure power law
+            a, e = float(design[:, 0] @ loss / (design[:, 0] @ design[:, 0])), 0.0
+        return np.array([a, alpha, e])
 
-    theta = min((linear_fit(alpha) for alpha in np.linspace(0.01, 3.0, 600)), key=lambda fit: fit[1])[0]
+    feasible = [theta for theta in map(linear_fit, np.linspace(0.005, 3.0, 600)) if theta[0] > 0]
+    if not feasible:
+        return np.full(3, np.nan), np.full(3, np.nan)
+    theta = min(feasible, key=sse)
 
     def jacobian(theta):
         a, alpha, _ = theta
         return np.stack([u ** (-alpha), -a * np.log(u) * u ** (-alpha), np.ones_like(u)], axis=1)
 
-    for _ in range(50):  # Gauss-Newton from the best grid point
-        residual = power_law(u, *theta) - loss
-        step, *_ = np.linalg.lstsq(jacobian(theta), -residual, rcond=None)
-        theta = theta + step
-        if np.max(np.abs(step)) < 1e-12:
+    for _ in range(100):  # damped Gauss-Newton from the best grid point, staying inside the bounds
+        step, *_ = np.linalg.lstsq(jacobian(theta), loss - power_law(u, *theta), rcond=None)
+        while np.max(np.abs(step)) > 1e-14:
+            candidate = theta + step
+            candidate[2] = max(candidate[2], 0.0)
+            if candidate[0] > 0 and candidate[1] > 0 and sse(candidate) <= sse(theta):
+                break
+            step = step / 2
+        else:
             break
-    residual = power_law(u, *theta) - loss
+        theta = candidate
     dof = len(x) - 3
     if dof > 0:
-        covariance = np.sum(residual ** 2) / dof * np.linalg.pinv(jacobian(theta).T @ jacobian(theta))
+        covariance = sse(theta) / dof * np.linalg.pinv(jacobian(theta).T @ jacobian(theta))
         errors = np.sqrt(np.abs(np.diag(covariance)))
     else:
         errors = np.full(3, np.nan)

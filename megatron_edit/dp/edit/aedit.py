@@ -22,8 +22,13 @@ class AsyncEditDataParallel(EditDataParallel):
     def from_args(cls, args, ddp_config, transformer_config):
         mode = super().from_args(args, ddp_config, transformer_config)
         mode.sync_seconds, mode.step_weight = args.aedit_sync_seconds, args.aedit_step_weight
-        mode.last_sync_time = time.monotonic()
+        mode.last_sync_time = None  # the clock starts with the first iteration, not while the model is built
         return mode
+
+    def begin_iteration(self, iteration: int, finished: bool) -> bool:
+        if self.last_sync_time is None:
+            self.last_sync_time = time.monotonic()
+        return super().begin_iteration(iteration, finished)
 
     def after_optimizer_step(self, iteration: int) -> None:
         synced = self.sync.armed

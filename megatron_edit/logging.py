@@ -76,7 +76,7 @@ class WandbTracker:
 _ITERATION = re.compile(r" iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+) \| elapsed time per iteration \(ms\): "
                         r"([0-9.]+) \|.*? lm loss: ([0-9.E+-]+) \|")
 _VALIDATION = re.compile(r" validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")
-_THROUGHPUT = re.compile(r"   throughput: ([0-9.]+) tokens/s, ([0-9.]+) TFLOP/s per device, ([0-9.]+) s of training")
+_THROUGHPUT = re.compile(r"   throughput: ([0-9.]+) tokens/s, ([0-9.e+-]+) TFLOP/s per device, ([0-9.]+) s of training")
 _MEMORY = re.compile(r"   peak memory: ([0-9.]+) MiB; communication per rank \(collective payload\): (.*)")
 
 

@@ -273,7 +273,7 @@ def summary_text(args, summary: Dict[str, float]) -> str:
         f"   validation loss at iteration {summary['start_iteration']}: {before:.4f}  (perplexity {perplexity(before):.2f})",
         f"   validation loss at iteration {summary['iterations']}: {after:.4f}  (perplexity {perplexity(after):.2f})",
         f"   throughput: {summary['tokens_per_second']:.1f} tokens/s, "
-        f"{summary['tflops_per_device']:.3f} TFLOP/s per device, {summary['train_seconds']:.1f} s of training",
+        f"{summary['tflops_per_device']:.4g} TFLOP/s per device, {summary['train_seconds']:.1f} s of training",
         f"   peak memory: {summary['peak_memory_bytes'] / 2**20:.0f} MiB; communication per rank (collective payload): "
         + (", ".join(f"{group} {nbytes / 1e6:.2f} MB" for group, nbytes in sorted(summary["bytes_per_group"].items()))
            or "none"),

@@ -33,8 +33,8 @@ def power_law(x: np.ndarray, a: float, alpha: float, e: float) -> np.ndarray:
 
 def fit_power_law(x, loss) -> Tuple[np.ndarray, np.ndarray]:
     """(A, alpha, E) minimizing squared error of A x^-alpha + E with A > 0, alpha > 0, E >= 0 (an irreducible loss
-    is not negative), and their one-sigma errors
-    (nan when no degrees of freedom are left). All nan when no decreasing power law fits (loss not falling with x)."""
+    is not negative), and their one-sigma errors (nan when no degrees of freedom are left, and for E when it sits
+    on its bound). All nan when no decreasing power law fits (loss not falling with x)."""
     x, loss = np.asarray(x, dtype=np.float64), np.asarray(loss, dtype=np.float64)
     scale = np.exp(np.mean(np.log(x)))  # fit in x / geometric mean: A stays O(loss) and the problem well scaled
     u = x / scale
@@ -69,12 +69,13 @@ def fit_power_law(x, loss) -> Tuple[np.ndarray, np.ndarray]:
         else:
             break
         theta = candidate
-    dof = len(x) - 3
-    if dof > 0:
-        covariance = sse(theta) / dof * np.linalg.pinv(jacobian(theta).T @ jacobian(theta))
-        errors = np.sqrt(np.abs(np.diag(covariance)))
-    else:
-        errors = np.full(3, np.nan)
+    # One-sigma errors of the free constants; E on its bound (0) is not free, and gets nan.
+    free = [0, 1] if theta[2] == 0.0 else [0, 1, 2]
+    errors = np.full(3, np.nan)
+    if len(x) > len(free):
+        j = jacobian(theta)[:, free]
+        covariance = sse(theta) / (len(x) - len(free)) * np.linalg.pinv(j.T @ j)
+        errors[free] = np.sqrt(np.abs(np.diag(covariance)))
     a, alpha, e = theta
     # back to x's own units: A u^-alpha = A scale^alpha x^-alpha
     return np.array([a * scale ** alpha, alpha, e]), np.array([errors[0] * scale ** alpha, errors[1], errors[2]])
@@ -122,8 +123,9 @@ def fits_table(rows: List[dict], methods: List[str]) -> Tuple[str, dict]:
         for law, column in (("L(N)", "non-embedding params"), ("L(C)", "compute FLOPs")):
             values, errors = fit_power_law([r[column] for r in mine], loss)
             fits[(method, law)] = values
+            e = f"{values[2]:.3f} ± {errors[2]:.3f}" if values[2] > 0 else "0 (on its bound)"
             lines.append(f"| {method} | {law} | {values[0]:.4g} ± {errors[0]:.2g} | {values[1]:.3f} ± {errors[1]:.3f} "
-                         f"| {values[2]:.3f} ± {errors[2]:.3f} |")
+                         f"| {e} |")
     return "\n".join(lines), fits
 
 

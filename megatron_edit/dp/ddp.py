@@ -3,7 +3,6 @@
 This is megatron-core's DistributedDataParallel over the full data-parallel group, with
 megatron-core's optimizer (optionally the distributed optimizer, which shards optimizer state).
 """
-import time
 from typing import List
 
 import torch
@@ -17,12 +16,12 @@ from megatron_edit.dp.faults import FaultInjector
 
 class SynchronousDataParallel(DataParallelMode):
     name = "ddp"
+    pg_collection = None  # megatron-core's own groups; the local-SGD modes narrow data parallelism to one replica
 
     def __init__(self, ddp_config: DistributedDataParallelConfig, transformer_config, faults: FaultInjector):
         self.ddp_config = ddp_config
         self.transformer_config = transformer_config
         self.faults = faults  # only --simulate-straggler applies; its REPLICA is the data-parallel rank
-        self._iteration_start = 0.0
 
     @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
@@ -37,16 +36,21 @@ class SynchronousDataParallel(DataParallelMode):
                 module=chunk,
                 # Like Megatron-LM: only the first chunk's buckets overlap with backward.
                 disable_bucketing=index > 0,
+                pg_collection=self.pg_collection,
             )
             for index, chunk in enumerate(model_chunks)
         ]
 
     def build_optimizer(self, model_chunks, optimizer_config):
-        return get_megatron_optimizer(optimizer_config, model_chunks)
+        if self.pg_collection is None:
+            return get_megatron_optimizer(optimizer_config, model_chunks)
+        # Gloo side groups only serve megatron's own checkpoint format; with explicit groups megatron refuses them.
+        return get_megatron_optimizer(optimizer_config, model_chunks, use_gloo_process_groups=False,
+                                      pg_collection=self.pg_collection)
 
     def begin_iteration(self, iteration: int, finished: bool) -> bool:
-        self._iteration_start = time.perf_counter()
+        self.faults.start_iteration()
         return not finished
 
     def after_optimizer_step(self, iteration: int) -> None:
-        self.faults.straggle(self._iteration_start)
+        self.faults.straggle()

@@ -58,15 +58,19 @@ class FaultInjector:
         self.faults = [f for f in faults if f.replica == replica]
         self._spent = set()         # NaN faults already delivered
         self._nan_this_sync = None  # the NaN fault being delivered in the current sync
+        self._iteration_started = 0.0
 
     @classmethod
     def from_args(cls, args, replica: int) -> "FaultInjector":
         return cls(replica, parse_straggler(args.simulate_straggler), [parse_fault(s) for s in args.inject_fault])
 
-    def straggle(self, iteration_started: float) -> None:
-        """A simulated straggler stretches its iteration (begun at perf_counter() == iteration_started) by sleeping."""
+    def start_iteration(self) -> None:
+        self._iteration_started = time.perf_counter()
+
+    def straggle(self) -> None:
+        """A simulated straggler stretches the iteration begun at start_iteration() by sleeping."""
         if self.slowdown > 1.0:
-            time.sleep((self.slowdown - 1.0) * (time.perf_counter() - iteration_started))
+            time.sleep((self.slowdown - 1.0) * (time.perf_counter() - self._iteration_started))
 
     def corrupt_pseudo_grad(self, pseudo_grad: torch.Tensor, iteration: int) -> None:
         for fault in self.faults:

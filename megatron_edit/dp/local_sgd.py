@@ -7,33 +7,33 @@ over the sync group (megatron-core's distributed-optimizer-instance scheme). Aft
 inside the replica; how and when replicas meet is the subclass's business.
 """
 import collections
-import time
 from typing import Dict, List
 
 import torch
 import torch.distributed as dist
-from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
-from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.distributed import finalize_model_grads
 
 from megatron_edit.dp import comm_stats
-from megatron_edit.dp.base import DataParallelMode
+from megatron_edit.dp.ddp import SynchronousDataParallel
 from megatron_edit.dp.edit.config import LocalSGDConfig
 from megatron_edit.dp.edit.groups import EditGroups
 from megatron_edit.dp.faults import FaultInjector, random_token_batches
 
 
-class LocalSGDDataParallel(DataParallelMode):
+class LocalSGDDataParallel(SynchronousDataParallel):
+    """Synchronous data parallelism inside each replica (DDP and the optimizer on the replica's groups)."""
+    name = ""
+
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: EditGroups,
                  faults: FaultInjector):
-        self.ddp_config, self.transformer_config = ddp_config, transformer_config
-        self.local_sgd, self.groups, self.faults = local_sgd, groups, faults
-        self.replica_groups = groups.replica_process_groups()
+        super().__init__(ddp_config, transformer_config, faults)
+        self.local_sgd, self.groups = local_sgd, groups
+        self.pg_collection = groups.replica_process_groups()  # DDP and the optimizer see one replica
         self.counter = comm_stats.install()
         self.counter.name_group(groups.shard, "shard")
         self.counter.name_group(groups.sync, "sync")
         self.in_warmup = local_sgd.warmup_iters > 0
         self.sync_seconds = 0.0  # training time spent in blocking syncs, in all
-        self._iteration_start = 0.0
         self._bytes_at_log, self._exposed_at_log = self.counter.snapshot(), 0.0
         self._iterations_since_log = 0
         self._events: List[tuple] = []
@@ -45,31 +45,17 @@ class LocalSGDDataParallel(DataParallelMode):
         return cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
                    FaultInjector.from_args(args, replica))
 
-    def wrap_model(self, model_chunks):
-        self.model = [
-            DistributedDataParallel(config=self.transformer_config, ddp_config=self.ddp_config, module=chunk,
-                                    disable_bucketing=index > 0, pg_collection=self.replica_groups)
-            for index, chunk in enumerate(model_chunks)
-        ]
-        return self.model
-
-    def build_optimizer(self, model_chunks, optimizer_config):
-        # Gloo side groups only serve megatron's own checkpoint format; with explicit groups megatron refuses them.
-        return get_megatron_optimizer(optimizer_config, model_chunks, use_gloo_process_groups=False,
-                                      pg_collection=self.replica_groups)
-
     @property
     def has_peers(self) -> bool:
         """A single replica has no one to synchronize with: it trains exactly like plain data parallelism."""
         return self.groups.sync is not None
 
     def begin_iteration(self, iteration: int, finished: bool) -> bool:
-        self._iteration_start = time.perf_counter()
         self.in_warmup = self.local_sgd.is_warmup(iteration)
-        return not finished
+        return super().begin_iteration(iteration, finished)
 
     def finalize_model_grads(self, model, num_tokens=None, **_):
-        finalize_model_grads(model, num_tokens, pg_collection=self.replica_groups)
+        finalize_model_grads(model, num_tokens, pg_collection=self.pg_collection)
         if self.in_warmup and self.has_peers:
             self._average_gradients_over_replicas(model)
 
@@ -89,7 +75,7 @@ class LocalSGDDataParallel(DataParallelMode):
 
     def after_optimizer_step(self, iteration: int) -> None:
         self._iterations_since_log += 1
-        self.faults.straggle(self._iteration_start)
+        super().after_optimizer_step(iteration)
 
     def loss_group(self):
         return self.groups.shard

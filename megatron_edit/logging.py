@@ -80,6 +80,17 @@ _THROUGHPUT = re.compile(r"   throughput: ([0-9.]+) tokens/s, ([0-9.e+-]+) TFLOP
 _MEMORY = re.compile(r"   peak memory: ([0-9.]+) MiB; communication per rank \(collective payload\): (.*)")
 
 
+def parse_iteration_lines(text: str) -> List[dict]:
+    """iteration, consumed_samples, ms_per_iteration and lm_loss of every iteration line in a log, in order."""
+    return [{"iteration": int(i), "consumed_samples": int(c), "ms_per_iteration": float(ms), "lm_loss": float(loss)}
+            for i, c, ms, loss in _ITERATION.findall(text)]
+
+
+def parse_validation_lines(text: str) -> Dict[int, float]:
+    """iteration -> validation loss, from a log."""
+    return {int(i): float(loss) for i, loss in _VALIDATION.findall(text)}
+
+
 @dataclasses.dataclass
 class TrainingLog:
     """What tools read back from a run's console output (the lines above are the format)."""
@@ -94,9 +105,7 @@ class TrainingLog:
 
     @classmethod
     def parse(cls, text: str) -> "TrainingLog":
-        iterations = [{"iteration": int(i), "consumed_samples": int(c), "ms_per_iteration": float(ms),
-                       "lm_loss": float(loss)} for i, c, ms, loss in _ITERATION.findall(text)]
-        validation = {int(i): float(loss) for i, loss in _VALIDATION.findall(text)}
+        iterations, validation = parse_iteration_lines(text), parse_validation_lines(text)
         throughput, memory = _THROUGHPUT.search(text), _MEMORY.search(text)
         if not (iterations and throughput and memory):
             raise ValueError("not a complete training log (no iteration lines or no summary)")

@@ -1,11 +1,12 @@
 """The one way tests start training: real processes under torchrun on CPU with gloo, read back from the log."""
 import dataclasses
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 from typing import List
+
+from megatron_edit.logging import parse_iteration_lines, parse_validation_lines
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -15,9 +16,6 @@ TINY_GPT = [
     "--hidden-dropout", "0", "--attention-dropout", "0", "--lr", "1e-3", "--seed", "1234",
     "--mock-data", "--vocab-size", "511",
 ]
-
-_LOSS = re.compile(r"\| lm loss: ([0-9.E+-]+) \|")
-_VALID = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")
 
 
 @dataclasses.dataclass
@@ -29,11 +27,11 @@ class Run:
     @property
     def losses(self) -> List[float]:
         """Training loss of every logged iteration, in order."""
-        return [float(x) for x in _LOSS.findall(self.stdout)]
+        return [line["lm_loss"] for line in parse_iteration_lines(self.stdout)]
 
     @property
     def validation_losses(self) -> dict:
-        return {int(it): float(loss) for it, loss in _VALID.findall(self.stdout)}
+        return parse_validation_lines(self.stdout)
 
     def check(self) -> "Run":
         assert self.returncode == 0, f"training failed ({self.returncode}):\n{self.stdout[-3000:]}\n{self.stderr[-6000:]}"

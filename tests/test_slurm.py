@@ -7,6 +7,7 @@ import pytest
 
 from launcher import REPO
 from local_slurm import LocalSlurm, unavailable_reason
+from megatron_edit.logging import parse_iteration_lines
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_sbatch_two_nodes_trains_edit_with_falling_loss(slurm, tmp_path):
     assert result.returncode == 0, f"{result.stderr}\n{log[-4000:]}"
     assert "TP=1 PP=1 DP=2 (edit)" in log  # one replica per node
     assert "edit sync at iteration 9 " in log
-    losses = [float(x) for x in re.findall(r"\| lm loss: ([0-9.E+-]+) \|", log)]
+    losses = [line["lm_loss"] for line in parse_iteration_lines(log)]
     assert len(losses) == 4 and losses[-1] < losses[0] - 0.5
     before = float(log.split("validation loss at iteration 0: ")[1].split()[0])
     after = float(log.split("validation loss at iteration 40: ")[1].split()[0])

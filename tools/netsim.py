@@ -111,8 +111,9 @@ def run_on_nodes(network: ShapedNetwork, nproc: int, argv: List[str], log_dir: P
     logs = []
     for rank, (command, process, out, err) in enumerate(launched):
         process.wait(timeout=3600)
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
+        with out, err:
+            out.seek(0), err.seek(0)
+            stdout, stderr = out.read(), err.read()
         if process.returncode != 0 or standalone or rank == len(launched) - 1:
             logs.append(check_finished(command, process.returncode, stdout, stderr))
     return logs

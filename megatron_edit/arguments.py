@@ -9,6 +9,7 @@ import argparse
 
 from megatron_edit import platform
 from megatron_edit.errors import UsageError
+from megatron_edit.errors import require as _require
 from megatron_edit.data.datasets import check_data_path
 from megatron_edit.data.tokenizers import add_tokenizer_args, check_tokenizer_args
 
@@ -127,11 +128,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise UsageError(message)
-
-
 def padded_vocab_size(vocab_size: int, args) -> int:
     """Megatron-LM pads the vocabulary to a multiple of --make-vocab-size-divisible-by x TP."""
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
@@ -219,9 +215,6 @@ def validate_args(args: argparse.Namespace) -> None:
              "(default: --train-iters); shorten the warm-up")
 
     _require(args.save_interval is None or args.save_interval > 0, "--save-interval must be positive")
-    _require(args.save is None or args.dp_mode != "aedit",
-             "--save with --dp-mode aedit is not supported yet (replicas reach an iteration at different times; "
-             "a checkpoint would have to be taken at a sync); use --dp-mode edit to checkpoint")
 
     if args.mock_data:
         if args.tokenizer_type is None:
@@ -234,52 +227,21 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UsageError("no training data: pass --data-path PREFIX (made by tools/preprocess_data.py) or --mock-data")
     check_tokenizer_args(args)
 
-    from megatron_edit.dp import DP_MODES, LOCAL_SGD_MODES
+    from megatron_edit.dp import DP_MODES
 
     _require(args.dp_mode in DP_MODES, f"--dp-mode {args.dp_mode!r} is unknown; choose one of {sorted(DP_MODES)}")
-    args.num_model_replicas = 1
-    if args.dp_mode in LOCAL_SGD_MODES:
-        _validate_local_sgd(args)
-    _validate_faults(args, replicas=args.num_model_replicas if args.dp_mode in LOCAL_SGD_MODES else args.data_parallel_size)
+    mode = DP_MODES[args.dp_mode]
+    mode.validate(args)
+    _validate_faults(args, mode)
 
 
-def _validate_local_sgd(args: argparse.Namespace) -> None:
-    """Fills in `model_shard_group_size` and `num_model_replicas` (= sync group size)."""
-    dp = args.data_parallel_size
-    if args.model_shard_group_size is None:  # the data-parallel ranks of one node
-        args.model_shard_group_size = max(1, min(dp, args.local_world_size // (
-            args.tensor_model_parallel_size * args.pipeline_model_parallel_size)))
-    shard = args.model_shard_group_size
-    _require(shard >= 1 and dp % shard == 0,
-             f"--model-shard-group-size {shard} does not divide the data-parallel size {dp} "
-             f"(world {args.world_size} / TP {args.tensor_model_parallel_size} / PP "
-             f"{args.pipeline_model_parallel_size}); pick a divisor of {dp}")
-    _require(args.local_sgd_sync_interval >= 1, "--local-sgd-sync-interval must be >= 1")
-    _require(args.local_sgd_warmup_iters >= 0, "--local-sgd-warmup-iters must be >= 0")
-    _require(args.outer_lr > 0 and 0 <= args.outer_momentum < 1,
-             "--outer-lr must be > 0 and --outer-momentum in [0, 1)")
-    _require(args.edit_weight_temperature > 0, "--edit-weight-temperature must be > 0")
-    _require(args.edit_pseudo_grad_clip is None or args.edit_pseudo_grad_clip > 0, "--edit-pseudo-grad-clip must be > 0")
-    _require(0 <= args.aedit_step_weight <= 1, "--aedit-step-weight must be in [0, 1]")
-    _require(args.aedit_sync_seconds > 0, "--aedit-sync-seconds must be > 0")
-    args.num_model_replicas = dp // shard
-    from megatron_edit.dp import PENALTY_MODES
-
-    penalty = [flag for flag, on in [("--edit-anomaly-elimination", args.edit_anomaly_elimination),
-                                     ("--edit-weighted-average", args.edit_weighted_average),
-                                     ("--edit-pseudo-grad-clip", args.edit_pseudo_grad_clip is not None)] if on]
-    _require(not penalty or args.dp_mode in PENALTY_MODES,
-             f"{', '.join(penalty)}: the pseudo-gradient penalty is EDiT's; use --dp-mode edit or aedit")
-
-
-def _validate_faults(args: argparse.Namespace, replicas: int) -> None:
-    from megatron_edit.dp import LOCAL_SGD_MODES, PSEUDO_GRADIENT_MODES
+def _validate_faults(args: argparse.Namespace, mode) -> None:
     from megatron_edit.dp.faults import parse_fault, parse_straggler
 
     faults = list(map(parse_fault, args.inject_fault))
     straggler = parse_straggler(args.simulate_straggler)
     for fault in faults:
-        _require(args.dp_mode in LOCAL_SGD_MODES and (fault.kind == "bad-data" or args.dp_mode in PSEUDO_GRADIENT_MODES),
-                 f"--inject-fault {fault.kind} does not apply to --dp-mode {args.dp_mode}")
+        _require(fault.kind in mode.fault_kinds, f"--inject-fault {fault.kind} does not apply to --dp-mode {args.dp_mode}")
+    replicas = mode.fault_replicas(args)
     for replica in [f.replica for f in faults] + ([straggler[0]] if straggler else []):
         _require(0 <= replica < replicas, f"fault injection names replica {replica}, but there are {replicas} (0..{replicas - 1})")

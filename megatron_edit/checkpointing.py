@@ -94,10 +94,12 @@ def _metadata(args, iteration: int) -> dict:
     return meta
 
 
-def save_checkpoint(trainer, iteration: int) -> None:
-    """Every rank writes its file into iter_X.tmp; rank 0 completes the directory, renames it, moves the tracker."""
+def save_checkpoint(trainer, iteration: int, label: Optional[int] = None) -> None:
+    """Every rank writes its file into iter_X.tmp; rank 0 completes the directory, renames it, moves the tracker.
+    `iteration` is this rank's; `label`, the one the checkpoint is filed under, where replicas differ (A-EDiT)."""
     args = trainer.args
-    final = _iteration_dir(args.save, iteration)
+    label = iteration if label is None else label
+    final = _iteration_dir(args.save, label)
     staging = final + ".tmp"
     if dist.get_rank() == 0:
         shutil.rmtree(staging, ignore_errors=True)
@@ -118,7 +120,7 @@ def save_checkpoint(trainer, iteration: int) -> None:
     os.replace(path + ".tmp", path)
     dist.barrier()
     if dist.get_rank() == 0:
-        meta = _metadata(args, iteration)
+        meta = _metadata(args, label)
         meta["files"] = {os.path.relpath(os.path.join(d, name), staging): os.path.getsize(os.path.join(d, name))
                          for d, _, names in os.walk(staging) for name in names}
         with open(os.path.join(staging, "metadata.json"), "w") as f:
@@ -126,10 +128,10 @@ def save_checkpoint(trainer, iteration: int) -> None:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
         with open(os.path.join(args.save, TRACKER + ".tmp"), "w") as f:
-            f.write(str(iteration))
+            f.write(str(label))
         os.replace(os.path.join(args.save, TRACKER + ".tmp"), os.path.join(args.save, TRACKER))
         _remove_old(args)
-        print(f" saved checkpoint at iteration {iteration:7d} to {args.save}", flush=True)
+        print(f" saved checkpoint at iteration {label:7d} to {args.save}", flush=True)
     dist.barrier()
 
 
@@ -165,16 +167,11 @@ def _incomplete(directory: str, meta: dict) -> Optional[str]:
 
 
 def _check_compatible(meta: dict, args) -> None:
+    from megatron_edit.dp import DP_MODES
+
     mismatches = [f"{key} {meta[key]} (checkpoint) vs {getattr(args, key)} (this run)"
                   for key in SHAPE_KEYS if meta.get(key) != getattr(args, key)]
-    shard = getattr(args, "model_shard_group_size", None) or args.data_parallel_size
-    if args.dp_mode == "ddp" and meta["data_parallel_size"] != args.data_parallel_size \
-            and args.use_distributed_optimizer:
-        mismatches.append(f"data_parallel_size {meta['data_parallel_size']} vs {args.data_parallel_size} "
-                          "(the distributed optimizer's shards cannot be regrouped)")
-    if args.dp_mode != "ddp" and meta["model_shard_group_size"] != shard:
-        mismatches.append(f"model_shard_group_size {meta['model_shard_group_size']} vs {shard} "
-                          "(replicas may come and go, their sharding may not change)")
+    mismatches += DP_MODES[args.dp_mode].check_resume(meta, args)
     if mismatches:
         raise UsageError(f"checkpoint {meta['iteration']} does not fit this run: " + "; ".join(mismatches))
 

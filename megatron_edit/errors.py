@@ -6,3 +6,9 @@ class UsageError(SystemExit):
 
     def __init__(self, message: str):
         super().__init__(f"error: {message}")
+
+
+def require(condition: bool, message: str) -> None:
+    """Stop with `message` unless `condition` holds."""
+    if not condition:
+        raise UsageError(message)

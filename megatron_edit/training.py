@@ -100,15 +100,17 @@ def _sum_loss_reports(losses_reduced) -> torch.Tensor:
     return total
 
 
-def _mean_loss(total: torch.Tensor, group) -> float:
+def _mean_loss(total: torch.Tensor, group, device: torch.device) -> float:
     """Token-weighted mean loss over `group`; meaningful on the last pipeline stage."""
+    total = total.to(device, copy=True)  # on the device: NCCL reduces nothing else
     if parallel_state.is_pipeline_last_stage():
         dist.all_reduce(total, group=group)
     return (total[0] / total[1].clamp(min=1)).item()
 
 
 class Trainer:
-    """Holds what one run trains; `train_step` and `evaluate` are one iteration and one evaluation."""
+    """Holds what one run trains. The iteration protocol lives here: `iterations()` asks the data-parallel mode
+    whether and how each iteration runs, `train_step` runs one, `evaluate` evaluates what the replicas agree on."""
 
     def __init__(self, args, model, optimizer, scheduler, dp_mode, forward_step_func, train_ds, valid_ds, device):
         self.args, self.model, self.optimizer, self.scheduler = args, model, optimizer, scheduler
@@ -126,8 +128,11 @@ class Trainer:
                        dp_size=args.data_parallel_size, device=self.device)
         train = micro_batches(self.train_ds, iteration * args.global_batch_size, **batches)
         self.train_iter = self.dp_mode.wrap_train_batches(train, args)
+        valid_rank, valid_size = self.dp_mode.validation_layout()
+        self.valid_microbatches = args.global_batch_size // (args.micro_batch_size * valid_size)
         valid_start = self.evaluations * args.eval_iters * args.global_batch_size
-        self.valid_iter = micro_batches(self.valid_ds, valid_start, cyclic=True, **batches)
+        self.valid_iter = micro_batches(self.valid_ds, valid_start, cyclic=True,
+                                        **dict(batches, dp_rank=valid_rank, dp_size=valid_size))
 
     def _run_schedule(self, data_iterator, forward_only: bool):
         args = self.args
@@ -135,7 +140,7 @@ class Trainer:
             forward_step_func=self.forward_step_func,
             data_iterator=data_iterator,
             model=self.model,
-            num_microbatches=args.num_microbatches,
+            num_microbatches=self.valid_microbatches if forward_only else args.num_microbatches,
             seq_length=args.seq_length,
             micro_batch_size=args.micro_batch_size,
             decoder_seq_length=args.seq_length,
@@ -150,7 +155,8 @@ class Trainer:
             iteration += 1
 
     def train_step(self, iteration: int):
-        """One global batch: forward/backward over all micro-batches, inner optimizer step, mode hook."""
+        """One global batch: forward/backward over all micro-batches, inner optimizer step, mode hook.
+        Returns this rank's [loss sum, tokens] (see `mean_loss`) and the gradient norm."""
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -159,19 +165,26 @@ class Trainer:
         if update_successful:
             self.scheduler.step(increment=1)
         self.dp_mode.after_optimizer_step(iteration)
-        return _mean_loss(_sum_loss_reports(losses), self.dp_mode.loss_group()), grad_norm
+        return _sum_loss_reports(losses), grad_norm
+
+    def mean_loss(self, loss_sums: torch.Tensor) -> float:
+        """The mean token loss over the global batch (every replica's share, as under ddp), from train_step's sums.
+        A collective over the mode's loss group: call it on every rank, at log iterations only."""
+        return _mean_loss(loss_sums, self.dp_mode.loss_group(), self.device)
 
     @torch.no_grad()
     def evaluate(self) -> float:
+        """Validation loss of the model the replicas agree on, over one whole validation batch per --eval-iters."""
         for chunk in self.model:
             chunk.eval()
         self.evaluations += 1
         total = torch.zeros(2, dtype=torch.float64)
-        for _ in range(self.args.eval_iters):
-            total += _sum_loss_reports(self._run_schedule(self.valid_iter, forward_only=True))
+        with self.dp_mode.consensus():
+            for _ in range(self.args.eval_iters):
+                total += _sum_loss_reports(self._run_schedule(self.valid_iter, forward_only=True))
         for chunk in self.model:
             chunk.train()
-        return _mean_loss(total, self.dp_mode.loss_group())
+        return _mean_loss(total, self.dp_mode.loss_group(), self.device)
 
 
 def _report_validation(tracker: WandbTracker, iteration: int, loss: float) -> None:
@@ -196,7 +209,7 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
     platform.synchronize()
     run_start = interval_start = time.perf_counter()
     valid_loss, iteration, loss = initial_valid_loss, trainer.start_iteration, float("nan")
-    saved = logged = trainer.start_iteration
+    logged, last_saved, evaluated, exiting = trainer.start_iteration, None, None, False
 
     def log_iteration(iteration: int, loss: float, grad_norm) -> None:
         nonlocal interval_start, logged
@@ -213,40 +226,52 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
                      "tokens/s": tokens_per_second, "TFLOP/s per device": tflops, **extra}, iteration)
         interval_start, logged = time.perf_counter(), iteration
 
+    def save(iteration: int, label: int) -> None:
+        nonlocal interval_start, run_start, last_saved
+        pause = time.perf_counter()
+        save_checkpoint(trainer, iteration, label)
+        last_saved = iteration
+        interval_start += time.perf_counter() - pause
+        run_start += time.perf_counter() - pause
+
     for iteration in trainer.iterations():
-        loss, grad_norm = trainer.train_step(iteration)
+        loss_sums, grad_norm = trainer.train_step(iteration)
         _track_events(trainer, tracker)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            loss = trainer.mean_loss(loss_sums)
             log_iteration(iteration, loss, grad_norm)
-        if iteration % args.eval_interval == 0:
+        if iteration % args.eval_interval == 0 and iteration != args.train_iters:  # the last: after the final sync
+            evaluated = iteration
             eval_start = time.perf_counter()
             valid_loss = trainer.evaluate()
             _report_validation(tracker, iteration, valid_loss)
             interval_start += time.perf_counter() - eval_start
             run_start += time.perf_counter() - eval_start
         exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
-        if args.save and (exiting or (args.save_interval and iteration % args.save_interval == 0)):
-            pause = time.perf_counter()
-            save_checkpoint(trainer, iteration)
-            saved = iteration
-            interval_start += time.perf_counter() - pause
-            run_start += time.perf_counter() - pause
+        if args.save:  # the end of training is saved below, after the final sync
+            on_interval = bool(args.save_interval) and iteration % args.save_interval == 0
+            label = trainer.dp_mode.checkpoint_due(iteration, exiting or (on_interval and iteration < args.train_iters))
+            if label is not None:
+                save(iteration, label)
         if exiting:
             print_rank_last(f" exiting after iteration {iteration} (--exit-interval {args.exit_interval})")
             break
     _track_events(trainer, tracker)  # a mode's final sync happens after the last iteration
     if iteration != logged:  # the last iteration always gets a line (A-EDiT's replicas may stop anywhere)
+        loss = trainer.mean_loss(loss_sums)
         log_iteration(iteration, loss, grad_norm)
-    if args.save and saved != iteration:
-        save_checkpoint(trainer, iteration)
-    if iteration % args.eval_interval != 0:  # the model as training left it (after a final sync, if any)
+    final_label = trainer.dp_mode.final_checkpoint(iteration, last_saved) if args.save else None
+    if final_label is not None:
+        save(iteration, final_label)
+    if not (exiting and evaluated == iteration):  # the model as training left it (after a final sync, if any)
         valid_loss = trainer.evaluate()
         _report_validation(tracker, iteration, valid_loss)
     platform.synchronize()
     train_seconds = time.perf_counter() - run_start
     bytes_per_group = dict(comm_stats.COUNTER.snapshot() - bytes_at_start)
     # Replicas may run different numbers of iterations (A-EDiT): throughput counts what all of them did.
-    iterations_run = torch.tensor([float(iteration - trainer.start_iteration)], dtype=torch.float64)
+    iterations_run = torch.tensor([float(iteration - trainer.start_iteration)], dtype=torch.float64,
+                                  device=trainer.device)
     dist.all_reduce(iterations_run)
     iterations_run = iterations_run.item() / dist.get_world_size()
     return {

@@ -2,7 +2,8 @@
 
 M model copies, each trained on the samples its S data-parallel ranks would read. Iterations <= W average
 the replicas' gradients (synchronous DP); later iterations are local. Every H local steps, at the start of
-the next iteration: d = mean over replicas of (anchor - theta), SGD-Nesterov on the anchor, theta <- anchor.
+the next iteration, and once more after the last one: d = mean over replicas of (anchor - theta), SGD-Nesterov on
+the anchor, theta <- anchor.
 Same model, initialization and data as pretrain_gpt.py; no process groups, no sharding, no megatron optimizer.
 
     python tests/edit_reference.py <pretrain flags> --replicas M --shard-size S --dump PATH
@@ -60,17 +61,20 @@ def main():
     warmup, interval = args.local_sgd_warmup_iters, args.local_sgd_sync_interval
     mu, outer_lr = args.outer_momentum, args.outer_lr
 
+    @torch.no_grad()
+    def outer_sync():
+        for i, a in enumerate(anchor):
+            params = [list(m.parameters())[i] for m in replicas]
+            d = sum(a - p for p in params) / len(params)
+            momentum[i] = mu * momentum[i] + d
+            a -= outer_lr * (d + mu * momentum[i] if args.outer_nesterov else momentum[i])
+            for p in params:
+                p.copy_(a)
+
     for iteration in range(1, args.train_iters + 1):
         local_steps_done = iteration - 1 - warmup
         if local_steps_done > 0 and local_steps_done % interval == 0:
-            with torch.no_grad():
-                for i, a in enumerate(anchor):
-                    params = [list(m.parameters())[i] for m in replicas]
-                    d = sum(a - p for p in params) / len(params)
-                    momentum[i] = mu * momentum[i] + d
-                    a -= outer_lr * (d + mu * momentum[i] if args.outer_nesterov else momentum[i])
-                    for p in params:
-                        p.copy_(a)
+            outer_sync()
         for replica, (model, optimizer) in enumerate(zip(replicas, optimizers)):
             optimizer.zero_grad()
             batch = [train[i] for i in replica_samples(iteration, replica, args)]
@@ -88,6 +92,8 @@ def main():
             optimizer.step()
         if iteration == warmup:
             anchor = [p.detach().clone() for p in replicas[0].parameters()]
+    if args.train_iters > warmup:  # training ends with a sync: every replica on one model
+        outer_sync()
     names = [n for n, _ in base.named_parameters()]
     torch.save([{n: p.detach().clone() for n, p in zip(names, m.parameters())} for m in replicas], args.dump)
 

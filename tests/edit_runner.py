@@ -50,15 +50,16 @@ def main():
         def record_sync(iteration):  # every sync, including A-EDiT's final one outside any iteration
             syncs.append({"iteration": iteration, "entered": mode.sync.armed_at,
                           "anchor_checksum": sum(u.anchor.double().sum().item() for u in mode.sync.units),
+                          "anchors": [u.anchor.cpu().clone() for u in mode.sync.units],
                           "records": [dataclasses.asdict(r) for r in mode.sync.records]})
             report(iteration)
 
         mode._report_sync = record_sync
     for iteration in trainer.iterations():
         before, events_before = counter.snapshot(), len(trace)
-        loss, _ = trainer.train_step(iteration)
+        loss_sums, _ = trainer.train_step(iteration)
         after = counter.snapshot()
-        losses.append(loss)
+        losses.append(trainer.mean_loss(loss_sums))
         iterations.append({"bytes": {k: after[k] - before[k] for k in after}, "trace": trace[events_before:]})
         if args.dump_param_history:
             history.append(named_params(model))
@@ -71,6 +72,9 @@ def main():
         "iterations": iterations,
         "losses": losses,
         "syncs": syncs,
+        "replica": mode.groups.replica_index if hasattr(mode, "groups") else 0,
+        "tensor_parallel": {global_parameter_name(n, model) for n, p in model.named_parameters()
+                            if getattr(p, "tensor_model_parallel", False)},
     }
     if hasattr(mode, "sync"):
         units = mode.sync.units

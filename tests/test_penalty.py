@@ -43,11 +43,15 @@ def penalty_run(*extra):
     return run(*edit(1, 3, *local_sgd(0, 2), *PENALTY, *extra))
 
 
+def sync_at(dump: dict, iteration: int) -> dict:
+    """The first sync recorded at `iteration` (syncs at 3, 5, 7, 9, then the final one after iteration 9)."""
+    return next(sync for sync in dump["syncs"] if sync["iteration"] == iteration)
+
+
 def test_scaled_replica_is_flagged_and_anchor_is_weighted_average_of_the_healthy():
     dumps = penalty_run("--inject-fault", "1:9:scale", "--edit-weighted-average", "--edit-weight-temperature", "0.1",
                         "--dump-param-history")
-    last_sync = dumps[0]["syncs"][-1]
-    assert last_sync["iteration"] == 9
+    last_sync = sync_at(dumps[0], 9)
     # With 2 warm-up syncs the detector may also flag a healthy replica on a tiny module (a norm history of two
     # points); the claims are about the faulty one, and the anchor is checked against the recorded weights.
     for record in last_sync["records"]:
@@ -55,17 +59,17 @@ def test_scaled_replica_is_flagged_and_anchor_is_weighted_average_of_the_healthy
         assert record["weights"][1] == 0.0 and sum(record["weights"]) == pytest.approx(1.0)
         assert record["weights"][0] != pytest.approx(0.5)  # weighted by norms, not equal
     before = [dump["param_history"][7] for dump in dumps]  # each replica's parameters after iteration 8
-    for unit, record in zip(dumps[0]["units"], last_sync["records"]):
+    for index, (unit, record) in enumerate(zip(dumps[0]["units"], last_sync["records"])):
         flat = [torch.cat([params[name].view(-1) for name in unit["params"]]) for params in before]
         expected = sum(w * f for w, f in zip(record["weights"], flat))
-        torch.testing.assert_close(unit["anchor"][:unit["numel"]], expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(last_sync["anchors"][index][:unit["numel"]], expected, rtol=1e-5, atol=1e-6)
     healthy_weight = sum(r["weights"][0] + r["weights"][2] for r in last_sync["records"])
     assert healthy_weight == pytest.approx(len(last_sync["records"]))
 
 
 def test_nan_pseudo_gradient_never_reaches_a_parameter():
     dumps = penalty_run("--inject-fault", "2:9:nan")
-    assert all(r["outliers"][2] and r["weights"][2] == 0.0 for r in dumps[0]["syncs"][-1]["records"])
+    assert all(r["outliers"][2] and r["weights"][2] == 0.0 for r in sync_at(dumps[0], 9)["records"])
     for dump in dumps:
         assert all(torch.isfinite(p).all() for p in dump["params"].values())
         assert all(torch.isfinite(u["anchor"]).all() for u in dump["units"])
@@ -73,9 +77,8 @@ def test_nan_pseudo_gradient_never_reaches_a_parameter():
 
 def test_when_every_replica_is_an_outlier_the_anchor_stays_and_parameters_reset_to_it():
     dumps = penalty_run(*[arg for r in range(3) for arg in ("--inject-fault", f"{r}:9:scale")])
-    syncs = dumps[0]["syncs"]
-    assert all(r["reset_to_anchor"] for r in syncs[-1]["records"])
-    assert syncs[-1]["anchor_checksum"] == syncs[-2]["anchor_checksum"]
+    assert all(r["reset_to_anchor"] for r in sync_at(dumps[0], 9)["records"])
+    assert sync_at(dumps[0], 9)["anchor_checksum"] == sync_at(dumps[0], 7)["anchor_checksum"]
 
 
 def test_aedit_with_a_3x_straggler_syncs_together_without_waiting_for_step_counts():
@@ -92,3 +95,83 @@ def test_aedit_with_a_3x_straggler_syncs_together_without_waiting_for_step_count
     assert 1.5 < len(fast["losses"]) / len(slow["losses"]) < 4.5
     for name, value in fast["params"].items():  # the final sync leaves every replica with the same model
         assert torch.equal(value, slow["params"][name]), name
+
+
+class ReferenceDetector:
+    """The anomaly detector as penalty.py's docstring states it, written apart from the project's code."""
+
+    def __init__(self, alpha, warmup, threshold, max_consecutive=3, floor=1e-2):
+        self.alpha, self.warmup, self.threshold, self.max_consecutive, self.floor = \
+            alpha, warmup, threshold, max_consecutive, floor
+        self.mean = self.variance = 0.0
+        self.count = self.consecutive = 0
+
+    def observe(self, norm):
+        spread = max(math.sqrt(self.variance), self.floor * self.mean)
+        if self.count >= self.warmup and (norm - self.mean) / spread > self.threshold \
+                and self.consecutive < self.max_consecutive:
+            self.consecutive += 1
+            self.add(self.mean + self.threshold * spread)
+            return True
+        self.consecutive = 0
+        self.add(norm)
+        return False
+
+    def add(self, x):
+        if self.count == 0:
+            self.mean = x
+        else:
+            old_mean = self.mean
+            self.mean = old_mean + self.alpha * (x - old_mean)
+            self.variance = (1 - self.alpha) * (self.variance + self.alpha * (x - old_mean) * (x - self.mean))
+        self.count += 1
+
+
+def test_penalty_in_training_matches_an_independent_reference():
+    """Three replicas, W=1, H=2: syncs at iterations 4, 6, 8, 10 and the final one after 11; replica 1's
+    pseudo-gradients are scaled x100 from iteration 8. From each replica's dumped parameters before every sync,
+    recompute norms, outliers, softmax weights, clipping and the outer Nesterov step here, and compare anchors."""
+    alpha, warmup, threshold, temperature, clip, lr, mu = 0.5, 2, 6.0, 0.05, 0.05, 0.7, 0.8
+    dumps = run(*edit(1, 3, *local_sgd(1, 2), "--edit-anomaly-elimination", "--edit-anomaly-warmup-syncs", str(warmup),
+                      "--edit-anomaly-ewma-alpha", str(alpha), "--edit-anomaly-threshold", str(threshold),
+                      "--edit-weighted-average", "--edit-weight-temperature", str(temperature),
+                      "--edit-pseudo-grad-clip", str(clip), "--outer-lr", str(lr), "--outer-momentum", str(mu),
+                      "--inject-fault", "1:8:scale", "--train-iters", "11", "--global-batch-size", "6",
+                      "--dump-param-history"))
+    syncs = dumps[0]["syncs"]
+    assert [s["iteration"] for s in syncs] == [4, 6, 8, 10, 11]
+    units = dumps[0]["units"]
+
+    def flat(params, unit):
+        return torch.cat([params[name].double().view(-1) for name in unit["params"]])
+
+    anchors = [flat(dumps[0]["param_history"][0], unit) for unit in units]  # after warm-up iteration 1
+    momenta = [torch.zeros_like(a) for a in anchors]
+    detectors = [[ReferenceDetector(alpha, warmup, threshold) for _ in dumps] for _ in units]
+    flagged_any = clipped_any = False
+    for sync in syncs:
+        final = sync is syncs[-1]
+        # parameters the sync reads: after iteration t - 1 (in the forward of t), or after the last one
+        step = sync["iteration"] - (1 if final else 2)
+        for u, unit in enumerate(units):
+            deltas = [anchors[u] - flat(dump["param_history"][step], unit) for dump in dumps]
+            if sync["iteration"] >= 8:
+                deltas[1] = deltas[1] * 100
+            norms = [d.norm().item() for d in deltas]
+            outliers = [detectors[u][i].observe(n) for i, n in enumerate(norms)]
+            record = sync["records"][u]
+            assert record["outliers"] == outliers, (sync["iteration"], unit["name"])
+            flagged_any |= any(outliers)
+            healthy = [i for i, bad in enumerate(outliers) if not bad]
+            if healthy:  # otherwise the anchor stays
+                scores = torch.tensor([-norms[i] / temperature for i in healthy], dtype=torch.float64)
+                weights = dict(zip(healthy, torch.softmax(scores, dim=0).tolist()))
+                average = sum(weights[i] * deltas[i] for i in healthy)
+                scale = min(1.0, clip / average.norm().item())
+                clipped_any |= scale < 1.0
+                average = average * scale
+                momenta[u] = mu * momenta[u] + average
+                anchors[u] = anchors[u] - lr * (average + mu * momenta[u])
+            torch.testing.assert_close(sync["anchors"][u][:unit["numel"]].double(), anchors[u], rtol=1e-4, atol=1e-6,
+                                       msg=f"{unit['name']} at sync {sync['iteration']}")
+    assert flagged_any and clipped_any  # every part of the penalty was exercised

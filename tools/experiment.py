@@ -81,7 +81,9 @@ def data_args(mock_data: bool) -> List[str]:
 
 def cross_replica_bytes(method: str, log: TrainingLog) -> float:
     """Payload one rank sent to other replicas: DDP's gradient all-reduce, or the local-SGD sync group."""
-    return log.bytes_per_group.get("dp" if method == "ddp" else "sync", 0.0)
+    from megatron_edit.dp import DP_MODES
+
+    return log.bytes_per_group.get(DP_MODES[method].cross_replica_group, 0.0)
 
 
 class JobFailed(RuntimeError):

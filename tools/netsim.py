@@ -143,10 +143,10 @@ def job_argv(args, method: str, replicas: int) -> List[str]:
         "--global-batch-size", str(global_batch), "--train-iters", str(args.train_iters), "--lr", "2e-3",
         "--seed", "1234", "--log-interval", str(args.train_iters), "--eval-interval", str(10 * args.train_iters),
         "--eval-iters", "1", *data_args(not args.corpus), "--dp-mode", method,
-        *(["--model-shard-group-size", str(args.nproc_per_node),
-           "--local-sgd-sync-interval", str(args.local_sgd_sync_interval),
-           "--local-sgd-warmup-iters", str(args.local_sgd_warmup_iters),
-           "--aedit-sync-seconds", str(args.aedit_sync_seconds)] if method != "ddp" else []),
+        "--model-shard-group-size", str(args.nproc_per_node),  # the local-SGD flags; ddp leaves them unused
+        "--local-sgd-sync-interval", str(args.local_sgd_sync_interval),
+        "--local-sgd-warmup-iters", str(args.local_sgd_warmup_iters),
+        "--aedit-sync-seconds", str(args.aedit_sync_seconds),
     ]
 
 

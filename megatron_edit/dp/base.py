@@ -1,6 +1,7 @@
-"""The narrow interface between the train loop and a data-parallel mode."""
+"""The narrow interface between the train loop (and the argument checks) and a data-parallel mode."""
 import abc
-from typing import Dict, List, Tuple
+import contextlib
+from typing import Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -9,10 +10,29 @@ from megatron.core.distributed import finalize_model_grads
 
 class DataParallelMode(abc.ABC):
     """Hooks the train loop calls: wrap_model, build_optimizer and wrap_train_batches once; then every iteration
-    begin_iteration, finalize_model_grads (inside the schedule, after backward) and after_optimizer_step;
-    metrics() at every log line and pop_events() after every iteration."""
+    begin_iteration, finalize_model_grads (inside the schedule, after backward), after_optimizer_step and
+    checkpoint_due; metrics() at every log line, pop_events() after every iteration, consensus() around evaluation.
+    Before anything starts, `validate(args)` checks the flags that concern the mode."""
 
     name: str = ""
+    fault_kinds: FrozenSet[str] = frozenset()  # the --inject-fault kinds this mode can suffer
+    cross_replica_group = "dp"  # the byte counter's name for the group that links replicas (comm_stats)
+
+    @classmethod
+    def validate(cls, args) -> None:
+        """Check the mode's flags (one UsageError line each) and fill in what depends on them:
+        `num_model_replicas` (megatron-core's distributed-optimizer instances)."""
+        args.num_model_replicas = 1
+
+    @classmethod
+    def fault_replicas(cls, args) -> int:
+        """How many replicas --simulate-straggler and --inject-fault may name."""
+        return args.data_parallel_size
+
+    @classmethod
+    def check_resume(cls, meta: dict, args) -> List[str]:
+        """Why a checkpoint with metadata `meta` cannot continue in this run's layout (empty if it can)."""
+        return []
 
     @classmethod
     @abc.abstractmethod
@@ -44,8 +64,26 @@ class DataParallelMode(abc.ABC):
         """Called once the inner optimizer has stepped for `iteration`."""
 
     def loss_group(self):
-        """The ranks whose losses are averaged into the logged loss: those that train one model together."""
+        """The ranks whose losses make up a logged or validation loss: every replica's share of the global batch."""
         return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+    def validation_layout(self) -> Tuple[int, int]:
+        """(rank, size) over which one validation batch is split: the data-parallel ranks of loss_group()."""
+        return (parallel_state.get_data_parallel_rank(with_context_parallel=True),
+                parallel_state.get_data_parallel_world_size(with_context_parallel=True))
+
+    def consensus(self):
+        """A context in which the model holds what the replicas agree on, for evaluation (and restored after)."""
+        return contextlib.nullcontext()
+
+    def checkpoint_due(self, iteration: int, requested: bool) -> Optional[int]:
+        """After `iteration`; `requested`: the save interval or --exit-interval asks for a checkpoint here.
+        Returns the iteration to file a checkpoint under now (every rank saves together), or None."""
+        return iteration if requested else None
+
+    def final_checkpoint(self, iteration: int, last_saved: Optional[int]) -> Optional[int]:
+        """The iteration to file the end-of-training checkpoint under, or None when the last save holds it."""
+        return None if last_saved == iteration else iteration
 
     def state_dict(self) -> dict:
         """What a checkpoint must hold for this mode to continue exactly."""

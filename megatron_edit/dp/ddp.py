@@ -24,6 +24,13 @@ class SynchronousDataParallel(DataParallelMode):
         self.faults = faults  # only --simulate-straggler applies; its REPLICA is the data-parallel rank
 
     @classmethod
+    def check_resume(cls, meta: dict, args):
+        if meta["data_parallel_size"] != args.data_parallel_size and args.use_distributed_optimizer:
+            return [f"data_parallel_size {meta['data_parallel_size']} vs {args.data_parallel_size} "
+                    "(the distributed optimizer's shards cannot be regrouped)"]
+        return []
+
+    @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
         replica = parallel_state.get_data_parallel_rank(with_context_parallel=True)
         return cls(ddp_config, transformer_config, FaultInjector.from_args(args, replica))

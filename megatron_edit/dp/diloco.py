@@ -18,23 +18,13 @@ from megatron_edit.dp.post_local_sgd import PostLocalSGDDataParallel
 
 class DiLoCoDataParallel(PostLocalSGDDataParallel):
     name = "diloco"
+    fault_kinds = frozenset({"bad-data", "scale", "nan"})
 
     def _whole_model_view(self, index: int, params, main_params: MainParams) -> ModuleShard:
         return ModuleShard(f"model chunk {index}", params, 0, 1, main_params, self.local_sgd.offload_outer_state)
 
-    def build_optimizer(self, model_chunks, optimizer_config):
-        optimizer = super().build_optimizer(model_chunks, optimizer_config)
-        if self.local_sgd.warmup_iters == 0:
-            self._initialize_anchors()
-        return optimizer
-
-    def after_optimizer_step(self, iteration: int) -> None:
-        super().after_optimizer_step(iteration)
-        if iteration == self.local_sgd.warmup_iters:
-            self._initialize_anchors()
-
     @torch.no_grad()
-    def _initialize_anchors(self) -> None:
+    def _begin_local_steps(self) -> None:
         for view in self.views:
             view.anchor.copy_(view.read_full(self.groups.shard))
             view.momentum.zero_()
@@ -54,8 +44,11 @@ class DiLoCoDataParallel(PostLocalSGDDataParallel):
         self.faults.end_sync()
         return {"sync/pseudo-grad norm": math.sqrt(squares)}
 
+    def _consensus_views(self):
+        return [(view, view.anchor.to(view.device)) for view in self.views]
+
     def state_dict(self) -> dict:
-        return {"anchors": [v.anchor.cpu().clone() for v in self.views],
+        return {**super().state_dict(), "anchors": [v.anchor.cpu().clone() for v in self.views],
                 "momenta": [v.momentum.cpu().clone() for v in self.views]}
 
     @torch.no_grad()
@@ -64,6 +57,7 @@ class DiLoCoDataParallel(PostLocalSGDDataParallel):
         for view, anchor, momentum in zip(self.views, state["anchors"], state["momenta"]):
             view.anchor.copy_(anchor)
             view.momentum.copy_(momentum)
+        super().load_state_dict(state, same_replica)
 
     def outer_state_numel(self) -> int:
         return sum(view.outer_state_numel() for view in self.views)

@@ -4,9 +4,12 @@ M replicas, each sharded over a shard group of ranks (DDP and the optimizer see 
 the sync group (edit/groups.py). Warm-up (iterations <= W) is synchronous data parallelism over all replicas:
 DDP reduces gradients in the shard group and `finalize_model_grads` then averages this rank's gradient shard
 over the sync group (megatron-core's distributed-optimizer-instance scheme). After warm-up gradients stay
-inside the replica; how and when replicas meet is the subclass's business.
+inside the replica; how and when replicas meet is the subclass's business, except that training always ends
+with a sync (`_final_sync`), so every replica finishes on the same model.
 """
+import abc
 import collections
+import contextlib
 from typing import Dict, List
 
 import torch
@@ -18,11 +21,15 @@ from megatron_edit.dp.ddp import SynchronousDataParallel
 from megatron_edit.dp.edit.config import LocalSGDConfig
 from megatron_edit.dp.edit.groups import EditGroups
 from megatron_edit.dp.faults import FaultInjector, random_token_batches
+from megatron_edit.errors import require
 
 
 class LocalSGDDataParallel(SynchronousDataParallel):
     """Synchronous data parallelism inside each replica (DDP and the optimizer on the replica's groups)."""
     name = ""
+    fault_kinds = frozenset({"bad-data"})
+    cross_replica_group = "sync"
+    accepts_penalty = False  # EDiT's pseudo-gradient penalty flags
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: EditGroups,
                  faults: FaultInjector):
@@ -33,17 +40,51 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         self.counter.name_group(groups.shard, "shard")
         self.counter.name_group(groups.sync, "sync")
         self.in_warmup = local_sgd.warmup_iters > 0
-        self.sync_seconds = 0.0  # training time spent in blocking syncs, in all
+        self.local_steps_since_sync = 0  # local (post-warm-up) steps this replica took since the last sync
+        self.blocked_sync_seconds = 0.0  # training time spent in blocking syncs, in all
         self._bytes_at_log, self._exposed_at_log = self.counter.snapshot(), 0.0
         self._iterations_since_log = 0
         self._events: List[tuple] = []
 
     @classmethod
+    def validate(cls, args) -> None:
+        """Fills in `model_shard_group_size` and `num_model_replicas` (= sync group size)."""
+        dp = args.data_parallel_size
+        if args.model_shard_group_size is None:  # the data-parallel ranks of one node
+            args.model_shard_group_size = max(1, min(dp, args.local_world_size // (
+                args.tensor_model_parallel_size * args.pipeline_model_parallel_size)))
+        shard = args.model_shard_group_size
+        require(shard >= 1 and dp % shard == 0,
+                f"--model-shard-group-size {shard} does not divide the data-parallel size {dp} "
+                f"(world {args.world_size} / TP {args.tensor_model_parallel_size} / PP "
+                f"{args.pipeline_model_parallel_size}); pick a divisor of {dp}")
+        require(args.local_sgd_sync_interval >= 1, "--local-sgd-sync-interval must be >= 1")
+        require(args.local_sgd_warmup_iters >= 0, "--local-sgd-warmup-iters must be >= 0")
+        require(args.outer_lr > 0 and 0 <= args.outer_momentum < 1,
+                "--outer-lr must be > 0 and --outer-momentum in [0, 1)")
+        args.num_model_replicas = dp // shard
+        penalty = [flag for flag, on in [("--edit-anomaly-elimination", args.edit_anomaly_elimination),
+                                         ("--edit-weighted-average", args.edit_weighted_average),
+                                         ("--edit-pseudo-grad-clip", args.edit_pseudo_grad_clip is not None)] if on]
+        require(not penalty or cls.accepts_penalty,
+                f"{', '.join(penalty)}: the pseudo-gradient penalty is EDiT's; use --dp-mode edit or aedit")
+
+    @classmethod
+    def fault_replicas(cls, args) -> int:
+        return args.num_model_replicas
+
+    @classmethod
+    def check_resume(cls, meta: dict, args):
+        if meta["model_shard_group_size"] != args.model_shard_group_size:
+            return [f"model_shard_group_size {meta['model_shard_group_size']} vs {args.model_shard_group_size} "
+                    "(replicas may come and go, their sharding may not change)"]
+        return []
+
+    @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
         groups = EditGroups.from_parallel_state()
-        replica = 0 if groups.sync is None else dist.get_rank(groups.sync)
         return cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
-                   FaultInjector.from_args(args, replica))
+                   FaultInjector.from_args(args, groups.replica_index))
 
     @property
     def has_peers(self) -> bool:
@@ -51,8 +92,45 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         return self.groups.sync is not None
 
     def begin_iteration(self, iteration: int, finished: bool) -> bool:
+        self.faults.start_iteration()
         self.in_warmup = self.local_sgd.is_warmup(iteration)
-        return super().begin_iteration(iteration, finished)
+        if self.in_warmup or not self.has_peers:
+            return not finished
+        return self._begin_local_iteration(iteration, finished)
+
+    def _begin_local_iteration(self, iteration: int, finished: bool) -> bool:
+        """begin_iteration once replicas train apart. Here: when training is over, a final sync if any replica
+        stepped since the last one (a checkpoint taken after the final sync resumes without another)."""
+        if finished and self.local_steps_since_sync > 0:
+            self._final_sync(iteration - 1)
+        return not finished
+
+    @abc.abstractmethod
+    def _final_sync(self, iteration: int) -> None:
+        """Bring every replica onto one model after the last iteration, `iteration`."""
+
+    @abc.abstractmethod
+    def _consensus_views(self) -> List[tuple]:
+        """(FlatParams view, its agreed flat fp32 values on this rank) for every view, once local steps began."""
+
+    @contextlib.contextmanager
+    def consensus(self):
+        """Between syncs the replicas differ; what they agree on is the last sync's result (the anchor). During
+        warm-up, and with a single replica, the model itself is that."""
+        if self.in_warmup or not self.has_peers or self.local_steps_since_sync == 0:
+            yield
+            return
+        views = self._consensus_views()
+        saved = [[param.detach().clone() for param in view.params] for view, _ in views]
+        for view, values in views:
+            view.write_model_params(values)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for (view, _), backup in zip(views, saved):
+                    for param, value in zip(view.params, backup):
+                        param.copy_(value)
 
     def finalize_model_grads(self, model, num_tokens=None, **_):
         finalize_model_grads(model, num_tokens, pg_collection=self.pg_collection)
@@ -74,11 +152,17 @@ class LocalSGDDataParallel(SynchronousDataParallel):
                     grads.div_(self.groups.num_replicas)
 
     def after_optimizer_step(self, iteration: int) -> None:
+        if not self.in_warmup:
+            self.local_steps_since_sync += 1
         self._iterations_since_log += 1
         super().after_optimizer_step(iteration)
 
-    def loss_group(self):
-        return self.groups.shard
+    def state_dict(self) -> dict:
+        return {"local_steps_since_sync": self.local_steps_since_sync, "in_warmup": self.in_warmup}
+
+    def load_state_dict(self, state: dict, same_replica: bool) -> None:
+        """Step counters are per replica and come from the replica this one continues."""
+        self.local_steps_since_sync, self.in_warmup = state["local_steps_since_sync"], state["in_warmup"]
 
     def wrap_train_batches(self, batches, args):
         start = self.faults.bad_data_from()
@@ -92,7 +176,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
 
     def exposed_sync_seconds(self) -> float:
         """Training time spent waiting on syncs so far, in all (a mode that overlaps syncs says how much it waited)."""
-        return self.sync_seconds
+        return self.blocked_sync_seconds
 
     def metrics(self) -> Dict[str, float]:
         """Per iteration since the last log line: bytes on each group and exposed sync time."""

@@ -1,12 +1,14 @@
 """`--dp-mode post-local-sgd`: Post-Local-SGD (Lin et al., arXiv 1808.07217), a baseline for EDiT.
 
-Synchronous data parallelism for W iterations, then local steps; at the end of every H-th local step the
-replicas' parameters are averaged over the sync group, the whole model at once, with nothing overlapping it
-and no outer optimizer. DiLoCo (diloco.py) keeps this schedule and replaces the average by an outer step.
+Synchronous data parallelism for W iterations, then local steps; at the end of every H-th local step (and after
+the last iteration) the replicas' parameters are averaged over the sync group, the whole model at once, with
+nothing overlapping it and no outer optimizer. DiLoCo (diloco.py) keeps this schedule and replaces the average by
+an outer step.
 """
 import time
 from typing import Dict
 
+import torch
 import torch.distributed as dist
 
 from megatron_edit.dp.edit.shards import FlatParams, MainParams
@@ -22,28 +24,56 @@ class PostLocalSGDDataParallel(LocalSGDDataParallel):
         main_params = MainParams(optimizer)
         self.views = [self._whole_model_view(index, [p for p in chunk.parameters() if p.requires_grad], main_params)
                       for index, chunk in enumerate(model_chunks)]
+        if self.local_sgd.warmup_iters == 0:
+            self._begin_local_steps()
         return optimizer
+
+    def _begin_local_steps(self) -> None:
+        """Replicas are about to part: remember what they agree on (the last sync's average from then on)."""
+        self.averages = [view.read_full(self.groups.shard) for view in self.views]
 
     def _whole_model_view(self, index: int, params, main_params: MainParams) -> FlatParams:
         return FlatParams(params, main_params)
 
     def after_optimizer_step(self, iteration: int) -> None:
-        if self.has_peers and self.local_sgd.syncs_after(iteration):
-            start, bytes_before = time.perf_counter(), self.counter.snapshot().get("sync", 0)
-            values = self._synchronize(iteration)
-            seconds = time.perf_counter() - start
-            self.sync_seconds += seconds
-            values.update({"sync/exposed ms": 1000 * seconds,
-                           "sync/bytes": float(self.counter.snapshot().get("sync", 0) - bytes_before)})
-            self._events.append((iteration, values))
-            print_rank_last(f" {self.name} sync at iteration {iteration} |"
-                            + "".join(f" {key[5:]}: {value:.4g} |" for key, value in values.items()))
         super().after_optimizer_step(iteration)
+        if iteration == self.local_sgd.warmup_iters:
+            self._begin_local_steps()
+        if self.has_peers and self.local_sgd.syncs_after(iteration):
+            self._final_sync(iteration)
 
+    def _final_sync(self, iteration: int) -> None:
+        """Synchronize now, after `iteration`: used for every sync of this schedule, the last one included."""
+        start, bytes_before = time.perf_counter(), self.counter.snapshot().get("sync", 0)
+        values = self._synchronize(iteration)
+        self.local_steps_since_sync = 0
+        seconds = time.perf_counter() - start
+        self.blocked_sync_seconds += seconds
+        values.update({"sync/exposed ms": 1000 * seconds,
+                       "sync/bytes": float(self.counter.snapshot().get("sync", 0) - bytes_before)})
+        self._events.append((iteration, values))
+        print_rank_last(f" {self.name} sync at iteration {iteration} |"
+                        + "".join(f" {key[5:]}: {value:.4g} |" for key, value in values.items()))
+
+    @torch.no_grad()
     def _synchronize(self, iteration: int) -> Dict[str, float]:
         """theta <- the replicas' mean theta. Returns numbers for the log line and tracker ("sync/..." keys)."""
-        for view in self.views:
+        for index, view in enumerate(self.views):
             theta = view.read_full(self.groups.shard)
             dist.all_reduce(theta, group=self.groups.sync)
-            view.write_full(theta.div_(self.groups.num_replicas))
+            self.averages[index] = theta.div_(self.groups.num_replicas)
+            view.write_full(theta)
         return {}
+
+    def _consensus_views(self):
+        return list(zip(self.views, self.averages))
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "averages": [a.cpu().clone() for a in getattr(self, "averages", [])]}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict, same_replica: bool) -> None:
+        """The average is the same in every replica: it carries over whatever the replica count."""
+        super().load_state_dict(state, same_replica)
+        if state["averages"]:
+            self.averages = [a.to(view.device) for view, a in zip(self.views, state["averages"])]

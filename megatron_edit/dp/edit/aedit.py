@@ -1,29 +1,70 @@
 """`--dp-mode aedit`: A-EDiT, EDiT with a wall-clock sync trigger, so stragglers don't stall anyone.
 
-A replica syncs at its first iteration that starts once `--aedit-sync-seconds` (tau) have passed since its last
-sync; fast replicas take more local steps, slow ones fewer, nobody waits for a step count. Ranks of a replica
-agree through a one-flag all-reduce in the shard group at each iteration; replicas meet in the sync itself
-(they leave it together, so their clocks restart together). The first collective of every sync carries a stop
-flag over the sync group: once a replica has run --train-iters iterations it syncs at once with the flag set,
-and everyone ends after that final sync (outside a forward), holding the same parameters.
+A replica syncs at its first iteration that starts once tau (`--aedit-sync-seconds`) has passed since its last
+sync; fast replicas take more local steps, slow ones fewer, nobody waits for a step count. All ranks of a replica
+(shard x tensor x pipeline) decide as one, through a one-flag all-reduce over the replica group each iteration;
+replicas meet in the sync itself (they leave it together, so their clocks restart together).
+
+Every sync opens with a small exchange over the sync group: whether any replica has run --train-iters (then
+everyone syncs at once and ends, holding the same parameters), whether any replica passed a save point since the
+last checkpoint (then everyone saves after this sync's iteration, under the highest iteration among them), and
+the replicas' iteration and local-step counts. Replicas run different numbers of iterations, so the logged and
+validation losses are each replica's own: validation evaluates the anchor, the same on every replica, over the
+whole validation batch.
 """
+import dataclasses
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_edit.dp.edit.config import LocalSGDConfig
+from megatron_edit.dp.edit.groups import EditGroups
 from megatron_edit.dp.edit.mode import EditDataParallel
+from megatron_edit.dp.edit.penalty import PenaltyConfig
+from megatron_edit.dp.faults import FaultInjector
+from megatron_edit.errors import require
+
+
+@dataclasses.dataclass(frozen=True)
+class AEditConfig:
+    tau_seconds: float    # wall-clock time between a replica's syncs
+    step_weight: float    # in [0, 1]: how much each replica's share of local steps counts in the weights
+
+    @classmethod
+    def from_args(cls, args) -> "AEditConfig":
+        return cls(args.aedit_sync_seconds, args.aedit_step_weight)
 
 
 class AsyncEditDataParallel(EditDataParallel):
     name = "aedit"
 
+    def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: EditGroups,
+                 faults: FaultInjector, penalty: PenaltyConfig, aedit: AEditConfig):
+        self.step_weight = aedit.step_weight
+        super().__init__(ddp_config, transformer_config, local_sgd, groups, faults, penalty)
+        self.aedit = aedit
+        self.last_sync_time = None  # the clock starts with the first iteration, not while the model is built
+        self._save_wanted = False   # this replica passed a save point since the last checkpoint
+        self._checkpoint_at: Optional[int] = None  # the label of the checkpoint due after this sync's iteration
+        self._final_checkpoint_at: Optional[int] = None
+
+    @classmethod
+    def validate(cls, args) -> None:
+        super().validate(args)
+        require(0 <= args.aedit_step_weight <= 1, "--aedit-step-weight must be in [0, 1]")
+        require(args.aedit_sync_seconds > 0, "--aedit-sync-seconds must be > 0")
+        require(not args.exit_interval,
+                "--exit-interval does not apply to --dp-mode aedit (replicas reach an iteration at different times); "
+                "stop with --train-iters, or checkpoint with --save-interval")
+
     @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
-        mode = super().from_args(args, ddp_config, transformer_config)
-        mode.sync_seconds, mode.step_weight = args.aedit_sync_seconds, args.aedit_step_weight
-        mode.last_sync_time = None  # the clock starts with the first iteration, not while the model is built
-        return mode
+        groups = EditGroups.from_parallel_state()
+        return cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
+                   FaultInjector.from_args(args, groups.replica_index), PenaltyConfig.from_args(args),
+                   AEditConfig.from_args(args))
 
     def begin_iteration(self, iteration: int, finished: bool) -> bool:
         if self.last_sync_time is None:
@@ -36,17 +77,40 @@ class AsyncEditDataParallel(EditDataParallel):
         if synced or iteration == self.local_sgd.warmup_iters:
             self.last_sync_time = time.monotonic()
 
+    def _flags(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float64, device=self.sync.units[0].device)
+
     def sync_due(self, iteration: int, finished: bool) -> bool:
-        due = torch.tensor([float(finished or time.monotonic() - self.last_sync_time >= self.sync_seconds)])
-        dist.all_reduce(due, op=dist.ReduceOp.MAX, group=self.groups.shard)
+        due = self._flags([float(finished or time.monotonic() - self.last_sync_time >= self.aedit.tau_seconds)])
+        dist.all_reduce(due, op=dist.ReduceOp.MAX, group=self.groups.whole_replica)
         return bool(due.item())
 
     def _start_sync(self, iteration: int, finished: bool) -> bool:
-        """Every sync opens with the stop flag: if any replica has run --train-iters, all sync now and end."""
-        stop = torch.tensor([float(finished)])
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX, group=self.groups.sync)
-        if stop.item():
-            self.sync.sync_now(iteration)
-            self._report_sync(iteration)
+        exchange = self._flags([finished, self._save_wanted, iteration - 1, self.local_steps_since_sync])
+        dist.all_reduce(exchange, op=dist.ReduceOp.MAX, group=self.groups.sync)
+        stop, save, last_iteration, local_steps = exchange.tolist()
+        if save:
+            self._save_wanted = False
+        if stop:
+            if local_steps > 0:  # a run resumed from its final checkpoint has nothing left to sync
+                self._final_sync(iteration - 1)
+                self._final_checkpoint_at = int(last_iteration)
             return False
+        if save:
+            self._checkpoint_at = int(last_iteration) + 1
         return super()._start_sync(iteration, finished)
+
+    def checkpoint_due(self, iteration: int, requested: bool) -> Optional[int]:
+        """Replicas meet only in syncs: a requested checkpoint waits for the next one, then all save together."""
+        self._save_wanted = self._save_wanted or requested
+        label, self._checkpoint_at = self._checkpoint_at, None
+        return label
+
+    def final_checkpoint(self, iteration: int, last_saved: Optional[int]) -> Optional[int]:
+        return self._final_checkpoint_at
+
+    def loss_group(self):
+        return self.groups.shard
+
+    def validation_layout(self):
+        return dist.get_rank(self.groups.shard), self.groups.shard_size

@@ -1,10 +1,12 @@
-"""EDiT's two groups over the data-parallel ranks of one (tensor, pipeline) coordinate.
+"""The groups a local-SGD mode uses, over the data-parallel ranks of one (tensor, pipeline) coordinate and beyond.
 
-The *shard group* holds one model replica together (consecutive DP ranks, usually one node): gradients
-are reduced and optimizer state sharded inside it every step. The *sync group* links the ranks that hold
-the same shard in every replica (usually across nodes) and carries only the periodic synchronization.
+The *shard group* holds one model replica's data-parallel shards together (consecutive DP ranks, usually one
+node): gradients are reduced and optimizer state sharded inside it every step. The *sync group* links the ranks
+that hold the same shard in every replica (usually across nodes) and carries only the periodic synchronization.
 megatron-core builds exactly this topology for its distributed-optimizer instances
-(`initialize_model_parallel(num_distributed_optimizer_instances=M)`), so the groups are taken from there.
+(`initialize_model_parallel(num_distributed_optimizer_instances=M)`), so those two are taken from there.
+The *replica group* is every rank of one replica (shard x tensor x pipeline): where a replica decides as one
+(A-EDiT's clock). The *tensor group* is where a module's tensor-parallel slices meet (the penalty's norms).
 """
 import dataclasses
 from typing import Optional
@@ -18,6 +20,8 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 class EditGroups:
     shard: dist.ProcessGroup
     sync: Optional[dist.ProcessGroup]  # None when there is a single replica: nothing to synchronize with
+    replica: Optional[dist.ProcessGroup] = None   # None: the shard group is the whole replica
+    tensor: Optional[dist.ProcessGroup] = None    # None: no tensor parallelism
 
     @property
     def shard_size(self) -> int:
@@ -27,12 +31,29 @@ class EditGroups:
     def num_replicas(self) -> int:
         return 1 if self.sync is None else self.sync.size()
 
+    @property
+    def replica_index(self) -> int:
+        """This rank's replica: its position in the sync group."""
+        return 0 if self.sync is None else dist.get_rank(self.sync)
+
+    @property
+    def whole_replica(self) -> dist.ProcessGroup:
+        return self.shard if self.replica is None else self.replica
+
     @classmethod
     def from_parallel_state(cls) -> "EditGroups":
+        """Collective over the world: every rank must call it (it creates the replica groups)."""
         shard = parallel_state.get_data_parallel_group(with_context_parallel=True, partial_data_parallel=True)
         several_replicas = parallel_state.get_data_parallel_world_size(with_context_parallel=True) > shard.size()
         sync = parallel_state.get_inter_distributed_optimizer_instance_group() if several_replicas else None
-        return cls(shard=shard, sync=sync)
+        tensor = parallel_state.get_tensor_model_parallel_group() \
+            if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
+        replica = None
+        if sync is not None:
+            replica = _replica_group(dist.get_rank(sync))
+        elif dist.get_world_size() > shard.size():
+            replica = dist.group.WORLD
+        return cls(shard=shard, sync=sync, replica=replica, tensor=tensor)
 
     def replica_process_groups(self) -> ProcessGroupCollection:
         """megatron-core's groups with data parallelism narrowed to the shard group: DDP and the optimizer
@@ -41,3 +62,15 @@ class EditGroups:
         groups.dp = groups.dp_cp = groups.intra_dp_cp = groups.intra_dist_opt = self.shard
         groups.inter_dist_opt = None
         return groups
+
+
+def _replica_group(replica: int) -> dist.ProcessGroup:
+    """The group of every rank whose replica index is `replica`, made collectively (all ranks create all groups)."""
+    indices = [None] * dist.get_world_size()
+    dist.all_gather_object(indices, replica)
+    mine = None
+    for index in sorted(set(indices)):
+        group = dist.new_group([rank for rank, r in enumerate(indices) if r == index])
+        if index == replica:
+            mine = group
+    return mine

@@ -2,8 +2,9 @@
 
 Warm-up and local steps are local_sgd.py's: synchronous data parallelism for W iterations, then gradients
 stay inside the shard group and nothing crosses the sync group.
-Sync iterations (every H local steps): LayerwiseSync updates each module just before its forward.
-`sync_due` is the one thing A-EDiT (aedit.py) changes.
+Sync iterations (every H local steps): LayerwiseSync updates each module just before its forward; after the
+last iteration one more sync runs outside a forward. `sync_due` and `_start_sync` are what A-EDiT (aedit.py)
+changes.
 """
 import collections
 from typing import List
@@ -14,10 +15,11 @@ import torch.distributed as dist
 from megatron_edit.dp.edit.config import LocalSGDConfig
 from megatron_edit.dp.edit.groups import EditGroups
 from megatron_edit.dp.faults import FaultInjector
-from megatron_edit.dp.local_sgd import LocalSGDDataParallel
 from megatron_edit.dp.edit.penalty import PenaltyConfig
 from megatron_edit.dp.edit.shards import MainParams, ModuleShard
 from megatron_edit.dp.edit.sync import LayerwiseSync, ModuleSyncRecord
+from megatron_edit.dp.local_sgd import LocalSGDDataParallel
+from megatron_edit.errors import require
 from megatron_edit.logging import print_rank_last
 
 
@@ -29,10 +31,13 @@ def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
 
 
 def sync_modules(model: torch.nn.Module) -> List[tuple]:
-    """(name, module) of every module EDiT synchronizes on this pipeline stage, in forward order."""
+    """(name, module) of every module EDiT synchronizes on this pipeline stage, in forward order. The embedding's
+    word and position tables are separate units, so a word embedding tied to the last stage's output layer is a
+    unit of its own on both stages: the same values, decided on alike, stay the same."""
     candidates = []
     if model.pre_process:
-        candidates.append(("embedding", model.embedding))
+        candidates += [("embedding.word_embeddings", model.embedding.word_embeddings),
+                       ("embedding.position_embeddings", getattr(model.embedding, "position_embeddings", None))]
     for layer in model.decoder.layers:
         candidates.append((f"decoder.layers.{layer.layer_number - 1}", layer))
     if model.post_process:
@@ -72,6 +77,8 @@ def sync_summary(iteration: int, records: List[ModuleSyncRecord]) -> str:
 
 class EditDataParallel(LocalSGDDataParallel):
     name = "edit"
+    fault_kinds = frozenset({"bad-data", "scale", "nan"})
+    accepts_penalty = True
     step_weight = 0.0  # A-EDiT may blend replicas' shares of local steps into the weights
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: EditGroups,
@@ -79,14 +86,20 @@ class EditDataParallel(LocalSGDDataParallel):
         super().__init__(ddp_config, transformer_config, local_sgd, groups, faults)
         self.penalty = penalty
         self.sync = None
-        self.local_steps_since_sync = 0
         self._sync_start = (0, 0.0)  # sync-group bytes and exposed seconds when the current sync began
 
     @classmethod
+    def validate(cls, args) -> None:
+        super().validate(args)
+        require(args.edit_weight_temperature > 0, "--edit-weight-temperature must be > 0")
+        require(args.edit_pseudo_grad_clip is None or args.edit_pseudo_grad_clip > 0,
+                "--edit-pseudo-grad-clip must be > 0")
+
+    @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
-        mode = super().from_args(args, ddp_config, transformer_config)
-        mode.penalty = PenaltyConfig.from_args(args)
-        return mode
+        groups = EditGroups.from_parallel_state()
+        return cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
+                   FaultInjector.from_args(args, groups.replica_index), PenaltyConfig.from_args(args))
 
     def build_optimizer(self, model_chunks, optimizer_config):
         optimizer = super().build_optimizer(model_chunks, optimizer_config)
@@ -100,27 +113,35 @@ class EditDataParallel(LocalSGDDataParallel):
                                          self.local_sgd.offload_outer_state))
                 modules.append(module)
         self.sync = LayerwiseSync(units, modules, self.groups, self.local_sgd, self.penalty, self.faults,
-                                  local_steps=lambda: self.local_steps_since_sync, step_weight=self.step_weight)
+                                  step_weight=self.step_weight)
         if self.local_sgd.warmup_iters == 0:
             self.sync.initialize_anchors()
         return optimizer
 
     def sync_due(self, iteration: int, finished: bool) -> bool:
-        """EDiT syncs on a step count: H local steps after the last sync."""
-        return not finished and self.local_sgd.is_sync_iteration(iteration)
+        """EDiT syncs on a step count: H local steps after the last sync, and once more when training ends."""
+        return (finished and self.local_steps_since_sync > 0) or self.local_sgd.is_sync_iteration(iteration)
 
-    def begin_iteration(self, iteration: int, finished: bool) -> bool:
-        run = super().begin_iteration(iteration, finished)
-        if not self.in_warmup and self.has_peers and self.sync_due(iteration, finished):
+    def _begin_local_iteration(self, iteration: int, finished: bool) -> bool:
+        if self.sync_due(iteration, finished):
             self._sync_start = (self.counter.snapshot().get("sync", 0), self.sync.exposed_seconds)
             return self._start_sync(iteration, finished)
-        return run
+        return not finished
 
     def _start_sync(self, iteration: int, finished: bool) -> bool:
-        """A sync is due: arm it for this iteration's forward. Returns whether to run the iteration."""
-        self.sync.arm(iteration)
+        """A sync is due: arm it for this iteration's forward, or, once training is over, run it now.
+        Returns whether to run the iteration."""
+        if finished:
+            self._final_sync(iteration - 1)
+            return False
+        self.sync.arm(iteration, self.local_steps_since_sync)
         self.local_steps_since_sync = 0
-        return not finished
+        return True
+
+    def _final_sync(self, iteration: int) -> None:
+        self.sync.sync_now(iteration, self.local_steps_since_sync)
+        self.local_steps_since_sync = 0
+        self._report_sync(iteration)
 
     def after_optimizer_step(self, iteration: int) -> None:
         if self.sync.armed:
@@ -128,9 +149,15 @@ class EditDataParallel(LocalSGDDataParallel):
         self.sync.disarm()
         if iteration == self.local_sgd.warmup_iters:
             self.sync.initialize_anchors()
-        if not self.in_warmup:
-            self.local_steps_since_sync += 1
         super().after_optimizer_step(iteration)
+
+    def _consensus_views(self):
+        views = []
+        for unit in self.sync.units:
+            full = torch.empty(unit.padded_numel, dtype=torch.float32, device=unit.device)
+            dist.all_gather_into_tensor(full, unit.anchor.to(unit.device), group=self.groups.shard)
+            views.append((unit, full))
+        return views
 
     def exposed_sync_seconds(self) -> float:
         return self.sync.exposed_seconds
@@ -155,22 +182,22 @@ class EditDataParallel(LocalSGDDataParallel):
 
     def state_dict(self) -> dict:
         return {
+            **super().state_dict(),
             "anchors": [u.anchor.cpu().clone() for u in self.sync.units],
             "momenta": [u.momentum.cpu().clone() for u in self.sync.units],
             "detectors": [(d.mean, d.variance, d.count) for d in self.sync.detectors],
-            "local_steps_since_sync": self.local_steps_since_sync,
         }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict, same_replica: bool) -> None:
         """Anchors and momentum are the same in every replica, so they carry over whatever the replica count;
         detectors and step counters are per replica and come from the replica this one continues."""
+        super().load_state_dict(state, same_replica)
         for unit, anchor, momentum in zip(self.sync.units, state["anchors"], state["momenta"]):
             unit.anchor.copy_(anchor)
             unit.momentum.copy_(momentum)
         for detector, (mean, variance, count) in zip(self.sync.detectors, state["detectors"]):
             detector.mean, detector.variance, detector.count = mean, variance, count
-        self.local_steps_since_sync = state["local_steps_since_sync"]
 
     def outer_state_numel(self) -> int:
         return sum(unit.outer_state_numel() for unit in self.sync.units)

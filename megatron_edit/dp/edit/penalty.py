@@ -88,3 +88,13 @@ def clip_factor(norm: float, max_norm: Optional[float]) -> float:
     if max_norm is None or norm <= max_norm:
         return 1.0
     return max_norm / norm
+
+
+def blend_step_shares(weights: List[float], steps: List[float], outliers: List[bool], step_weight: float) -> List[float]:
+    """A-EDiT: (1 - b) w_i + b s_i / sum(s) with s_i the local steps of healthy replica i (outliers count 0 steps),
+    so replicas that did more work weigh more. Unchanged when b is 0, every replica is an outlier, or none stepped."""
+    healthy_steps = [0.0 if bad else s for s, bad in zip(steps, outliers)]
+    total = sum(healthy_steps)
+    if not step_weight or not any(weights) or total <= 0:
+        return weights
+    return [(1 - step_weight) * w + step_weight * s / total for w, s in zip(weights, healthy_steps)]

@@ -67,19 +67,26 @@ class FlatParams:
         return flat
 
     @torch.no_grad()
-    def write_full(self, flat: torch.Tensor) -> None:
-        """Set model parameters (in their dtype) and any fp32 main parameters from a flat fp32 vector."""
+    def write_model_params(self, flat: torch.Tensor) -> None:
+        """Set the model parameters (in their dtype) from a flat fp32 vector, leaving the optimizer's values alone."""
         offset = 0
         for param in self.params:
-            n = param.numel()
-            values = flat[offset:offset + n]
-            param.data.copy_(values.view_as(param))
+            param.data.copy_(flat[offset:offset + param.numel()].view_as(param))
+            offset += param.numel()
+
+    @torch.no_grad()
+    def write_full(self, flat: torch.Tensor) -> None:
+        """Set model parameters (in their dtype) and any fp32 main parameters from a flat fp32 vector."""
+        self.write_model_params(flat)
+        offset = 0
+        for param in self.params:
+            values = flat[offset:offset + param.numel()]
             if param in self.main_params.full:
                 self.main_params.full[param].copy_(values.view_as(param))
             elif param in self.main_params.fragments:
                 main, begin, end = self.main_params.fragments[param]
                 main.view(-1).copy_(values[begin:end])
-            offset += n
+            offset += param.numel()
 
 
 class ModuleShard(FlatParams):
@@ -93,6 +100,7 @@ class ModuleShard(FlatParams):
         self.name = name
         start = shard_rank * self.shard_numel
         self.owned = slice(start, start + self.shard_numel)  # of the padded flat vector
+        self.tensor_replicated = _replicated_ranges(params, self.owned)
         state_device = torch.device("cpu") if offload else self.device
         pin = offload and torch.cuda.is_available() and self.device.type == "cuda"
         self.anchor = torch.zeros(self.shard_numel, dtype=torch.float32, device=state_device, pin_memory=pin)
@@ -100,3 +108,23 @@ class ModuleShard(FlatParams):
 
     def outer_state_numel(self) -> int:
         return self.anchor.numel() + self.momentum.numel()
+
+    def squared_norm_parts(self, owned_values: torch.Tensor) -> torch.Tensor:
+        """[sum of squares over tensor-parallel slices, over tensor-replicated elements] of this rank's slice of a
+        module-wide vector: summed over the tensor group, the first adds up and the second counts each copy."""
+        squares = owned_values.double().pow(2)
+        replicated = sum((squares[r].sum() for r in self.tensor_replicated), torch.zeros((), dtype=torch.float64,
+                                                                                            device=squares.device))
+        return torch.stack([squares.sum() - replicated, replicated])
+
+
+def _replicated_ranges(params: List[torch.nn.Parameter], owned: slice) -> List[slice]:
+    """Where, inside the owned slice, elements of parameters every tensor-parallel rank holds whole lie
+    (layer norms, biases of row-parallel layers): megatron-core marks the split ones `tensor_model_parallel`."""
+    ranges, offset = [], 0
+    for param in params:
+        begin, end = max(offset, owned.start), min(offset + param.numel(), owned.stop)
+        if begin < end and not getattr(param, "tensor_model_parallel", False):
+            ranges.append(slice(begin - owned.start, end - owned.start))
+        offset += param.numel()
+    return ranges

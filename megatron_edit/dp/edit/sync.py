@@ -13,7 +13,7 @@ Before finishing module k it issues module k+1's all-reduce, so that collective 
 import dataclasses
 import math
 import time
-from typing import Callable, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,8 @@ import torch.distributed as dist
 from megatron_edit.dp.edit.config import LocalSGDConfig
 from megatron_edit.dp.edit.groups import EditGroups
 from megatron_edit.dp.edit.outer import outer_sgd_step
-from megatron_edit.dp.edit.penalty import EwmaAnomalyDetector, PenaltyConfig, clip_factor, replica_weights
+from megatron_edit.dp.edit.penalty import (EwmaAnomalyDetector, PenaltyConfig, blend_step_shares, clip_factor,
+                                            replica_weights)
 from megatron_edit.dp.edit.shards import ModuleShard
 
 
@@ -46,11 +47,11 @@ class _Pending:
 
 class LayerwiseSync:
     def __init__(self, units: List[ModuleShard], modules: List[torch.nn.Module], groups: EditGroups,
-                 config: LocalSGDConfig, penalty: PenaltyConfig, faults,
-                 local_steps: Callable[[], int] = lambda: 1, step_weight: float = 0.0):
+                 config: LocalSGDConfig, penalty: PenaltyConfig, faults, step_weight: float = 0.0):
         self.units, self.groups, self.config, self.penalty, self.faults = units, groups, config, penalty, faults
-        self.local_steps, self.step_weight = local_steps, step_weight
-        self.replica = 0 if groups.sync is None else dist.get_rank(groups.sync)
+        self.step_weight = step_weight
+        self.replica = groups.replica_index
+        self.local_steps = 0  # this replica's local steps since the previous sync, for the step weights
         self.detectors = [EwmaAnomalyDetector(penalty.ewma_alpha, penalty.anomaly_warmup_syncs,
                                               penalty.anomaly_threshold) for _ in units]
         self.armed, self.iteration = False, 0
@@ -74,9 +75,10 @@ class LayerwiseSync:
         if self.trace is not None:
             self.trace.append((event, name))
 
-    def arm(self, iteration: int) -> None:
-        """The coming forward passes belong to a sync iteration."""
+    def arm(self, iteration: int, local_steps: int) -> None:
+        """The coming forward passes belong to a sync iteration; this replica took `local_steps` since the last."""
         self.armed, self.iteration, self.synced, self.records = True, iteration, set(), []
+        self.local_steps = local_steps
         self.armed_at = time.time()
 
     def disarm(self) -> None:
@@ -87,9 +89,9 @@ class LayerwiseSync:
             self.faults.end_sync()
         self.armed = False
 
-    def sync_now(self, iteration: int) -> None:
+    def sync_now(self, iteration: int, local_steps: int) -> None:
         """Synchronize every module at once, outside a forward pass."""
-        self.arm(iteration)
+        self.arm(iteration, local_steps)
         for index in range(len(self.units)):
             self._sync_module(index)
         self.disarm()
@@ -114,11 +116,16 @@ class LayerwiseSync:
             self._issue(index + 1)  # overlaps with this module's forward
         self._finish(index)
 
-    def _norm(self, shard_values: torch.Tensor) -> float:
-        """Norm of a module-wide vector from this rank's slice: squares summed over the shard group."""
-        squares = shard_values.double().pow(2).sum().reshape(1)
-        dist.all_reduce(squares, group=self.groups.shard)
-        return squares.sqrt().item()
+    def _norm(self, index: int, owned_values: torch.Tensor) -> float:
+        """Norm of a module-wide vector from this rank's slice: over the shard group and the tensor-parallel
+        slices, tensor-replicated elements counted once. Every rank of the replica gets the same number."""
+        parts = self.units[index].squared_norm_parts(owned_values)
+        dist.all_reduce(parts, group=self.groups.shard)
+        tensor_size = 1
+        if self.groups.tensor is not None:
+            dist.all_reduce(parts, group=self.groups.tensor)
+            tensor_size = self.groups.tensor.size()
+        return math.sqrt((parts[0] + parts[1] / tensor_size).item())
 
     def _weights(self, index: int, pseudo_grad: torch.Tensor) -> ModuleSyncRecord:
         """Every replica's weight for this module: uniform, or decided from the exchanged norms."""
@@ -126,11 +133,11 @@ class LayerwiseSync:
         name = self.units[index].name
         if not (self.penalty.needs_norms or self.step_weight):
             return ModuleSyncRecord(name, [], [False] * replicas, [1.0 / replicas] * replicas)
-        norm = self._norm(pseudo_grad)
+        norm = self._norm(index, pseudo_grad)
         outlier = not math.isfinite(norm) or (self.penalty.anomaly_elimination and self.detectors[index].observe(norm))
-        mine = torch.tensor([norm if math.isfinite(norm) else math.inf, float(outlier), float(self.local_steps())],
-                            dtype=torch.float64)
-        everyone = torch.empty(3 * replicas, dtype=torch.float64)
+        mine = torch.tensor([norm if math.isfinite(norm) else math.inf, float(outlier), float(self.local_steps)],
+                            dtype=torch.float64, device=pseudo_grad.device)
+        everyone = torch.empty(3 * replicas, dtype=torch.float64, device=pseudo_grad.device)
         if self.groups.sync is None:
             everyone.copy_(mine)
         else:
@@ -138,11 +145,7 @@ class LayerwiseSync:
         norms, flags, steps = everyone.view(replicas, 3).t().tolist()
         outliers = [bool(f) for f in flags]
         weights = replica_weights(norms, outliers, self.penalty.weighted_average, self.penalty.weight_temperature)
-        if self.step_weight and any(weights):
-            healthy_steps = [s if not bad else 0.0 for s, bad in zip(steps, outliers)]
-            total = sum(healthy_steps)
-            weights = [(1 - self.step_weight) * w + self.step_weight * s / total
-                       for w, s in zip(weights, healthy_steps)]
+        weights = blend_step_shares(weights, steps, outliers, self.step_weight)
         return ModuleSyncRecord(name, norms, outliers, weights)
 
     def _issue(self, index: int) -> None:
@@ -173,7 +176,7 @@ class LayerwiseSync:
             record.reset_to_anchor = True
         else:
             pseudo_grad = pending.pseudo_grad
-            record.averaged_norm = self._norm(pseudo_grad)
+            record.averaged_norm = self._norm(index, pseudo_grad)
             factor = clip_factor(record.averaged_norm, self.penalty.pseudo_grad_clip)
             record.clipped_norm = record.averaged_norm * factor
             if factor != 1.0:

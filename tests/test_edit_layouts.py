@@ -1,0 +1,124 @@
+"""EDiT and A-EDiT on tensor- and pipeline-parallel layouts: a replica decides as one, and what is logged means
+what it means under ddp."""
+import pytest
+import torch
+
+from launcher import TINY_GPT, run_training
+from test_edit import edit, local_sgd, run
+
+PENALTY = ("--edit-anomaly-elimination", "--edit-anomaly-warmup-syncs", "1", "--edit-weighted-average",
+           "--edit-weight-temperature", "0.05", "--edit-pseudo-grad-clip", "0.02")
+TENSOR_PARALLEL = ("--tensor-model-parallel-size", "2")
+PIPELINE_PARALLEL = ("--pipeline-model-parallel-size", "2")
+
+
+def aedit(*extra, train_iters: int = 24) -> tuple:
+    """A-EDiT, 2 replicas of one data-parallel rank each, a sync every ~0.3 s after 2 warm-up iterations."""
+    nproc, args = edit(1, 2, *local_sgd(2, 1))
+    return ("--dp-mode", "aedit") + args[2:] + ("--aedit-sync-seconds", "0.3", "--train-iters", str(train_iters)) + extra
+
+
+def by_replica(dumps: list) -> dict:
+    replicas = {}
+    for dump in dumps:
+        replicas.setdefault(dump["replica"], []).append(dump)
+    return replicas
+
+
+@pytest.mark.parametrize("layout", [TENSOR_PARALLEL, PIPELINE_PARALLEL], ids=["tp2", "pp2"])
+def test_aedit_replica_syncs_as_one_on_tensor_and_pipeline_layouts(layout):
+    dumps = run(4, aedit(*layout))
+    replicas = by_replica(dumps)
+    assert sorted(replicas) == [0, 1] and all(len(ranks) == 2 for ranks in replicas.values())
+    for ranks in replicas.values():
+        iterations = [[sync["iteration"] for sync in dump["syncs"]] for dump in ranks]
+        assert iterations[0] == iterations[1]  # every rank of a replica syncs in the same iterations
+        assert len(iterations[0]) >= 2
+        assert len(ranks[0]["losses"]) == len(ranks[1]["losses"])  # and stops together
+    last_stage = [dump for dump in dumps if dump["losses"][0] > 0]  # other pipeline stages see no loss
+    assert last_stage and all(dump["losses"][-1] < dump["losses"][0] for dump in last_stage)
+    # The replicas meet in every sync: each holds the same number of them, ending on the same model.
+    assert len({len(dump["syncs"]) for dump in dumps}) == 1
+
+
+def assert_replicated_copies_identical(dumps: list) -> int:
+    """Within each replica, every parameter held whole by several ranks (TP-replicated, tied embedding) is
+    bit-identical on all of them. Returns how many such (parameter, rank pair) comparisons were made."""
+    compared = 0
+    for ranks in by_replica(dumps).values():
+        for i, first in enumerate(ranks):
+            for second in ranks[i + 1:]:
+                for name in first["params"].keys() & second["params"].keys():
+                    if name in first["tensor_parallel"]:
+                        continue
+                    assert torch.equal(first["params"][name], second["params"][name]), name
+                    compared += 1
+    return compared
+
+
+@pytest.mark.parametrize("layout", [TENSOR_PARALLEL, PIPELINE_PARALLEL], ids=["tp2", "pp2_tied_embeddings"])
+def test_penalty_keeps_replicated_and_tied_copies_bit_identical(layout):
+    dumps = run(*edit(1, 2, *local_sgd(2, 2), *PENALTY, *layout, "--edit-anomaly-threshold", "1"))
+    assert assert_replicated_copies_identical(dumps) > 0
+    syncs = dumps[0]["syncs"]
+    assert len(syncs) == 4  # iterations 5, 7, 9 and the final one
+    records = [r for sync in syncs for r in sync["records"]]
+    assert any(r["clipped_norm"] < r["averaged_norm"] for r in records)  # clipping bites
+    assert any(abs(r["weights"][0] - 0.5) > 1e-3 for r in records)  # weights follow the norms
+    if layout == PIPELINE_PARALLEL:  # the word embedding's two copies decided alike on the first and last stage
+        first, last = (next(d for d in dumps if d["replica"] == 0 and name in [u["name"] for u in d["units"]])
+                       for name in ("embedding.word_embeddings", "output_layer"))
+        decisions = [[(r["norms"], r["outliers"], r["weights"], r["clipped_norm"]) for sync in dump["syncs"]
+                      for r in sync["records"] if r["name"] == name]
+                     for dump, name in ((first, "embedding.word_embeddings"), (last, "output_layer"))]
+        assert decisions[0] == decisions[1]
+
+
+def test_aedit_step_weight_blends_softmax_weights_with_shares_of_local_steps():
+    weight = 0.5
+    fast, slow = run(2, aedit("--simulate-straggler", "1:3", "--edit-weighted-average", "--aedit-step-weight",
+                              str(weight)))
+    steps_per_replica = []
+    for dump in (fast, slow):
+        iterations = [sync["iteration"] for sync in dump["syncs"]]
+        # local steps before each sync: after warm-up (2) up to the sync iteration; the final sync, after the last
+        previous, steps = 2, []
+        for k, iteration in enumerate(iterations):
+            final = k == len(iterations) - 1
+            steps.append(iteration - previous + (1 if final else 0) if k else iteration - 1 - previous)
+            previous = iteration
+        steps_per_replica.append(steps)
+    assert any(a != b for a, b in zip(*steps_per_replica))  # the straggler took fewer steps
+    for k, sync in enumerate(fast["syncs"]):
+        steps = [replica_steps[k] for replica_steps in steps_per_replica]
+        for record in sync["records"]:
+            softmax = torch.softmax(-torch.tensor(record["norms"], dtype=torch.float64), dim=0).tolist()
+            expected = [(1 - weight) * w + weight * s / sum(steps) for w, s in zip(softmax, steps)]
+            assert record["weights"] == pytest.approx(expected, rel=1e-9), (sync["iteration"], record["name"])
+
+
+STEPS = ["--micro-batch-size", "2", "--global-batch-size", "8", "--log-interval", "1", "--eval-interval", "3",
+         "--eval-iters", "2", "--train-iters", "6"]
+
+
+def test_warmup_edit_logs_exactly_ddps_training_and_validation_losses():
+    ddp = run_training(4, TINY_GPT + STEPS).check()
+    warmup = run_training(4, TINY_GPT + STEPS + ["--dp-mode", "edit", "--model-shard-group-size", "2",
+                                                 *local_sgd(6, 2)]).check()
+    assert len(ddp.losses) == 6
+    assert warmup.losses == pytest.approx(ddp.losses, abs=1e-5)
+    assert warmup.validation_losses.keys() == ddp.validation_losses.keys() == {0, 3, 6}
+    for iteration, loss in ddp.validation_losses.items():
+        assert warmup.validation_losses[iteration] == pytest.approx(loss, abs=1e-5)
+
+
+def test_aedit_saves_at_a_sync_and_the_resumed_run_continues_and_syncs(tmp_path):
+    args = list(TINY_GPT) + ["--micro-batch-size", "2", "--global-batch-size", "8", "--log-interval", "4",
+                             "--eval-interval", "1000", "--eval-iters", "1"]
+    checkpoints = ("--save", str(tmp_path), "--save-interval", "6")
+    first = run_training(2, args + list(aedit(*checkpoints))).check()
+    assert " saved checkpoint at iteration" in first.stdout and "edit sync at iteration" in first.stdout
+    second = run_training(2, args + list(aedit(*checkpoints, "--load", str(tmp_path), train_iters=40))).check()
+    assert "loaded checkpoint from" in second.stdout
+    assert second.stdout.count("edit sync at iteration") >= 2
+    assert " training summary: " in second.stdout

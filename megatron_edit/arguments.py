@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--edit-anomaly-ewma-alpha", type=float, default=0.02)
     g.add_argument("--edit-anomaly-warmup-syncs", type=int, default=120, help="syncs observed before judging")
     g.add_argument("--edit-anomaly-threshold", type=float, default=3.0, help="z-score above which a norm is an outlier")
+    g.add_argument("--edit-anomaly-max-consecutive", type=int, default=3,
+                   help="syncs in a row a replica's module may be excluded; the next norm is accepted")
     g.add_argument("--edit-weighted-average", action="store_true",
                    help="weigh replicas by softmax(-norm / temperature) instead of equally")
     g.add_argument("--edit-weight-temperature", type=float, default=1.0)
@@ -258,6 +260,7 @@ def _validate_local_sgd(args: argparse.Namespace) -> None:
     _require(args.local_sgd_warmup_iters >= 0, "--local-sgd-warmup-iters must be >= 0")
     _require(args.outer_lr > 0 and 0 <= args.outer_momentum < 1,
              "--outer-lr must be > 0 and --outer-momentum in [0, 1)")
+    _require(args.edit_anomaly_max_consecutive >= 1, "--edit-anomaly-max-consecutive must be >= 1")
     _require(args.edit_weight_temperature > 0, "--edit-weight-temperature must be > 0")
     _require(args.edit_pseudo_grad_clip is None or args.edit_pseudo_grad_clip > 0, "--edit-pseudo-grad-clip must be > 0")
     _require(0 <= args.aedit_step_weight <= 1, "--aedit-step-weight must be in [0, 1]")

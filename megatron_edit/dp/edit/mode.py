@@ -157,7 +157,7 @@ class EditDataParallel(LocalSGDDataParallel):
         return {
             "anchors": [u.anchor.cpu().clone() for u in self.sync.units],
             "momenta": [u.momentum.cpu().clone() for u in self.sync.units],
-            "detectors": [(d.mean, d.variance, d.count) for d in self.sync.detectors],
+            "detectors": [d.state_dict() for d in self.sync.detectors],
             "local_steps_since_sync": self.local_steps_since_sync,
         }
 
@@ -168,8 +168,8 @@ class EditDataParallel(LocalSGDDataParallel):
         for unit, anchor, momentum in zip(self.sync.units, state["anchors"], state["momenta"]):
             unit.anchor.copy_(anchor)
             unit.momentum.copy_(momentum)
-        for detector, (mean, variance, count) in zip(self.sync.detectors, state["detectors"]):
-            detector.mean, detector.variance, detector.count = mean, variance, count
+        for detector, detector_state in zip(self.sync.detectors, state["detectors"]):
+            detector.load_state_dict(detector_state)
         self.local_steps_since_sync = state["local_steps_since_sync"]
 
     def outer_state_numel(self) -> int:

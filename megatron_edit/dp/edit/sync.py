@@ -51,8 +51,7 @@ class LayerwiseSync:
         self.units, self.groups, self.config, self.penalty, self.faults = units, groups, config, penalty, faults
         self.local_steps, self.step_weight = local_steps, step_weight
         self.replica = 0 if groups.sync is None else dist.get_rank(groups.sync)
-        self.detectors = [EwmaAnomalyDetector(penalty.ewma_alpha, penalty.anomaly_warmup_syncs,
-                                              penalty.anomaly_threshold) for _ in units]
+        self.detectors = [EwmaAnomalyDetector.from_config(penalty) for _ in units]
         self.armed, self.iteration = False, 0
         self.pending: dict = {}
         self.synced: set = set()

@@ -63,3 +63,11 @@ def test_edit_local_steps_count_the_distributed_optimizer_on_the_shard_group():
                 assert sent(record) == {"shard": shard_bytes, "sync": grad_bytes // 2}, iteration
             elif iteration not in (6, 9):  # local steps (6 and 9 are syncs)
                 assert sent(record) == {"shard": shard_bytes}, iteration
+
+
+def test_an_unnamed_group_is_counted_under_its_ranks_in_a_name_the_summary_line_can_carry(monkeypatch):
+    monkeypatch.setattr(comm_stats.dist, "get_world_size", lambda group=None: 2)
+    monkeypatch.setattr(comm_stats.dist, "get_process_group_ranks", lambda group: [0, 1])
+    counter = comm_stats.CommunicationCounter()
+    counter._record(object(), 8)
+    assert counter.snapshot() == {"ranks[0,1]": 8}

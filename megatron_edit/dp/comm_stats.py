@@ -68,7 +68,8 @@ class CommunicationCounter:
         if group is None or group is dist.GroupMember.WORLD:
             key = "world"
         else:
-            key = self._names.get(group) or f"ranks{dist.get_process_group_ranks(group)}"
+            # no spaces: the summary line separates groups with ", " (logging.TrainingLog.parse)
+            key = self._names.get(group) or f"ranks[{','.join(map(str, dist.get_process_group_ranks(group)))}]"
         self.bytes[key] += nbytes
 
     def snapshot(self) -> collections.Counter:

@@ -87,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--edit-anomaly-ewma-alpha", type=float, default=0.02)
     g.add_argument("--edit-anomaly-warmup-syncs", type=int, default=120, help="syncs observed before judging")
     g.add_argument("--edit-anomaly-threshold", type=float, default=3.0, help="z-score above which a norm is an outlier")
+    g.add_argument("--edit-anomaly-max-consecutive", type=int, default=3,
+                   help="syncs in a row a replica's module may be excluded; the next norm is accepted")
     g.add_argument("--edit-weighted-average", action="store_true",
                    help="weigh replicas by softmax(-norm / temperature) instead of equally")
     g.add_argument("--edit-weight-temperature", type=float, default=1.0)

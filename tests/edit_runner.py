@@ -1,5 +1,6 @@
 """Runs pretrain_gpt.py's pieces for --train-iters under torchrun and dumps, per rank, what EDiT tests inspect:
-parameters by global name, the sync trace, bytes per group per iteration, and the outer state's size and place."""
+parameters by global name, the sync trace, bytes per group per iteration, the outer state's size and place, and the
+bytes of megatron-core's DDP buckets (gradient and parameter buffers)."""
 import argparse
 import dataclasses
 import os
@@ -84,6 +85,12 @@ def main():
                           "anchor": u.anchor.cpu().clone(),
                           "anchor_device": str(u.anchor.device), "momentum_device": str(u.momentum.device)}
                          for u in units]
+    def nbytes(tensor):
+        return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+    dump["ddp_buckets"] = [{"grad_bytes": nbytes(b.grad_data), "param_bytes": nbytes(b.param_data)}
+                           for chunk in trainer.model for buffer in chunk.buffers + chunk.expert_parallel_buffers
+                           for b in buffer.buckets]
     if hasattr(mode, "outer_state_numel"):
         dump["outer_state_numel"] = mode.outer_state_numel()
     torch.save(dump, os.path.join(args.dump_dir, f"rank{dist.get_rank()}.pt"))

@@ -9,12 +9,93 @@ from test_edit import edit, local_sgd, run
 
 
 def test_detector_against_hand_computed_sequence():
-    detector = EwmaAnomalyDetector(alpha=0.5, warmup=2, threshold=3.0)
+    detector = EwmaAnomalyDetector(alpha=0.5, warmup=2, threshold=3.0, max_consecutive=3)
     flags = [detector.observe(norm) for norm in [1.0, 3.0, 2.0, 10.0, 2.5]]
-    # mean 1 -> 2 (var 0.5) -> 2 (var 0.25); 10 has z = 8/0.5 = 16 and is left out; 2.5 has z = 1
+    # mean 1 -> 2 (var 0.5) -> 2 (var 0.25); 10 has z = 8/0.5 = 16: flagged, and enters winsorized as 2 + 3 * 0.5:
+    # mean 2.75, var 0.5 (0.25 + 0.5 * 1.5 * 0.75) = 0.40625; 2.5 has z < 0: mean 2.625, var 0.2109375
     assert flags == [False, False, False, True, False]
-    assert (detector.mean, detector.variance, detector.count) == (2.25, 0.15625, 4)
+    assert (detector.mean, detector.variance, detector.count, detector.consecutive) == (2.625, 0.2109375, 5, 0)
     assert detector.observe(math.nan) and detector.observe(math.inf)
+
+
+def detector(max_consecutive=3):
+    return EwmaAnomalyDetector(alpha=0.02, warmup=120, threshold=3.0, max_consecutive=max_consecutive)
+
+
+def noisy_norms(count, level=1.0, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return (level * (1 + 0.05 * torch.randn(count, generator=generator, dtype=torch.float64))).tolist()
+
+
+def test_constant_norms_are_never_flagged_and_z_stays_finite():
+    for value in (1.0, 0.0):
+        d = detector()
+        assert not any(d.observe(value) for _ in range(300)) and d.variance == 0.0
+        assert d.z_score(value) == 0.0
+        assert math.isfinite(d.z_score(2.0)) and d.z_score(2.0) > d.threshold  # a doubling is still an outlier
+    d = detector()
+    for _ in range(300):
+        d.observe(1.0)
+    assert not d.observe(1.02)  # within threshold x 1% of a quiet history's mean
+
+
+def test_single_spike_is_flagged_and_barely_moves_the_statistics():
+    d = detector()
+    for norm in noisy_norms(300):
+        d.observe(norm)
+    mean, std = d.mean, math.sqrt(d.variance)
+    assert d.observe(1000.0)
+    assert abs(d.mean - mean) < 0.1 * std  # winsorized: alpha x threshold x std = 0.06 std, whatever the spike
+    assert math.sqrt(d.variance) < 1.1 * std
+    assert not d.observe(mean)
+
+
+@pytest.mark.parametrize("before", ["noisy", "constant"])
+def test_lasting_level_shift_is_accepted_after_a_bounded_number_of_syncs(before):
+    history = noisy_norms(300) if before == "noisy" else [1.0] * 300
+    shifted = noisy_norms(300, level=2.0, seed=1)
+    for max_consecutive, bound in [(3, 15), (10 ** 9, 60)]:  # winsorizing alone adapts too, more slowly
+        d = detector(max_consecutive)
+        for norm in history:
+            d.observe(norm)
+        flags = [d.observe(norm) for norm in shifted]
+        assert any(flags[:3]) and not any(flags[bound:]), (max_consecutive, flags.index(True))
+        assert d.mean == pytest.approx(2.0, rel=0.05)
+
+
+def test_one_replica_is_excluded_at_most_max_consecutive_syncs_in_a_row():
+    d = detector(max_consecutive=2)
+    for norm in noisy_norms(300):
+        d.observe(norm)
+    flags = [d.observe(1e6) for _ in range(9)]
+    assert flags == [True, True, False] * 3
+
+
+def test_non_finite_norms_are_always_flagged_and_leave_the_detector_untouched():
+    d = detector(max_consecutive=1)
+    for norm in noisy_norms(300):
+        d.observe(norm)
+    assert d.observe(1e6)  # one exclusion: the cap is reached
+    state = d.state_dict()
+    assert all(d.observe(bad) for bad in [math.nan, math.inf, -math.inf, math.nan])
+    assert d.state_dict() == state
+    assert not d.observe(1e6)  # NaNs did not count toward the cap, nor reset it
+
+
+def test_detector_state_round_trips():
+    d = detector()
+    for norm in noisy_norms(200) + [50.0, 50.0]:
+        d.observe(norm)
+    restored = detector()
+    restored.load_state_dict(d.state_dict())
+    assert restored.state_dict() == d.state_dict() and restored.consecutive == 2
+
+
+def test_max_consecutive_must_be_at_least_one():
+    from test_arguments import error_of
+
+    assert "--edit-anomaly-max-consecutive must be >= 1" in \
+        error_of(["--dp-mode", "edit", "--edit-anomaly-max-consecutive", "0"], world_size=2)
 
 
 def test_weights_follow_the_softmax_of_minus_norms_over_healthy_replicas():

@@ -2,31 +2,55 @@
 "bytes on the wire" in logs, benchmarks and tests.
 
 Installed once per process, it wraps the torch.distributed functions that megatron-core and this
-project call (looked up at call time, so megatron-core's calls are counted too). Payload is the
-size of the collective's full buffer: the tensor for all-reduce/broadcast/send, the input of a
-reduce-scatter, the output of an all-gather; pipeline sends are counted through batch_isend_irecv
-(isend itself is left alone: torch.distributed.P2POp checks its identity). Groups are counted under
-the names given with `name_group`; megatron-core's model-parallel groups are named by `install`.
-Collectives of a one-rank group are not counted: nothing of them leaves the process.
+project call, and the copies megatron-core binds at import (`dist_all_gather_func =
+torch.distributed.all_gather_into_tensor` in param_and_grad_buffer.py and the tensor-parallel code:
+the distributed optimizer's gradient reduce-scatter and parameter all-gather go through those), listed
+in `_BOUND_AT_IMPORT`. Payload is the size of the collective's full buffer: the tensor for
+all-reduce/broadcast, the input of a reduce-scatter or all-to-all, the output of an all-gather (for the
+list forms, the sum of the list). Collectives issued inside torch's `_coalescing_manager` (megatron-core
+coalesces its buckets) are counted one by one as they are queued; the coalesced launch at the end
+calls the process group directly, so nothing is counted twice. Pipeline sends are counted through
+batch_isend_irecv (isend itself is left alone: torch.distributed.P2POp checks its identity).
+Groups are counted under the names given with `name_group`; megatron-core's model-parallel groups are
+named by `install`. Collectives of a one-rank group are not counted: nothing of them leaves the process.
+Not counted: barriers and object collectives (no tensor payload), gather/scatter (checkpoint-time only).
 """
 import collections
 import functools
+import importlib
+import inspect
 
 import torch.distributed as dist
 
+# The buffer each collective moves, from its bound arguments (names as in torch.distributed).
 _PAYLOAD = {
-    "all_reduce": lambda tensor, *a, **k: tensor,
-    "broadcast": lambda tensor, *a, **k: tensor,
-    "reduce_scatter_tensor": lambda output, input, *a, **k: input,
-    "all_gather_into_tensor": lambda output_tensor, input_tensor, *a, **k: output_tensor,
+    "all_reduce": lambda a: a["tensor"],
+    "broadcast": lambda a: a["tensor"],
+    "reduce_scatter_tensor": lambda a: a["input"],
+    "reduce_scatter_single": lambda a: a["input"],
+    "_reduce_scatter_base": lambda a: a["input"],
+    "reduce_scatter": lambda a: a["input_list"],
+    "all_gather_into_tensor": lambda a: a["output_tensor"],
+    "all_gather_single": lambda a: a["output_tensor"],
+    "_all_gather_base": lambda a: a["output_tensor"],
+    "all_gather": lambda a: a["tensor_list"],
+    "all_to_all_single": lambda a: a["input"],
 }
 
-
-def _group_of(name, args, kwargs):
-    if "group" in kwargs:
-        return kwargs["group"]
-    position = {"all_reduce": 2, "broadcast": 2, "reduce_scatter_tensor": 3, "all_gather_into_tensor": 2}[name]
-    return args[position] if len(args) > position else None
+# megatron-core modules that bind a torch.distributed collective to a name of their own at import, so
+# that replacing torch.distributed's attribute does not reach their calls.
+_BOUND_AT_IMPORT = [
+    ("megatron.core.distributed.param_and_grad_buffer", "dist_all_gather_func"),  # distributed optimizer
+    ("megatron.core.distributed.param_and_grad_buffer", "dist_reduce_scatter_func"),
+    ("megatron.core.tensor_parallel.mappings", "dist_all_gather_func"),  # sequence parallelism
+    ("megatron.core.tensor_parallel.mappings", "dist_reduce_scatter_func"),
+    ("megatron.core.tensor_parallel.layers", "dist_all_gather_func"),
+    ("megatron.core.tensor_parallel.layers", "dist_reduce_scatter_func"),
+    ("megatron.core.tensor_parallel.utils", "dist_all_gather_func"),
+    ("megatron.core.transformer.multi_token_prediction", "dist_all_gather_func"),
+    ("megatron.core.timers", "dist_all_gather_func"),
+    ("megatron.core.utils", "dist_all_gather_func"),
+]
 
 
 class CommunicationCounter:
@@ -44,7 +68,8 @@ class CommunicationCounter:
         if group is None or group is dist.GroupMember.WORLD:
             key = "world"
         else:
-            key = self._names.get(group) or f"ranks{dist.get_process_group_ranks(group)}"
+            # no spaces: the summary line separates groups with ", " (logging.TrainingLog.parse)
+            key = self._names.get(group) or f"ranks[{','.join(map(str, dist.get_process_group_ranks(group)))}]"
         self.bytes[key] += nbytes
 
     def snapshot(self) -> collections.Counter:
@@ -54,15 +79,30 @@ class CommunicationCounter:
 COUNTER = CommunicationCounter()
 
 
-def _counted(name, function):
+def _nbytes(payload) -> int:
+    tensors = payload if isinstance(payload, (list, tuple)) else [payload]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def _counted(function):
+    payload, signature = _PAYLOAD[function.__name__], inspect.signature(function)
+
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
-        tensor = _PAYLOAD[name](*args, **kwargs)
-        COUNTER._record(_group_of(name, args, kwargs), tensor.numel() * tensor.element_size())
+        arguments = signature.bind(*args, **kwargs).arguments
+        COUNTER._record(arguments.get("group"), _nbytes(payload(arguments)))
         return function(*args, **kwargs)
 
     wrapper._counted = True
     return wrapper
+
+
+def _wrap(namespace, attribute: str) -> None:
+    """Count calls through `namespace.attribute` (once; functions we have no payload rule for stay as they are,
+    e.g. megatron-core's reduce_scatter_with_fp32_accumulation, whose all_to_all_single is counted)."""
+    function = getattr(namespace, attribute)
+    if not getattr(function, "_counted", False) and getattr(function, "__name__", None) in _PAYLOAD:
+        setattr(namespace, attribute, _counted(function))
 
 
 def _counted_batch_isend_irecv(function):
@@ -81,6 +121,8 @@ def _name_megatron_groups() -> None:
     from megatron.core import parallel_state
 
     getters = {
+        # all ranks of one distributed-optimizer instance: its gradient statistics (norm, zeros, found-inf)
+        "dist_opt": parallel_state.get_intra_distributed_optimizer_instance_group,
         "dp": lambda: parallel_state.get_data_parallel_group(with_context_parallel=True),
         "mp": parallel_state.get_model_parallel_group,
         "pp": parallel_state.get_pipeline_model_parallel_group,
@@ -97,9 +139,9 @@ def install() -> CommunicationCounter:
     Call it once megatron-core's parallel state exists, so its groups get their names."""
     _name_megatron_groups()
     for name in _PAYLOAD:
-        function = getattr(dist, name)
-        if not getattr(function, "_counted", False):
-            setattr(dist, name, _counted(name, function))
+        _wrap(dist, name)
+    for module, attribute in _BOUND_AT_IMPORT:
+        _wrap(importlib.import_module(module), attribute)
     if not getattr(dist.batch_isend_irecv, "_counted", False):
         dist.batch_isend_irecv = _counted_batch_isend_irecv(dist.batch_isend_irecv)
     return COUNTER

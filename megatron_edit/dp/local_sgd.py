@@ -39,6 +39,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         self.counter = comm_stats.install()
         self.counter.name_group(groups.shard, "shard")
         self.counter.name_group(groups.sync, "sync")
+        self.counter.name_group(groups.replica, "replica")
         self.in_warmup = local_sgd.warmup_iters > 0
         self.local_steps_since_sync = 0  # local (post-warm-up) steps this replica took since the last sync
         self.blocked_sync_seconds = 0.0  # training time spent in blocking syncs, in all

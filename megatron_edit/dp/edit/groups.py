@@ -48,18 +48,19 @@ class EditGroups:
         sync = parallel_state.get_inter_distributed_optimizer_instance_group() if several_replicas else None
         tensor = parallel_state.get_tensor_model_parallel_group() \
             if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
-        replica = None
-        if sync is not None:
-            replica = _replica_group(dist.get_rank(sync))
-        elif dist.get_world_size() > shard.size():
-            replica = dist.group.WORLD
+        replica = None  # the shard group is the whole replica unless tensor or pipeline ranks belong to it too
+        if dist.get_world_size() > shard.size() * (1 if sync is None else sync.size()):
+            replica = dist.group.WORLD if sync is None else _replica_group(dist.get_rank(sync))
         return cls(shard=shard, sync=sync, replica=replica, tensor=tensor)
 
     def replica_process_groups(self) -> ProcessGroupCollection:
         """megatron-core's groups with data parallelism narrowed to the shard group: DDP and the optimizer
         built on these reduce gradients and shard state inside one replica only."""
         groups = ProcessGroupCollection.use_mpu_process_groups()
-        groups.dp = groups.dp_cp = groups.intra_dp_cp = groups.intra_dist_opt = self.shard
+        groups.dp = groups.dp_cp = groups.intra_dp_cp = self.shard
+        # The distributed optimizer reduces gradient statistics (the norm for clipping) over this group: the
+        # whole replica, tensor and pipeline ranks included, as megatron-core's instance group would be.
+        groups.intra_dist_opt = self.whole_replica
         groups.inter_dist_opt = None
         return groups
 

@@ -91,6 +91,7 @@ class EditDataParallel(LocalSGDDataParallel):
     @classmethod
     def validate(cls, args) -> None:
         super().validate(args)
+        require(args.edit_anomaly_max_consecutive >= 1, "--edit-anomaly-max-consecutive must be >= 1")
         require(args.edit_weight_temperature > 0, "--edit-weight-temperature must be > 0")
         require(args.edit_pseudo_grad_clip is None or args.edit_pseudo_grad_clip > 0,
                 "--edit-pseudo-grad-clip must be > 0")
@@ -185,7 +186,7 @@ class EditDataParallel(LocalSGDDataParallel):
             **super().state_dict(),
             "anchors": [u.anchor.cpu().clone() for u in self.sync.units],
             "momenta": [u.momentum.cpu().clone() for u in self.sync.units],
-            "detectors": [(d.mean, d.variance, d.count) for d in self.sync.detectors],
+            "detectors": [d.state_dict() for d in self.sync.detectors],
         }
 
     @torch.no_grad()
@@ -196,8 +197,8 @@ class EditDataParallel(LocalSGDDataParallel):
         for unit, anchor, momentum in zip(self.sync.units, state["anchors"], state["momenta"]):
             unit.anchor.copy_(anchor)
             unit.momentum.copy_(momentum)
-        for detector, (mean, variance, count) in zip(self.sync.detectors, state["detectors"]):
-            detector.mean, detector.variance, detector.count = mean, variance, count
+        for detector, detector_state in zip(self.sync.detectors, state["detectors"]):
+            detector.load_state_dict(detector_state)
 
     def outer_state_numel(self) -> int:
         return sum(unit.outer_state_numel() for unit in self.sync.units)

@@ -52,8 +52,7 @@ class LayerwiseSync:
         self.step_weight = step_weight
         self.replica = groups.replica_index
         self.local_steps = 0  # this replica's local steps since the previous sync, for the step weights
-        self.detectors = [EwmaAnomalyDetector(penalty.ewma_alpha, penalty.anomaly_warmup_syncs,
-                                              penalty.anomaly_threshold) for _ in units]
+        self.detectors = [EwmaAnomalyDetector.from_config(penalty) for _ in units]
         self.armed, self.iteration = False, 0
         self.pending: dict = {}
         self.synced: set = set()

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import megatron_edit  # noqa: E402,F401
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+from megatron.core import parallel_state  # noqa: E402
 
 import pretrain_gpt  # noqa: E402
 from megatron_edit.arguments import parse_args  # noqa: E402
@@ -74,6 +75,7 @@ def main():
         "losses": losses,
         "syncs": syncs,
         "replica": mode.groups.replica_index if hasattr(mode, "groups") else 0,
+        "tensor_rank": parallel_state.get_tensor_model_parallel_rank(),
         "tensor_parallel": {global_parameter_name(n, model) for n, p in model.named_parameters()
                             if getattr(p, "tensor_model_parallel", False)},
     }

@@ -58,6 +58,14 @@ def test_penalty_and_pseudo_gradient_faults_need_a_mode_that_has_them():
         error_of(["--global-batch-size", "8", "--simulate-straggler", "4:2"], world_size=4)
 
 
+def test_aedit_refuses_exit_interval_and_checks_its_own_flags():
+    aedit = ["--dp-mode", "aedit", "--model-shard-group-size", "1"]
+    assert "--exit-interval does not apply to --dp-mode aedit" in \
+        error_of(aedit + ["--exit-interval", "5"], world_size=2)
+    assert "--aedit-step-weight must be in [0, 1]" in error_of(aedit + ["--aedit-step-weight", "2"], world_size=2)
+    assert arguments.parse_args(BASE + aedit + ["--save", "/tmp/x"], world_size=2).num_model_replicas == 2
+
+
 def test_learning_rate_warmup_longer_than_decay():
     assert "--lr-warmup-iters 5 must be below --lr-decay-iters 2" in error_of(["--lr-warmup-iters", "5"], world_size=1)
 

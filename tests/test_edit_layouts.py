@@ -42,23 +42,28 @@ def test_aedit_replica_syncs_as_one_on_tensor_and_pipeline_layouts(layout):
 
 
 def assert_replicated_copies_identical(dumps: list) -> int:
-    """Within each replica, every parameter held whole by several ranks (TP-replicated, tied embedding) is
-    bit-identical on all of them. Returns how many such (parameter, rank pair) comparisons were made."""
+    """Within each replica, every parameter (or tensor-parallel slice) several ranks hold, TP-replicated ones and
+    the tied embedding's copies on the first and last stage, is bit-identical on all of them. Returns how many
+    (parameter, rank pair) comparisons were made."""
     compared = 0
     for ranks in by_replica(dumps).values():
         for i, first in enumerate(ranks):
             for second in ranks[i + 1:]:
                 for name in first["params"].keys() & second["params"].keys():
-                    if name in first["tensor_parallel"]:
-                        continue
+                    if name in first["tensor_parallel"] and first["tensor_rank"] != second["tensor_rank"]:
+                        continue  # different slices
                     assert torch.equal(first["params"][name], second["params"][name]), name
                     compared += 1
     return compared
 
 
-@pytest.mark.parametrize("layout", [TENSOR_PARALLEL, PIPELINE_PARALLEL], ids=["tp2", "pp2_tied_embeddings"])
+@pytest.mark.parametrize("layout", [
+    TENSOR_PARALLEL, PIPELINE_PARALLEL,
+    TENSOR_PARALLEL + ("--use-distributed-optimizer", "--bf16", "--optimizer", "adam", "--lr", "3e-3"),
+], ids=["tp2", "pp2_tied_embeddings", "tp2_distributed_optimizer_bf16"])
 def test_penalty_keeps_replicated_and_tied_copies_bit_identical(layout):
-    dumps = run(*edit(1, 2, *local_sgd(2, 2), *PENALTY, *layout, "--edit-anomaly-threshold", "1"))
+    nproc, args = edit(1, 2, *local_sgd(2, 2), *PENALTY, "--edit-anomaly-threshold", "1")
+    dumps = run(2 * nproc, args + layout)
     assert assert_replicated_copies_identical(dumps) > 0
     syncs = dumps[0]["syncs"]
     assert len(syncs) == 4  # iterations 5, 7, 9 and the final one

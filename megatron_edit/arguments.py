@@ -9,7 +9,7 @@ import argparse
 
 from megatron_edit import platform
 from megatron_edit.errors import UsageError
-from megatron_edit.data.datasets import check_data_path
+from megatron_edit.data.datasets import check_data_path, check_split, used_splits
 from megatron_edit.data.tokenizers import add_tokenizer_args, check_tokenizer_args
 
 
@@ -105,7 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="prefix of a preprocessed .bin/.idx pair, or weight prefix weight prefix ... to blend")
-    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of every --data-path prefix")
+    g.add_argument("--split", default="969,30,1",
+                   help="train,valid,test weights of every --data-path prefix; test is never read, valid only when "
+                        "--eval-iters > 0")
     g.add_argument("--data-cache-path", default=None, help="where megatron-core keeps its sample index caches")
     g.add_argument("--mock-data", action="store_true", help="synthetic documents from megatron-core's MockGPTDataset")
     add_tokenizer_args(parser)
@@ -223,13 +225,15 @@ def validate_args(args: argparse.Namespace) -> None:
              "--save with --dp-mode aedit is not supported yet (replicas reach an iteration at different times; "
              "a checkpoint would have to be taken at a sync); use --dp-mode edit to checkpoint")
 
+    _require(args.eval_iters >= 0, "--eval-iters must be >= 0")
+    check_split(args.split, used_splits(args))
     if args.mock_data:
         if args.tokenizer_type is None:
             args.tokenizer_type = "NullTokenizer"
     elif args.data_path:
         _require(args.tokenizer_type is not None,
                  "--data-path needs --tokenizer-type (and --tokenizer-model) matching the one used to preprocess it")
-        check_data_path(args.data_path, args.split)
+        check_data_path(args.data_path, args.split, used_splits(args))
     else:
         raise UsageError("no training data: pass --data-path PREFIX (made by tools/preprocess_data.py) or --mock-data")
     check_tokenizer_args(args)

@@ -124,6 +124,23 @@ def test_malformed_json_line_names_file_and_line(corpus, tmp_path):
     assert (stats.documents, stats.bad_lines) == (2, 1)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_corrupt_gzip_input_names_the_file(corpus, tmp_path, workers):
+    truncated, not_gzip = tmp_path / "truncated.jsonl.gz", tmp_path / "plain.jsonl.gz"
+    truncated.write_bytes(gzip.compress(open(corpus.jsonl, "rb").read())[:20000])
+    not_gzip.write_text('{"text": "plain text under a .gz name"}\n')
+    with pytest.raises(SystemExit) as excinfo:
+        preprocess(corpus, tmp_path / "out", *SP(corpus), "--workers", workers, inputs=[str(truncated)])
+    message = error_line(excinfo)
+    assert message.startswith(f"error: {truncated}: the gzip stream ends early after line ")
+    assert message.endswith(" (a truncated file?); recompress or download it again")
+    with pytest.raises(SystemExit) as excinfo:
+        preprocess(corpus, tmp_path / "out", *SP(corpus), "--workers", workers, inputs=[str(not_gzip)])
+    assert error_line(excinfo) == \
+        f"error: {not_gzip}: not gzip data (it starts with b'{{\"'); name it .jsonl if it is plain text"
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".preprocess-*"))
+
+
 def test_missing_json_key_is_one_line(corpus, tmp_path):
     data = tmp_path / "k.jsonl"
     data.write_text('{"body": "x"}\n')

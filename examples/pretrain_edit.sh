@@ -48,12 +48,14 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
     LAUNCH=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON_BIN" -m torch.distributed.run
             --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$GPUS_PER_NODE"
             --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "$SLURM_JOB_ID")
+    LAUNCH_PROCS_PER_NODE=$GPUS_PER_NODE LAUNCH_WORLD_SIZE=$((SLURM_JOB_NUM_NODES * GPUS_PER_NODE))
 else
     NPROC=${NPROC:-$([ "$visible_gpus" -gt 0 ] && echo "$visible_gpus" || echo 1)}
     if [ "$visible_gpus" -gt 0 ] && [ "$NPROC" -gt "$visible_gpus" ]; then
         fail "NPROC=$NPROC but this machine has $visible_gpus GPUs"
     fi
     LAUNCH=("$PYTHON_BIN" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")
+    LAUNCH_PROCS_PER_NODE=$NPROC LAUNCH_WORLD_SIZE=$NPROC
 fi
 
 ARGS=(
@@ -72,6 +74,11 @@ ARGS=(
 )
 [ -n "${SAVE:-}" ] && ARGS+=(--save "$SAVE" --load "$SAVE" --save-interval "${SAVE_INTERVAL:-100}")
 [ -n "${WANDB_PROJECT:-}" ] && ARGS+=(--wandb-project "$WANDB_PROJECT" --wandb-save-dir "${WANDB_SAVE_DIR:-.}")
+
+# The flags are checked once, in this process, for the world the launch will have: a configuration error is one
+# line here instead of one per rank followed by torchrun's failure report.
+"$PYTHON_BIN" -m megatron_edit.arguments --world-size "$LAUNCH_WORLD_SIZE" --local-world-size "$LAUNCH_PROCS_PER_NODE" \
+    -- "${ARGS[@]}" "$@" || exit 2
 
 export CUDA_DEVICE_MAX_CONNECTIONS=1  # megatron-core overlaps TP communication only with one queue
 exec "${LAUNCH[@]}" pretrain_gpt.py "${ARGS[@]}" "$@"

@@ -4,8 +4,15 @@
 (data-parallel size, micro-batches per step, padded vocabulary). Every check that can
 fail does so here, before any process group or model exists, with one line that says
 what is wrong and how to fix it.
+
+A launcher checks the flags once before it starts N processes (examples/pretrain_edit.sh does):
+
+    python -m megatron_edit.arguments --world-size N --local-world-size L -- FLAGS...
+
+prints the one line and exits 2 if FLAGS cannot run on N processes, L per node.
 """
 import argparse
+import sys
 
 from megatron_edit import platform
 from megatron_edit.errors import UsageError
@@ -13,8 +20,16 @@ from megatron_edit.data.datasets import check_data_path, check_split, used_split
 from megatron_edit.data.tokenizers import add_tokenizer_args, check_tokenizer_args
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flag (unknown, missing, of the wrong type) is one line like any other configuration error,
+    rather than the whole usage text."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (--help lists the flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="GPT pretraining on megatron-core", allow_abbrev=False)
+    parser = _ArgumentParser(description="GPT pretraining on megatron-core", allow_abbrev=False)
 
     g = parser.add_argument_group("model")
     g.add_argument("--num-layers", type=int, required=True)
@@ -287,3 +302,23 @@ def _validate_faults(args: argparse.Namespace, replicas: int) -> None:
                  f"--inject-fault {fault.kind} does not apply to --dp-mode {args.dp_mode}")
     for replica in [f.replica for f in faults] + ([straggler[0]] if straggler else []):
         _require(0 <= replica < replicas, f"fault injection names replica {replica}, but there are {replicas} (0..{replicas - 1})")
+
+
+def main(argv=None) -> None:
+    """Check a launch's flags in one process before the launcher starts them all (see the module's docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m megatron_edit.arguments", allow_abbrev=False,
+                                     description="check pretrain_gpt.py's flags for a launch of --world-size processes")
+    parser.add_argument("--world-size", type=int, required=True, help="processes the launch will start in all")
+    parser.add_argument("--local-world-size", type=int, default=None, help="of those, per node (default: all)")
+    parser.add_argument("flags", nargs=argparse.REMAINDER, help="-- then pretrain_gpt.py's flags")
+    launch = parser.parse_args(argv)
+    flags = launch.flags[1:] if launch.flags[:1] == ["--"] else launch.flags
+    try:
+        parse_args(flags, world_size=launch.world_size, local_world_size=launch.local_world_size)
+    except UsageError as exc:
+        print(exc.code, file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -84,6 +84,13 @@ def test_valid_configuration_derives_sizes():
     assert [arguments.padded_vocab_size(v, args) for v in (512, 513)] == [512, 768]
 
 
+def test_unknown_or_mistyped_flag_is_one_line_not_the_usage():
+    assert error_of(["--no-such-flag"], world_size=1) == \
+        "error: unrecognized arguments: --no-such-flag (--help lists the flags)"
+    assert error_of(["--eval-iters", "x"], world_size=1) == \
+        "error: argument --eval-iters: invalid int value: 'x' (--help lists the flags)"
+
+
 def test_no_data_source():
     without_data = [a for a in BASE if a != "--mock-data"]
     assert "no training data: pass --data-path PREFIX" in error_of([], world_size=1, base=without_data)

@@ -7,8 +7,10 @@
 #
 # Every knob is an environment variable named after its flag: TRAIN_ITERS, DATA_PATH, TOKENIZER_MODEL, DP_MODE,
 # LOCAL_SGD_SYNC_INTERVAL, LOCAL_SGD_WARMUP_ITERS, OUTER_LR, OUTER_MOMENTUM, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE, LR,
-# NUM_LAYERS, HIDDEN_SIZE, NUM_ATTENTION_HEADS, SEQ_LENGTH, SAVE, SAVE_INTERVAL, WANDB_PROJECT, WANDB_SAVE_DIR;
-# GPUS_PER_NODE and NPROC (local) set the processes. On Slurm the GPUs of a node form the model shard group
+# LR_WARMUP_ITERS, NUM_LAYERS, HIDDEN_SIZE, NUM_ATTENTION_HEADS, SEQ_LENGTH, SAVE, SAVE_INTERVAL, WANDB_PROJECT,
+# WANDB_SAVE_DIR. TRAIN_ITERS defaults to 200; both warm-ups, LR_WARMUP_ITERS (learning rate) and
+# LOCAL_SGD_WARMUP_ITERS (synchronous steps before local SGD), default to a tenth of it (200 -> 20, 6 -> 0), so a
+# short run needs no other change. GPUS_PER_NODE and NPROC (local) set the processes. On Slurm the GPUs of a node form the model shard group
 # (the default of --model-shard-group-size) and the nodes the model sync group.
 #SBATCH --job-name=megatron-edit
 #SBATCH --nodes=2
@@ -21,6 +23,11 @@ cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
 
 fail() { echo "error: $*" >&2; exit 2; }
+
+TRAIN_ITERS=${TRAIN_ITERS:-200}
+[[ "$TRAIN_ITERS" =~ ^[0-9]+$ ]] && [ "$TRAIN_ITERS" -ge 1 ] || fail "TRAIN_ITERS=$TRAIN_ITERS is not a positive whole number"
+LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-$((TRAIN_ITERS / 10))}
+LOCAL_SGD_WARMUP_ITERS=${LOCAL_SGD_WARMUP_ITERS:-$((TRAIN_ITERS / 10))}
 
 DP_MODE=${DP_MODE:-edit}
 case "$DP_MODE" in ddp|edit|aedit|diloco|post-local-sgd) ;;
@@ -63,13 +70,13 @@ ARGS=(
     --seq-length "${SEQ_LENGTH:-128}" --position-embedding-type rope --normalization RMSNorm --swiglu
     --disable-bias-linear --hidden-dropout 0 --attention-dropout 0
     --micro-batch-size "${MICRO_BATCH_SIZE:-8}" --global-batch-size "${GLOBAL_BATCH_SIZE:-16}"
-    --train-iters "${TRAIN_ITERS:-200}" --lr "${LR:-2e-3}" --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters 20
+    --train-iters "$TRAIN_ITERS" --lr "${LR:-2e-3}" --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-iters "$LR_WARMUP_ITERS"
     --weight-decay 0.1 --clip-grad 1.0 --adam-beta2 0.95 --seed 1234
     --data-path "$DATA_PATH" --split "${SPLIT:-95,5,0}" --data-cache-path data/cache
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
     --log-interval 20 --eval-interval 100 --eval-iters 8
     --dp-mode "$DP_MODE" --local-sgd-sync-interval "${LOCAL_SGD_SYNC_INTERVAL:-16}"
-    --local-sgd-warmup-iters "${LOCAL_SGD_WARMUP_ITERS:-20}" --outer-lr "${OUTER_LR:-0.7}"
+    --local-sgd-warmup-iters "$LOCAL_SGD_WARMUP_ITERS" --outer-lr "${OUTER_LR:-0.7}"
     --outer-momentum "${OUTER_MOMENTUM:-0.8}"
 )
 [ -n "${SAVE:-}" ] && ARGS+=(--save "$SAVE" --load "$SAVE" --save-interval "${SAVE_INTERVAL:-100}")

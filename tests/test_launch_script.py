@@ -33,6 +33,13 @@ def test_configuration_error_is_one_line_before_torchrun_starts():
     assert "ChildFailedError" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_warm_ups_scale_with_a_short_run():
+    result = launch({"TRAIN_ITERS": "6", "NUM_LAYERS": "2", "HIDDEN_SIZE": "64", "SEQ_LENGTH": "64"},
+                    "--eval-iters", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert " training summary: 6 iterations," in result.stdout
+
+
 def test_local_run_with_two_edit_replicas_lowers_validation_loss():
     result = launch({"NPROC": "2", "DP_MODE": "edit", "TRAIN_ITERS": "40", "NUM_LAYERS": "2", "HIDDEN_SIZE": "64",
                      "SEQ_LENGTH": "64", "MICRO_BATCH_SIZE": "4", "GLOBAL_BATCH_SIZE": "8",

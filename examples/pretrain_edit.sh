@@ -3,15 +3,18 @@
 #
 #   sbatch examples/pretrain_edit.sh                       # one torchrun per node via srun; nodes = replicas
 #   bash examples/pretrain_edit.sh                         # local: the embedded sample corpus, NPROC processes
+#                                                          # (default: one per GPU; without GPUs 2, one replica each)
 #   DP_MODE=ddp TRAIN_ITERS=500 bash examples/pretrain_edit.sh --log-interval 50   # extra flags pass through
 #
 # Every knob is an environment variable named after its flag: TRAIN_ITERS, DATA_PATH, TOKENIZER_MODEL, DP_MODE,
 # LOCAL_SGD_SYNC_INTERVAL, LOCAL_SGD_WARMUP_ITERS, OUTER_LR, OUTER_MOMENTUM, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE, LR,
-# LR_WARMUP_ITERS, NUM_LAYERS, HIDDEN_SIZE, NUM_ATTENTION_HEADS, SEQ_LENGTH, SAVE, SAVE_INTERVAL, WANDB_PROJECT,
-# WANDB_SAVE_DIR. TRAIN_ITERS defaults to 200; both warm-ups, LR_WARMUP_ITERS (learning rate) and
-# LOCAL_SGD_WARMUP_ITERS (synchronous steps before local SGD), default to a tenth of it (200 -> 20, 6 -> 0), so a
-# short run needs no other change. GPUS_PER_NODE and NPROC (local) set the processes. On Slurm the GPUs of a node form the model shard group
-# (the default of --model-shard-group-size) and the nodes the model sync group.
+# LR_WARMUP_ITERS, NUM_LAYERS, HIDDEN_SIZE, NUM_ATTENTION_HEADS, SEQ_LENGTH, MODEL_SHARD_GROUP_SIZE, SAVE,
+# SAVE_INTERVAL, WANDB_PROJECT, WANDB_SAVE_DIR. TRAIN_ITERS defaults to 200; the two warm-ups, LR_WARMUP_ITERS
+# (learning rate) and LOCAL_SGD_WARMUP_ITERS (synchronous steps before local SGD), default to a tenth of it
+# (200 -> 20, 6 -> 0), so a short run needs no other change.
+# GPUS_PER_NODE and NPROC (local) set the processes. On Slurm the GPUs of a node form the model shard group
+# (the default of --model-shard-group-size) and the nodes the model sync group; locally without GPUs every
+# process is a replica (MODEL_SHARD_GROUP_SIZE=1).
 #SBATCH --job-name=megatron-edit
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -57,10 +60,12 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
             --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "$SLURM_JOB_ID")
     LAUNCH_PROCS_PER_NODE=$GPUS_PER_NODE LAUNCH_WORLD_SIZE=$((SLURM_JOB_NUM_NODES * GPUS_PER_NODE))
 else
-    NPROC=${NPROC:-$([ "$visible_gpus" -gt 0 ] && echo "$visible_gpus" || echo 1)}
+    NPROC=${NPROC:-$([ "$visible_gpus" -gt 0 ] && echo "$visible_gpus" || echo 2)}
     if [ "$visible_gpus" -gt 0 ] && [ "$NPROC" -gt "$visible_gpus" ]; then
         fail "NPROC=$NPROC but this machine has $visible_gpus GPUs"
     fi
+    # Without GPUs every local process is a replica of its own, so local SGD has replicas to synchronize.
+    [ "$visible_gpus" -gt 0 ] || MODEL_SHARD_GROUP_SIZE=${MODEL_SHARD_GROUP_SIZE:-1}
     LAUNCH=("$PYTHON_BIN" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")
     LAUNCH_PROCS_PER_NODE=$NPROC LAUNCH_WORLD_SIZE=$NPROC
 fi
@@ -79,6 +84,7 @@ ARGS=(
     --local-sgd-warmup-iters "$LOCAL_SGD_WARMUP_ITERS" --outer-lr "${OUTER_LR:-0.7}"
     --outer-momentum "${OUTER_MOMENTUM:-0.8}"
 )
+[ -n "${MODEL_SHARD_GROUP_SIZE:-}" ] && ARGS+=(--model-shard-group-size "$MODEL_SHARD_GROUP_SIZE")
 [ -n "${SAVE:-}" ] && ARGS+=(--save "$SAVE" --load "$SAVE" --save-interval "${SAVE_INTERVAL:-100}")
 [ -n "${WANDB_PROJECT:-}" ] && ARGS+=(--wandb-project "$WANDB_PROJECT" --wandb-save-dir "${WANDB_SAVE_DIR:-.}")
 

@@ -259,8 +259,30 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
         "tokens_per_second": tokens_per_iteration * iterations_run / train_seconds,
         "tflops_per_device": flops * iterations_run / train_seconds / args.world_size / 1e12,
         "bytes_per_group": bytes_per_group,
+        "ddp_bytes_per_rank": ddp_bytes_per_rank(args, trainer.model, iteration - trainer.start_iteration),
         "peak_memory_bytes": platform.max_memory_allocated_bytes(),
     }
+
+
+def ddp_bytes_per_rank(args, model: List[torch.nn.Module], iterations: int) -> int:
+    """The collective payload synchronous DDP would have sent from this rank in `iterations`, counted as comm_stats
+    counts: every iteration an all-reduce of the gradient buffer (its dtype as ddp_config_from_args makes it), or with
+    --use-distributed-optimizer a reduce-scatter of it (the input) and an all-gather of the parameters (the output)."""
+    numel = sum(p.numel() for chunk in model for p in chunk.parameters() if p.requires_grad)
+    grad_dtype = torch.float32 if ddp_config_from_args(args).grad_reduce_in_fp32 else params_dtype(args)
+    per_element = torch.finfo(grad_dtype).bits // 8
+    if args.use_distributed_optimizer:
+        per_element += torch.finfo(params_dtype(args)).bits // 8
+    return numel * per_element * iterations
+
+
+def _across_replicas_line(args, summary: Dict[str, float]) -> str:
+    """What crossed between replicas (the sync group) against what DDP would have sent for the same run."""
+    synced, ddp = summary["bytes_per_group"].get("sync", 0), summary["ddp_bytes_per_rank"]
+    verb = "reduce-scattered and all-gathered" if args.use_distributed_optimizer else "all-reduced"
+    ratio = f" ({ddp / synced:.{1 if ddp < 10 * synced else 0}f}x more)" if synced else ""
+    return (f"   across replicas: sync group {synced / 1e6:.2f} MB per rank; DDP would have {verb} "
+            f"{ddp / 1e6:.2f} MB{ratio}")
 
 
 def summary_text(args, summary: Dict[str, float]) -> str:
@@ -277,6 +299,7 @@ def summary_text(args, summary: Dict[str, float]) -> str:
         f"   peak memory: {summary['peak_memory_bytes'] / 2**20:.0f} MiB; communication per rank (collective payload): "
         + (", ".join(f"{group} {nbytes / 1e6:.2f} MB" for group, nbytes in sorted(summary["bytes_per_group"].items()))
            or "none"),
+        *([_across_replicas_line(args, summary)] if args.num_model_replicas > 1 else []),
         *([f"   checkpoint: {args.save}"] if args.save else []),
         *([f"   wandb run: {summary['wandb_dir']}"] if summary.get("wandb_dir") else []),
         "=" * 78,

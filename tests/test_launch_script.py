@@ -41,13 +41,15 @@ def test_warm_ups_scale_with_a_short_run():
 
 
 def test_local_run_with_two_edit_replicas_lowers_validation_loss():
-    result = launch({"NPROC": "2", "DP_MODE": "edit", "TRAIN_ITERS": "40", "NUM_LAYERS": "2", "HIDDEN_SIZE": "64",
+    """Without GPUs the defaults are `make train`'s: two processes, each its own EDiT replica."""
+    result = launch({"TRAIN_ITERS": "40", "NUM_LAYERS": "2", "HIDDEN_SIZE": "64",
                      "SEQ_LENGTH": "64", "MICRO_BATCH_SIZE": "4", "GLOBAL_BATCH_SIZE": "8",
                      "LOCAL_SGD_SYNC_INTERVAL": "4", "LOCAL_SGD_WARMUP_ITERS": "8"},
-                    "--model-shard-group-size", "1", "--eval-interval", "40", "--eval-iters", "4")
+                    "--eval-interval", "40", "--eval-iters", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "edit sync at iteration 13" in result.stdout
     assert "TP=1 PP=1 DP=2 (edit)" in result.stdout
+    assert "   across replicas: sync group " in result.stdout
     before = float(result.stdout.split("validation loss at iteration 0: ")[1].split()[0])
     after = float(result.stdout.split("validation loss at iteration 40: ")[1].split()[0])
     assert after < before - 1.0

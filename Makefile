@@ -2,8 +2,9 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-NPROC ?= 1
-DP_MODE ?= ddp
+# Empty NPROC: the script's default, one process per GPU, or 2 single-process EDiT replicas on a machine without GPUs.
+NPROC ?=
+DP_MODE ?= edit
 
 .PHONY: train test bench clean-venv
 

@@ -4,18 +4,33 @@
 (data-parallel size, micro-batches per step, padded vocabulary). Every check that can
 fail does so here, before any process group or model exists, with one line that says
 what is wrong and how to fix it.
+
+A launcher checks the flags once before it starts N processes (examples/pretrain_edit.sh does):
+
+    python -m megatron_edit.arguments --world-size N --local-world-size L -- FLAGS...
+
+prints the one line and exits 2 if FLAGS cannot run on N processes, L per node.
 """
 import argparse
+import sys
 
 from megatron_edit import platform
 from megatron_edit.errors import UsageError
 from megatron_edit.errors import require as _require
-from megatron_edit.data.datasets import check_data_path
+from megatron_edit.data.datasets import check_data_path, check_split, used_splits
 from megatron_edit.data.tokenizers import add_tokenizer_args, check_tokenizer_args
 
 
+class _ArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad flag (unknown, missing, of the wrong type) is one line like any other configuration error,
+    rather than the whole usage text."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (--help lists the flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="GPT pretraining on megatron-core", allow_abbrev=False)
+    parser = _ArgumentParser(description="GPT pretraining on megatron-core", allow_abbrev=False)
 
     g = parser.add_argument_group("model")
     g.add_argument("--num-layers", type=int, required=True)
@@ -108,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
                    help="prefix of a preprocessed .bin/.idx pair, or weight prefix weight prefix ... to blend")
-    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions of every --data-path prefix")
+    g.add_argument("--split", default="969,30,1",
+                   help="train,valid,test weights of every --data-path prefix; test is never read, valid only when "
+                        "--eval-iters > 0")
     g.add_argument("--data-cache-path", default=None, help="where megatron-core keeps its sample index caches")
     g.add_argument("--mock-data", action="store_true", help="synthetic documents from megatron-core's MockGPTDataset")
     add_tokenizer_args(parser)
@@ -218,13 +235,15 @@ def validate_args(args: argparse.Namespace) -> None:
 
     _require(args.save_interval is None or args.save_interval > 0, "--save-interval must be positive")
 
+    _require(args.eval_iters >= 0, "--eval-iters must be >= 0")
+    check_split(args.split, used_splits(args))
     if args.mock_data:
         if args.tokenizer_type is None:
             args.tokenizer_type = "NullTokenizer"
     elif args.data_path:
         _require(args.tokenizer_type is not None,
                  "--data-path needs --tokenizer-type (and --tokenizer-model) matching the one used to preprocess it")
-        check_data_path(args.data_path, args.split)
+        check_data_path(args.data_path, args.split, used_splits(args))
     else:
         raise UsageError("no training data: pass --data-path PREFIX (made by tools/preprocess_data.py) or --mock-data")
     check_tokenizer_args(args)
@@ -247,3 +266,23 @@ def _validate_faults(args: argparse.Namespace, mode) -> None:
     replicas = mode.fault_replicas(args)
     for replica in [f.replica for f in faults] + ([straggler[0]] if straggler else []):
         _require(0 <= replica < replicas, f"fault injection names replica {replica}, but there are {replicas} (0..{replicas - 1})")
+
+
+def main(argv=None) -> None:
+    """Check a launch's flags in one process before the launcher starts them all (see the module's docstring)."""
+    parser = argparse.ArgumentParser(prog="python -m megatron_edit.arguments", allow_abbrev=False,
+                                     description="check pretrain_gpt.py's flags for a launch of --world-size processes")
+    parser.add_argument("--world-size", type=int, required=True, help="processes the launch will start in all")
+    parser.add_argument("--local-world-size", type=int, default=None, help="of those, per node (default: all)")
+    parser.add_argument("flags", nargs=argparse.REMAINDER, help="-- then pretrain_gpt.py's flags")
+    launch = parser.parse_args(argv)
+    flags = launch.flags[1:] if launch.flags[:1] == ["--"] else launch.flags
+    try:
+        parse_args(flags, world_size=launch.world_size, local_world_size=launch.local_world_size)
+    except UsageError as exc:
+        print(exc.code, file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

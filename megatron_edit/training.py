@@ -1,5 +1,6 @@
 """The train loop: megatron-core's schedules, the inner optimizer step, the data-parallel mode's hooks,
 evaluation and Megatron-LM's log lines. `pretrain` is the driver `pretrain_gpt.py` calls."""
+import math
 import time
 from typing import Callable, Dict, List
 
@@ -174,7 +175,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Validation loss of the model the replicas agree on, over one whole validation batch per --eval-iters."""
+        """Validation loss of the model the replicas agree on, over one whole validation batch per --eval-iters
+        (NaN with --eval-iters 0: nothing is evaluated)."""
+        if self.args.eval_iters == 0:
+            return math.nan
         for chunk in self.model:
             chunk.eval()
         self.evaluations += 1
@@ -188,6 +192,8 @@ class Trainer:
 
 
 def _report_validation(tracker: WandbTracker, iteration: int, loss: float) -> None:
+    if math.isnan(loss):  # --eval-iters 0
+        return
     print_rank_last(validation_line(f"iteration {iteration}", loss))
     tracker.log({"validation lm loss": loss, "validation lm loss PPL": perplexity(loss)}, iteration)
 
@@ -284,8 +290,39 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
         "tokens_per_second": tokens_per_iteration * iterations_run / train_seconds,
         "tflops_per_device": flops * iterations_run / train_seconds / args.world_size / 1e12,
         "bytes_per_group": bytes_per_group,
+        "ddp_bytes_per_rank": ddp_bytes_per_rank(args, trainer.model, iteration - trainer.start_iteration),
         "peak_memory_bytes": platform.max_memory_allocated_bytes(),
     }
+
+
+def ddp_bytes_per_rank(args, model: List[torch.nn.Module], iterations: int) -> int:
+    """The collective payload synchronous DDP would have sent from this rank in `iterations`, counted as comm_stats
+    counts: every iteration an all-reduce of the gradient buffer (its dtype as ddp_config_from_args makes it), or with
+    --use-distributed-optimizer a reduce-scatter of it (the input) and an all-gather of the parameters (the output)."""
+    numel = sum(p.numel() for chunk in model for p in chunk.parameters() if p.requires_grad)
+    grad_dtype = torch.float32 if ddp_config_from_args(args).grad_reduce_in_fp32 else params_dtype(args)
+    per_element = torch.finfo(grad_dtype).bits // 8
+    if args.use_distributed_optimizer:
+        per_element += torch.finfo(params_dtype(args)).bits // 8
+    return numel * per_element * iterations
+
+
+def _across_replicas_line(args, summary: Dict[str, float]) -> str:
+    """What crossed between replicas (the sync group) against what DDP would have sent for the same run."""
+    from megatron_edit.dp import DP_MODES
+
+    synced = summary["bytes_per_group"].get(DP_MODES[args.dp_mode].cross_replica_group, 0)
+    ddp = summary["ddp_bytes_per_rank"]
+    verb = "reduce-scattered and all-gathered" if args.use_distributed_optimizer else "all-reduced"
+    ratio = f" ({ddp / synced:.{1 if ddp < 10 * synced else 0}f}x more)" if synced else ""
+    return (f"   across replicas: sync group {synced / 1e6:.2f} MB per rank; DDP would have {verb} "
+            f"{ddp / 1e6:.2f} MB{ratio}")
+
+
+def _validation_summary(iteration: int, loss: float) -> str:
+    if math.isnan(loss):
+        return f"   validation loss at iteration {iteration}: not evaluated (--eval-iters 0)"
+    return f"   validation loss at iteration {iteration}: {loss:.4f}  (perplexity {perplexity(loss):.2f})"
 
 
 def summary_text(args, summary: Dict[str, float]) -> str:
@@ -295,13 +332,14 @@ def summary_text(args, summary: Dict[str, float]) -> str:
         f" training summary: {summary['iterations']} iterations, global batch {args.global_batch_size} x "
         f"{args.seq_length} tokens, TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
         f"DP={args.data_parallel_size} ({args.dp_mode})",
-        f"   validation loss at iteration {summary['start_iteration']}: {before:.4f}  (perplexity {perplexity(before):.2f})",
-        f"   validation loss at iteration {summary['iterations']}: {after:.4f}  (perplexity {perplexity(after):.2f})",
+        _validation_summary(summary["start_iteration"], before),
+        _validation_summary(summary["iterations"], after),
         f"   throughput: {summary['tokens_per_second']:.1f} tokens/s, "
         f"{summary['tflops_per_device']:.4g} TFLOP/s per device, {summary['train_seconds']:.1f} s of training",
         f"   peak memory: {summary['peak_memory_bytes'] / 2**20:.0f} MiB; communication per rank (collective payload): "
         + (", ".join(f"{group} {nbytes / 1e6:.2f} MB" for group, nbytes in sorted(summary["bytes_per_group"].items()))
            or "none"),
+        *([_across_replicas_line(args, summary)] if args.num_model_replicas > 1 else []),
         *([f"   checkpoint: {args.save}"] if args.save else []),
         *([f"   wandb run: {summary['wandb_dir']}"] if summary.get("wandb_dir") else []),
         "=" * 78,

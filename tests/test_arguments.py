@@ -70,11 +70,33 @@ def test_learning_rate_warmup_longer_than_decay():
     assert "--lr-warmup-iters 5 must be below --lr-decay-iters 2" in error_of(["--lr-warmup-iters", "5"], world_size=1)
 
 
+@pytest.mark.parametrize("split", ["abc", "1,2", "-1,5,0", "1,2,3,4", "1e3,1,0", ""])
+def test_malformed_split(split):
+    assert error_of([f"--split={split}"], world_size=1) == \
+        f"error: --split {split}: expected three non-negative train,valid,test weights, e.g. 969,30,1"
+
+
+def test_split_without_a_share_for_a_split_the_run_reads():
+    assert error_of(["--split", "0,5,5"], world_size=1) == \
+        "error: --split 0,5,5 gives the train split no share; training needs one, e.g. 969,30,1"
+    assert error_of(["--split", "100,0,0"], world_size=1) == \
+        "error: --split 100,0,0 gives the valid split no share, but evaluation reads it; give valid a share " \
+        "(e.g. 969,30,1) or pass --eval-iters 0"
+    arguments.parse_args(BASE + ["--split", "100,0,0", "--eval-iters", "0"], world_size=1)  # no evaluation, no valid
+
+
 def test_valid_configuration_derives_sizes():
     args = arguments.parse_args(BASE + ["--tensor-model-parallel-size", "2", "--global-batch-size", "16"],
                                 world_size=8)
     assert (args.data_parallel_size, args.num_microbatches, args.tokenizer_type) == (4, 2, "NullTokenizer")
     assert [arguments.padded_vocab_size(v, args) for v in (512, 513)] == [512, 768]
+
+
+def test_unknown_or_mistyped_flag_is_one_line_not_the_usage():
+    assert error_of(["--no-such-flag"], world_size=1) == \
+        "error: unrecognized arguments: --no-such-flag (--help lists the flags)"
+    assert error_of(["--eval-iters", "x"], world_size=1) == \
+        "error: argument --eval-iters: invalid int value: 'x' (--help lists the flags)"
 
 
 def test_no_data_source():

@@ -9,6 +9,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from launcher import run_training
+from megatron_edit import arguments
 from megatron_edit.data import datasets as data_sets
 from megatron_edit.data.tokenizers import GPT2BPETokenizer, HuggingFaceTokenizer, SentencePieceTokenizer
 from tools import build_sample_corpus, preprocess_data, train_tokenizer
@@ -123,6 +124,23 @@ def test_malformed_json_line_names_file_and_line(corpus, tmp_path):
     assert (stats.documents, stats.bad_lines) == (2, 1)
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_corrupt_gzip_input_names_the_file(corpus, tmp_path, workers):
+    truncated, not_gzip = tmp_path / "truncated.jsonl.gz", tmp_path / "plain.jsonl.gz"
+    truncated.write_bytes(gzip.compress(open(corpus.jsonl, "rb").read())[:20000])
+    not_gzip.write_text('{"text": "plain text under a .gz name"}\n')
+    with pytest.raises(SystemExit) as excinfo:
+        preprocess(corpus, tmp_path / "out", *SP(corpus), "--workers", workers, inputs=[str(truncated)])
+    message = error_line(excinfo)
+    assert message.startswith(f"error: {truncated}: the gzip stream ends early after line ")
+    assert message.endswith(" (a truncated file?); recompress or download it again")
+    with pytest.raises(SystemExit) as excinfo:
+        preprocess(corpus, tmp_path / "out", *SP(corpus), "--workers", workers, inputs=[str(not_gzip)])
+    assert error_line(excinfo) == \
+        f"error: {not_gzip}: not gzip data (it starts with b'{{\"'); name it .jsonl if it is plain text"
+    assert not list(tmp_path.glob("out*")) and not list(tmp_path.glob(".preprocess-*"))
+
+
 def test_missing_json_key_is_one_line(corpus, tmp_path):
     data = tmp_path / "k.jsonl"
     data.write_text('{"body": "x"}\n')
@@ -165,11 +183,11 @@ def test_interrupted_run_leaves_no_output_pair(corpus, tmp_path, monkeypatch):
 def test_mismatched_bin_and_idx_detected_when_training_starts(corpus, tmp_path):
     preprocess(corpus, tmp_path / "out", *SP(corpus))
     prefix = str(tmp_path / "out_text_document")
-    data_sets.check_data_path([prefix], "90,10,0")
+    data_sets.check_data_path([prefix], "90,10,0", used=("train", "valid"))
     with open(prefix + ".bin", "r+b") as f:
         f.truncate(os.path.getsize(prefix + ".bin") - 10)
     with pytest.raises(SystemExit) as excinfo:
-        data_sets.check_data_path([prefix], "90,10,0")
+        data_sets.check_data_path([prefix], "90,10,0", used=("train", "valid"))
     assert "the pair does not match" in error_line(excinfo)
     run = run_training(1, ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
                            "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "2", "--lr", "1e-3",
@@ -179,9 +197,33 @@ def test_mismatched_bin_and_idx_detected_when_training_starts(corpus, tmp_path):
 
 def test_split_without_documents_is_one_line(corpus, tmp_path):
     preprocess(corpus, tmp_path / "out", *SP(corpus))
+    prefix = str(tmp_path / "out_text_document")
     with pytest.raises(SystemExit) as excinfo:
-        data_sets.check_data_path([str(tmp_path / "out_text_document")], "949,50,1")
+        data_sets.check_data_path([prefix], "949,50,1", used=data_sets.SPLITS)
     assert "--split 949,50,1 leaves the test split of" in error_line(excinfo)
+    with pytest.raises(SystemExit) as excinfo:
+        data_sets.check_data_path([prefix], "2000,1,0", used=("train", "valid"))
+    assert error_line(excinfo) == (f"error: --split 2000,1,0 leaves the valid split of {prefix} without documents "
+                                   f"(it has {len(corpus.texts)}); give valid a larger share, or pass --eval-iters 0")
+    data_sets.check_data_path([prefix], "2000,1,0", used=("train",))
+
+
+def test_default_split_reads_train_and_valid_and_never_builds_test(corpus, tmp_path):
+    """969,30,1 leaves the sample corpus's test split empty; pretrain_gpt.py never reads it, so that is fine."""
+    preprocess(corpus, tmp_path / "out", *SP(corpus))
+    prefix = str(tmp_path / "out_text_document")
+    with pytest.raises(SystemExit) as excinfo:
+        data_sets.check_data_path([prefix], "969,30,1", used=data_sets.SPLITS)
+    assert "leaves the test split of" in error_line(excinfo)
+    args = arguments.parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                                 "--seq-length", "64", "--micro-batch-size", "2", "--train-iters", "4", "--lr", "1e-3",
+                                 "--device", "cpu", "--data-path", prefix, "--data-cache-path", str(tmp_path / "cache"),
+                                 "--eval-iters", "2", *SP(corpus)], world_size=1)
+    assert args.split == "969,30,1"
+    train, valid, test = data_sets.build_datasets(args, SentencePieceTokenizer(corpus.sp))
+    assert len(train) >= 4 * 2 and len(valid) >= 2 * 2 and test is None
+    args.eval_iters = 0
+    assert data_sets.build_datasets(args, SentencePieceTokenizer(corpus.sp))[1] is None
 
 
 def test_training_on_the_sample_corpus_lowers_validation_perplexity(corpus, tmp_path):

@@ -20,14 +20,36 @@ def test_unknown_dp_mode_and_missing_data_stop_before_launch():
     assert result.stderr.strip().startswith("error: DATA_PATH=/nonexistent/corpus: /nonexistent/corpus.bin does not exist")
 
 
+def test_configuration_error_is_one_line_before_torchrun_starts():
+    subprocess.run(["bash", "examples/prepare_sample_data.sh"], cwd=REPO, check=True, capture_output=True,
+                   env=dict(os.environ, PYTHON_BIN=str(REPO / ".venv/bin/python")))  # its progress is not the point
+    result = launch({"NPROC": "2"}, "--tensor-model-parallel-size", "3")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == ["error: world size 2 is not divisible by tensor x pipeline parallel size "
+                                          "3x1=3; launch a multiple of 3 processes or change the parallel sizes"]
+    result = launch({"NPROC": "2"}, "--no-such-flag")
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: unrecognized arguments: --no-such-flag (--help lists the flags)"]
+    assert "ChildFailedError" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_warm_ups_scale_with_a_short_run():
+    result = launch({"TRAIN_ITERS": "6", "NUM_LAYERS": "2", "HIDDEN_SIZE": "64", "SEQ_LENGTH": "64"},
+                    "--eval-iters", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert " training summary: 6 iterations," in result.stdout
+
+
 def test_local_run_with_two_edit_replicas_lowers_validation_loss():
-    result = launch({"NPROC": "2", "DP_MODE": "edit", "TRAIN_ITERS": "40", "NUM_LAYERS": "2", "HIDDEN_SIZE": "64",
+    """Without GPUs the defaults are `make train`'s: two processes, each its own EDiT replica."""
+    result = launch({"TRAIN_ITERS": "40", "NUM_LAYERS": "2", "HIDDEN_SIZE": "64",
                      "SEQ_LENGTH": "64", "MICRO_BATCH_SIZE": "4", "GLOBAL_BATCH_SIZE": "8",
                      "LOCAL_SGD_SYNC_INTERVAL": "4", "LOCAL_SGD_WARMUP_ITERS": "8"},
-                    "--model-shard-group-size", "1", "--eval-interval", "40", "--eval-iters", "4")
+                    "--eval-interval", "40", "--eval-iters", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "edit sync at iteration 13" in result.stdout
     assert "TP=1 PP=1 DP=2 (edit)" in result.stdout
+    assert "   across replicas: sync group " in result.stdout
     before = float(result.stdout.split("validation loss at iteration 0: ")[1].split()[0])
     after = float(result.stdout.split("validation loss at iteration 40: ")[1].split()[0])
     assert after < before - 1.0

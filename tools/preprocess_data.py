@@ -20,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+import zlib
 from itertools import islice
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
@@ -73,13 +74,39 @@ def _open(path: str):
     return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
 
 
+class UnreadableInput(ValueError):
+    """An input file that cannot be read as (gzipped) UTF-8 text. An Exception, not a UsageError: lines may be read
+    in a worker pool's feeder thread, which hands Exceptions to the consumer but drops a SystemExit (and hangs)."""
+
+
+def _unreadable(path: str, exc: BaseException, lines_read: int) -> UnreadableInput:
+    # Input is decompressed and decoded in blocks, so an error shows up some lines after `lines_read`.
+    where = f" after line {lines_read}" if lines_read else ""
+    if isinstance(exc, gzip.BadGzipFile) and str(exc).startswith("Not a gzipped file ("):
+        what = f"not gzip data (it starts with {str(exc)[len('Not a gzipped file ('):-1]}); " \
+               "name it .jsonl if it is plain text"
+    elif isinstance(exc, (gzip.BadGzipFile, zlib.error)):
+        what = f"corrupt gzip data{where} ({exc}); recompress or download it again"
+    elif isinstance(exc, EOFError):
+        what = f"the gzip stream ends early{where} (a truncated file?); recompress or download it again"
+    elif isinstance(exc, UnicodeDecodeError):
+        what = f"not UTF-8 text{where} (byte 0x{exc.object[exc.start]:02x}: {exc.reason}); convert it to UTF-8"
+    else:
+        what = f"cannot be read ({exc.strerror or exc})"
+    return UnreadableInput(f"{path}: {what}")
+
+
 def read_lines(files: List[str]) -> Iterator[Tuple[str, int, str]]:
-    """(file, line number, line) of every non-blank input line, in order."""
+    """(file, line number, line) of every non-blank input line, in order; UnreadableInput for a damaged file."""
     for path in files:
-        with _open(path) as f:
-            for number, line in enumerate(f, start=1):
-                if line.strip():
-                    yield path, number, line
+        number = 0
+        try:
+            with _open(path) as f:
+                for number, line in enumerate(f, start=1):
+                    if line.strip():
+                        yield path, number, line
+        except (OSError, EOFError, zlib.error, UnicodeDecodeError) as exc:
+            raise _unreadable(path, exc, number) from None
 
 
 @dataclasses.dataclass
@@ -170,6 +197,8 @@ def encode_lines(args, lines, prefix: str, workers: int, total_bytes: Optional[i
             stats.tokens += sum(len(ids) for ids in result.documents.values())
             if stats.documents % args.log_interval == 0:
                 log_progress(stats, time.perf_counter() - start, total_bytes, label)
+    except UnreadableInput as exc:
+        raise UsageError(str(exc)) from None
     finally:
         if pool:
             pool.terminate()
@@ -200,7 +229,10 @@ def _partition_main(args, start: int, stop: int, prefix: str, workers: int, labe
 
 def encode_partitions(args, prefix: str, scratch: str) -> Stats:
     """Contiguous line ranges in parallel processes, then their outputs concatenated in order."""
-    total = sum(1 for _ in read_lines(args.input_files))
+    try:
+        total = sum(1 for _ in read_lines(args.input_files))
+    except UnreadableInput as exc:
+        raise UsageError(str(exc)) from None
     bounds = [total * p // args.partitions for p in range(args.partitions + 1)]
     queue = multiprocessing.Queue()
     processes = []

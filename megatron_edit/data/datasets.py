@@ -2,10 +2,13 @@
 
 `--data-path` names preprocessed .bin/.idx pairs (one prefix, or weight/prefix pairs to blend);
 `--mock-data` uses megatron-core's MockGPTDataset. Pairs are checked before training starts:
-a missing file or a .bin whose size disagrees with its .idx stops the run with one line.
+a missing file or a .bin whose size disagrees with its .idx stops the run with one line, and so does a
+`--split` that is not three weights or that leaves a split the run reads without documents.
+Splits the run does not read (test, and valid without evaluation) are neither checked nor built.
 """
 import os
-from typing import List, Optional, Tuple
+import re
+from typing import List, Optional, Sequence, Tuple
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.blended_megatron_dataset_config import (
@@ -38,9 +41,33 @@ def parse_blend(data_path: List[str]) -> Tuple[List[str], Optional[List[float]]]
     return list(data_path[1::2]), [float(w) for w in data_path[0::2]]
 
 
-def check_indexed_dataset(prefix: str, split: str) -> None:
+SPLITS = ("train", "valid", "test")
+_WEIGHT = re.compile(r"\s*(\d+\.?\d*|\.\d+)\s*")  # what megatron-core's parse_and_normalize_split reads as one number
+
+
+def used_splits(args) -> Tuple[str, ...]:
+    """The splits a run reads: train always, valid when it evaluates (--eval-iters > 0); pretrain_gpt.py never
+    reads test."""
+    return ("train", "valid") if args.eval_iters > 0 else ("train",)
+
+
+def check_split(split: str, used: Sequence[str]) -> List[float]:
+    """--split as (train, valid, test) weights: three non-negative numbers, with a share for every split in `used`."""
+    parts = split.split(",")
+    if len(parts) != len(SPLITS) or not all(_WEIGHT.fullmatch(part) for part in parts):
+        raise UsageError(f"--split {split}: expected three non-negative train,valid,test weights, e.g. 969,30,1")
+    weights = [float(part) for part in parts]
+    if weights[0] == 0:
+        raise UsageError(f"--split {split} gives the train split no share; training needs one, e.g. 969,30,1")
+    if "valid" in used and weights[1] == 0:
+        raise UsageError(f"--split {split} gives the valid split no share, but evaluation reads it; give valid a "
+                         "share (e.g. 969,30,1) or pass --eval-iters 0")
+    return weights
+
+
+def check_indexed_dataset(prefix: str, split: str, used: Sequence[str]) -> None:
     """The pair exists, its .bin holds exactly the tokens its .idx describes (an interrupted write does not),
-    and every split with a share of --split gets at least one document (megatron-core loops forever if not)."""
+    and every split in `used` (see `used_splits`) gets at least one document (megatron-core loops forever if not)."""
     bin_path, idx_path = prefix + ".bin", prefix + ".idx"
     for path in (bin_path, idx_path):
         if not os.path.exists(path):
@@ -58,18 +85,20 @@ def check_indexed_dataset(prefix: str, split: str) -> None:
         raise UsageError(f"{bin_path} has {actual} bytes but {idx_path} describes {expected}; the pair does not "
                         "match (an interrupted or mixed-up run?): rerun tools/preprocess_data.py")
     documents = len(index.document_indices) - 1
+    check_split(split, used)
     matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
-    for name, bounds in zip(("train", "valid", "test"), matrix):
+    for name, bounds in zip(SPLITS, matrix):
         # The same rounding as BlendedMegatronDatasetBuilder.
-        if bounds is not None and int(round(bounds[1] * documents)) == int(round(bounds[0] * documents)):
+        if name in used and bounds is not None and int(round(bounds[1] * documents)) == int(round(bounds[0] * documents)):
+            fix = ", or pass --eval-iters 0" if name == "valid" else ""
             raise UsageError(f"--split {split} leaves the {name} split of {prefix} without documents (it has "
-                            f"{documents}); give {name} a larger share, or 0")
+                            f"{documents}); give {name} a larger share{fix}")
 
 
-def check_data_path(data_path: List[str], split: str) -> None:
+def check_data_path(data_path: List[str], split: str, used: Sequence[str]) -> None:
     prefixes, _ = parse_blend(data_path)
     for prefix in prefixes:
-        check_indexed_dataset(prefix, split)
+        check_indexed_dataset(prefix, split, used)
 
 
 def dataset_sizes(args):
@@ -83,7 +112,8 @@ def dataset_sizes(args):
 
 
 def build_datasets(args, tokenizer):
-    """(train, valid, test) datasets; every rank builds them (rank 0 first, so index caches are shared)."""
+    """(train, valid, test) datasets, None for a split the run does not read (see `used_splits`); every rank
+    builds them (rank 0 first, so index caches are shared)."""
     config = GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
@@ -96,5 +126,7 @@ def build_datasets(args, tokenizer):
         eod_mask_loss=False,
         create_attention_mask=False,
     )
+    used = used_splits(args)
+    config.split_matrix = [bounds if name in used else None for name, bounds in zip(SPLITS, config.split_matrix)]
     dataset_class = MockGPTDataset if args.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(dataset_class, dataset_sizes(args), lambda: True, config).build()

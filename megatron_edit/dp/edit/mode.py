@@ -121,7 +121,9 @@ class EditDataParallel(LocalSGDDataParallel):
 
     def sync_due(self, iteration: int, finished: bool) -> bool:
         """EDiT syncs on a step count: H local steps after the last sync, and once more when training ends."""
-        return (finished and self.local_steps_since_sync > 0) or self.local_sgd.is_sync_iteration(iteration)
+        if finished:
+            return self.local_steps_since_sync > 0  # none after a resume from the final checkpoint
+        return self.local_sgd.is_sync_iteration(iteration)
 
     def _begin_local_iteration(self, iteration: int, finished: bool) -> bool:
         if self.sync_due(iteration, finished):

@@ -128,7 +128,7 @@ class Trainer:
         batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
                        dp_size=args.data_parallel_size, device=self.device)
         train = micro_batches(self.train_ds, iteration * args.global_batch_size, **batches)
-        self.train_iter = self.dp_mode.wrap_train_batches(train, args)
+        self.train_iter = self.dp_mode.wrap_train_batches(train)
         valid_rank, valid_size = self.dp_mode.validation_layout()
         self.valid_microbatches = args.global_batch_size // (args.micro_batch_size * valid_size)
         valid_start = self.evaluations * args.eval_iters * args.global_batch_size

@@ -47,7 +47,7 @@ class DataParallelMode(abc.ABC):
     def build_optimizer(self, model_chunks: List[torch.nn.Module], optimizer_config):
         """The inner optimizer over the wrapped chunks."""
 
-    def wrap_train_batches(self, batches, args):
+    def wrap_train_batches(self, batches):
         """The training micro-batch stream this rank consumes (a mode may alter it, e.g. to inject faults)."""
         return batches
 

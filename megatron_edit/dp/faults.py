@@ -52,8 +52,8 @@ def parse_fault(spec: str) -> Fault:
 class FaultInjector:
     """What this replica is told to suffer."""
 
-    def __init__(self, replica: int, straggler, faults: List[Fault]):
-        self.replica = replica
+    def __init__(self, replica: int, straggler, faults: List[Fault], random_tokens: "RandomTokens"):
+        self.replica, self.random_tokens = replica, random_tokens
         self.slowdown = straggler[1] if straggler and straggler[0] == replica else 1.0
         self.faults = [f for f in faults if f.replica == replica]
         self._spent = set()         # NaN faults already delivered
@@ -62,7 +62,9 @@ class FaultInjector:
 
     @classmethod
     def from_args(cls, args, replica: int) -> "FaultInjector":
-        return cls(replica, parse_straggler(args.simulate_straggler), [parse_fault(s) for s in args.inject_fault])
+        """Once the vocabulary is padded (args.padded_vocab_size), like every other part built from the flags."""
+        return cls(replica, parse_straggler(args.simulate_straggler), [parse_fault(s) for s in args.inject_fault],
+                   RandomTokens(args.num_microbatches, args.padded_vocab_size, args.seed))
 
     def start_iteration(self) -> None:
         self._iteration_started = time.perf_counter()
@@ -86,18 +88,26 @@ class FaultInjector:
             self._spent.add(self._nan_this_sync)
             self._nan_this_sync = None
 
-    def bad_data_from(self) -> Optional[int]:
+    def train_batches(self, batches: Iterator[dict]) -> Iterator[dict]:
+        """The training stream this replica consumes: with a bad-data fault, random tokens from its iteration on."""
         starts = [f.iteration for f in self.faults if f.kind == "bad-data"]
-        return min(starts) if starts else None
+        return self.random_tokens.replace(batches, min(starts)) if starts else batches
 
 
-def random_token_batches(batches: Iterator[dict], from_iteration: int, micro_batches_per_iteration: int,
-                         vocab_size: int, seed: int) -> Iterator[dict]:
-    """The same stream, with tokens and labels replaced by random ids from `from_iteration` on."""
-    generator = torch.Generator().manual_seed(seed)
-    for index, batch in enumerate(batches):
-        if index // micro_batches_per_iteration + 1 >= from_iteration:
-            batch = dict(batch)
-            for key in ("tokens", "labels"):
-                batch[key] = torch.randint(0, vocab_size, batch[key].shape, generator=generator).to(batch[key].device)
-        yield batch
+@dataclasses.dataclass(frozen=True)
+class RandomTokens:
+    """How a bad-data fault replaces a replica's batches."""
+    micro_batches_per_iteration: int
+    vocab_size: int
+    seed: int
+
+    def replace(self, batches: Iterator[dict], from_iteration: int) -> Iterator[dict]:
+        """The same stream, with tokens and labels replaced by random ids from `from_iteration` on."""
+        generator = torch.Generator().manual_seed(self.seed)
+        for index, batch in enumerate(batches):
+            if index // self.micro_batches_per_iteration + 1 >= from_iteration:
+                batch = dict(batch)
+                for key in ("tokens", "labels"):
+                    batch[key] = torch.randint(0, self.vocab_size, batch[key].shape,
+                                               generator=generator).to(batch[key].device)
+            yield batch

@@ -20,7 +20,7 @@ from megatron_edit.dp import comm_stats
 from megatron_edit.dp.ddp import SynchronousDataParallel
 from megatron_edit.dp.edit.config import LocalSGDConfig
 from megatron_edit.dp.edit.groups import EditGroups
-from megatron_edit.dp.faults import FaultInjector, random_token_batches
+from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.errors import require
 
 
@@ -165,11 +165,8 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         """Step counters are per replica and come from the replica this one continues."""
         self.local_steps_since_sync, self.in_warmup = state["local_steps_since_sync"], state["in_warmup"]
 
-    def wrap_train_batches(self, batches, args):
-        start = self.faults.bad_data_from()
-        if start is None:
-            return batches
-        return random_token_batches(batches, start, args.num_microbatches, args.padded_vocab_size, args.seed)
+    def wrap_train_batches(self, batches):
+        return self.faults.train_batches(batches)
 
     def pop_events(self):
         events, self._events = self._events, []

@@ -180,9 +180,14 @@ def test_interrupted_run_leaves_no_output_pair(corpus, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-def test_mismatched_bin_and_idx_detected_when_training_starts(corpus, tmp_path):
+@pytest.fixture
+def prefix(corpus, tmp_path) -> str:
+    """The corpus preprocessed with its SentencePiece tokenizer: the .bin/.idx prefix."""
     preprocess(corpus, tmp_path / "out", *SP(corpus))
-    prefix = str(tmp_path / "out_text_document")
+    return str(tmp_path / "out_text_document")
+
+
+def test_mismatched_bin_and_idx_detected_when_training_starts(corpus, prefix):
     data_sets.check_data_path([prefix], "90,10,0", used=("train", "valid"))
     with open(prefix + ".bin", "r+b") as f:
         f.truncate(os.path.getsize(prefix + ".bin") - 10)
@@ -195,9 +200,7 @@ def test_mismatched_bin_and_idx_detected_when_training_starts(corpus, tmp_path):
     assert run.returncode != 0 and "the pair does not match" in run.stderr
 
 
-def test_split_without_documents_is_one_line(corpus, tmp_path):
-    preprocess(corpus, tmp_path / "out", *SP(corpus))
-    prefix = str(tmp_path / "out_text_document")
+def test_split_without_documents_is_one_line(corpus, prefix):
     with pytest.raises(SystemExit) as excinfo:
         data_sets.check_data_path([prefix], "949,50,1", used=data_sets.SPLITS)
     assert "--split 949,50,1 leaves the test split of" in error_line(excinfo)
@@ -208,10 +211,8 @@ def test_split_without_documents_is_one_line(corpus, tmp_path):
     data_sets.check_data_path([prefix], "2000,1,0", used=("train",))
 
 
-def test_default_split_reads_train_and_valid_and_never_builds_test(corpus, tmp_path):
+def test_default_split_reads_train_and_valid_and_never_builds_test(corpus, prefix, tmp_path):
     """969,30,1 leaves the sample corpus's test split empty; pretrain_gpt.py never reads it, so that is fine."""
-    preprocess(corpus, tmp_path / "out", *SP(corpus))
-    prefix = str(tmp_path / "out_text_document")
     with pytest.raises(SystemExit) as excinfo:
         data_sets.check_data_path([prefix], "969,30,1", used=data_sets.SPLITS)
     assert "leaves the test split of" in error_line(excinfo)

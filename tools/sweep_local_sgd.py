@@ -31,6 +31,7 @@ KNOBS = [("lr", "--lr", "lrs"), ("H", "--local-sgd-sync-interval", "sync_interva
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/sweep")
+    parser.add_argument("--table-name", default="sweep", help="the table's file names (NAME.md, NAME.csv)")
     parser.add_argument("--method", default="edit", choices=LOCAL_SGD_METHODS)
     parser.add_argument("--replicas", type=int, default=2, help="M: replicas (sync group size)")
     parser.add_argument("--model-shard-group-size", type=int, default=1, help="ranks holding one replica")
@@ -126,9 +127,9 @@ def main(argv=None):
                 f.write(json.dumps({"key": key, "validation loss": results[key],
                                     "train loss": log.iterations[-1]["lm_loss"]}) + "\n")
             print(f"  validation loss {results[key]:.4f}", flush=True)
-    table = write_table(table_rows(args, results), output_dir, "sweep")
+    table = write_table(table_rows(args, results), output_dir, args.table_name)
     print(table)
-    print(f"written to {output_dir}/: sweep.md, sweep.csv, runs.jsonl")
+    print(f"written to {output_dir}/: {args.table_name}.md, {args.table_name}.csv, runs.jsonl")
 
 
 if __name__ == "__main__":

@@ -29,3 +29,10 @@ def test_sweep_runs_the_grid_against_ddp_and_does_not_repeat_finished_runs(tmp_p
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
     first = json.loads((tmp_path / "runs.jsonl").read_text().splitlines()[0])  # DDP ran first
     assert first["validation loss"] == pytest.approx(float(ddp["validation loss"]), abs=1e-4)
+
+    # A later invocation without DDP runs is still measured against the DDP runs already there.
+    sweep_local_sgd.main(["--output-dir", str(tmp_path), "--table-name", "edit_only", *TINY, "--ddp-lrs"])
+    with open(tmp_path / "edit_only.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["edit", "edit"]
+    assert all(r["vs best ddp"].endswith("%") and r["vs ddp same lr"] == r["vs best ddp"] for r in rows)

@@ -6,7 +6,8 @@
 Every combination of the lists (a grid) trains --method with --replicas replicas (of --model-shard-group-size ranks
 each) on the same global batch, tokens and seeds as DDP, which is tuned over --ddp-lrs. Writes sweep.md and sweep.csv:
 one row per configuration, best first, with the final validation loss's mean, std, min and max over seeds and its gap
-to the best DDP (and to DDP at the same inner LR when that was run). Every run's result is appended to runs.jsonl in
+to the best DDP (and to DDP at the same inner LR when that was run; DDP runs of earlier invocations with the same
+budget and seeds count too). Every run's result is appended to runs.jsonl in
 --output-dir, and a run already there is not repeated: rerun with more values or seeds to extend a sweep.
 The model, schedule and data flags are tools/compare_methods.py's.
 """
@@ -97,6 +98,10 @@ def table_rows(args, results: dict) -> list:
         losses = [results[run_key(config, seed, args)] for seed in seeds(args)]
         summaries.append((config, spread(losses)))
     ddp = {config["lr"]: s["mean"] for config, s in summaries if config["method"] == "ddp"}
+    for lr in {json.loads(key)["lr"] for key in results if json.loads(key)["method"] == "ddp"} - set(ddp):
+        keys = [run_key({"method": "ddp", "lr": lr}, seed, args) for seed in seeds(args)]
+        if all(key in results for key in keys):  # DDP of an earlier invocation, same budget and seeds
+            ddp[lr] = spread([results[key] for key in keys])["mean"]
     best_ddp = min(ddp.values()) if ddp else None
     rows = []
     for config, s in sorted(summaries, key=lambda item: item[1]["mean"]):

@@ -2,9 +2,13 @@
 
     python tools/compare_methods.py --output-dir runs/compare              # 2 replicas, sample corpus
     python tools/compare_methods.py --nproc 4 --model-shard-group-size 2 --train-iters 400
+    python tools/compare_methods.py --data-path data/pydocs/corpus_text_document --train-iters 1000 --seeds 3 \
+        --methods ddp edit diloco post-local-sgd       # the benchmark corpus (tools/build_corpus.py)
 
-Writes results.md and results.csv (final train loss, validation loss and perplexity, tokens/s, bytes one rank
-sent to other replicas, peak memory) and loss_vs_tokens.png / loss_vs_time.png. A-EDiT's wall-clock interval
+Writes results.md and results.csv, one row per method (final train loss, validation loss: mean, std, min and max
+over --seeds, and its gap to DDP's mean; perplexity, tokens/s, bytes one rank sent to other replicas, peak memory),
+runs.csv (one row per run) and loss_vs_tokens.png / loss_vs_time.png (the first seed). Every local-SGD mode ends on
+a final sync, and the validation loss is the consensus model's over --eval-iters batches. A-EDiT's wall-clock interval
 defaults to H x EDiT's measured time per iteration, so both sync about equally often. The runs are sequential on
 one machine, so throughput differences here come from computation and communication volume, not a network;
 tools/netsim.py puts the replicas behind shaped links.
@@ -15,8 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.experiment import (LLAMA_STYLE, METHODS, add_training_args, cross_replica_bytes, data_args,  # noqa: E402
-                              new_figure, run_job, save_figure, write_table)
+from tools.experiment import (LLAMA_STYLE, METHODS, add_data_args, add_training_args,  # noqa: E402
+                              cross_replica_bytes, data_argv, new_figure, run_job, save_figure, seeds, spread,
+                              write_table)
 from megatron_edit.logging import perplexity  # noqa: E402
 
 
@@ -30,14 +35,14 @@ def get_args(argv=None):
                       sync_interval=16, warmup_iters=20)
     parser.add_argument("--num-attention-heads", type=int, default=4)
     parser.add_argument("--global-batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=2e-3, help="inner (Adam) peak LR; --min-lr is a tenth of it")
+    parser.add_argument("--lr-warmup-iters", type=int, default=None, help="default: min(20, train iters / 10)")
     parser.add_argument("--log-interval", type=int, default=10)
-    parser.add_argument("--eval-iters", type=int, default=8)
     parser.add_argument("--outer-lr", type=float, default=0.7)
     parser.add_argument("--outer-momentum", type=float, default=0.8)
     parser.add_argument("--aedit-sync-seconds", type=float, default=None,
                         help="default: H x EDiT's measured seconds per iteration (EDiT runs first)")
-    parser.add_argument("--mock-data", action="store_true", help="megatron-core's mock data instead of the corpus")
+    add_data_args(parser)
     parser.add_argument("extra", nargs="*", help="after --: more pretrain_gpt.py flags for every run")
     return parser.parse_args(argv)
 
@@ -48,15 +53,51 @@ def common_argv(args) -> list:
         "--num-attention-heads", str(args.num_attention_heads), "--seq-length", str(args.seq_length), *LLAMA_STYLE,
         "--micro-batch-size", str(args.micro_batch_size), "--global-batch-size", str(args.global_batch_size),
         "--train-iters", str(args.train_iters), "--lr", str(args.lr), "--min-lr", str(args.lr / 10),
-        "--lr-decay-style", "cosine", "--lr-warmup-iters", str(min(20, args.train_iters // 10)),
-        "--weight-decay", "0.1", "--clip-grad", "1.0", "--adam-beta2", "0.95", "--seed", "1234",
+        "--lr-decay-style", "cosine", "--lr-warmup-iters", str(lr_warmup_iters(args)),
+        "--weight-decay", "0.1", "--clip-grad", "1.0", "--adam-beta2", "0.95",
         "--log-interval", str(args.log_interval), "--eval-interval", str(args.train_iters),
-        "--eval-iters", str(args.eval_iters), *data_args(args.mock_data),
+        "--eval-iters", str(args.eval_iters), *data_argv(args),
         "--model-shard-group-size", str(args.model_shard_group_size),
         "--local-sgd-sync-interval", str(args.local_sgd_sync_interval),
         "--local-sgd-warmup-iters", str(args.local_sgd_warmup_iters),
         "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum), *args.extra,
     ]
+
+
+def lr_warmup_iters(args) -> int:
+    return min(20, args.train_iters // 10) if args.lr_warmup_iters is None else args.lr_warmup_iters
+
+
+def final_validation(log) -> float:
+    return log.validation[max(log.validation)]
+
+
+def summary_row(method: str, runs: list, ddp_mean=None) -> dict:
+    """One method's runs (dicts of run_row) as a table row: validation loss mean and spread over seeds."""
+    valid = spread([r["validation loss"] for r in runs])
+    mean = lambda key: sum(r[key] for r in runs) / len(runs)  # noqa: E731
+    return {
+        "method": method,
+        "seeds": len(runs),
+        "final train loss": round(mean("final train loss"), 4),
+        "validation loss": round(valid["mean"], 4),
+        "validation std": round(valid["std"], 4),
+        "validation min": round(valid["min"], 4),
+        "validation max": round(valid["max"], 4),
+        "vs ddp": "" if ddp_mean is None else f"{100 * (valid['mean'] / ddp_mean - 1):+.2f}%",
+        "validation PPL": round(perplexity(valid["mean"]), 2),
+        "tokens/s": round(mean("tokens/s"), 1),
+        "MB to other replicas per rank": round(mean("MB to other replicas per rank"), 2),
+        "peak memory MiB": round(max(r["peak memory MiB"] for r in runs)),
+        "train seconds": round(mean("train seconds"), 1),
+    }
+
+
+def run_row(method: str, seed: int, log) -> dict:
+    return {"method": method, "seed": seed, "final train loss": log.iterations[-1]["lm_loss"],
+            "validation loss": final_validation(log), "tokens/s": log.tokens_per_second,
+            "MB to other replicas per rank": cross_replica_bytes(method, log) / 1e6,
+            "peak memory MiB": log.peak_memory_mib, "train seconds": log.train_seconds}
 
 
 def loss_curve(log, seq_length: int):
@@ -85,31 +126,28 @@ def write_outputs(rows, curves, output_dir: Path) -> str:
 def main(argv=None):
     args = get_args(argv)
     base = common_argv(args)
-    rows, curves, seconds_per_iteration = [], {}, {}
+    runs, curves, seconds_per_iteration = {}, {}, {}
     for method in sorted(args.methods, key=lambda m: m == "aedit"):  # A-EDiT's interval comes from EDiT's pace
         argv = base + ["--dp-mode", method]
         if method == "aedit":
             tau = args.aedit_sync_seconds or args.local_sgd_sync_interval * seconds_per_iteration.get(
                 "edit", seconds_per_iteration.get("ddp", 1.0))
             argv += ["--aedit-sync-seconds", f"{tau:.3f}"]
-        print(f"running {method} ...", flush=True)
-        log = run_job(args.nproc, argv)
-        seconds_per_iteration[method] = log.train_seconds / args.train_iters
-        final_valid = log.validation[max(log.validation)]
-        rows.append({
-            "method": method,
-            "final train loss": round(log.iterations[-1]["lm_loss"], 4),
-            "validation loss": round(final_valid, 4),
-            "validation PPL": round(perplexity(final_valid), 2),
-            "tokens/s": round(log.tokens_per_second, 1),
-            "MB to other replicas per rank": round(cross_replica_bytes(method, log) / 1e6, 2),
-            "peak memory MiB": round(log.peak_memory_mib),
-            "train seconds": round(log.train_seconds, 1),
-        })
-        curves[method] = loss_curve(log, args.seq_length)
-    table = write_outputs(rows, curves, Path(args.output_dir))
+        for seed in seeds(args):
+            print(f"running {method}, seed {seed} ...", flush=True)
+            log = run_job(args.nproc, argv + ["--seed", str(seed)])
+            seconds_per_iteration.setdefault(method, log.train_seconds / args.train_iters)
+            runs.setdefault(method, []).append(run_row(method, seed, log))
+            curves.setdefault(method, loss_curve(log, args.seq_length))
+            print(f"  validation loss {runs[method][-1]['validation loss']:.4f}", flush=True)
+    ddp_mean = spread([r["validation loss"] for r in runs["ddp"]])["mean"] if "ddp" in runs else None
+    rows = [summary_row(method, runs[method], ddp_mean) for method in runs]
+    output_dir = Path(args.output_dir)
+    table = write_outputs(rows, curves, output_dir)
+    write_table([{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                 for method_runs in runs.values() for r in method_runs], output_dir, "runs")
     print(table)
-    print(f"written to {args.output_dir}/: results.md, results.csv, loss_vs_tokens.png, loss_vs_time.png")
+    print(f"written to {args.output_dir}/: results.md/.csv, runs.md/.csv, loss_vs_tokens.png, loss_vs_time.png")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
-"""Shared by the comparison tools: the model and data they train on, and one training job run to its log.
+"""Shared by the comparison tools: the model and data they train on, seeds, and one training job run to its log.
 
-The default data is the embedded sample corpus (built on first use by examples/prepare_sample_data.sh).
+The default data is the embedded sample corpus (built on first use by examples/prepare_sample_data.sh); the
+benchmark corpus (tools/build_corpus.py, Python's documentation) is chosen with --data-path. The sample corpus is
+memorized within a few hundred iterations: judge convergence on the benchmark corpus.
 """
 import argparse
 import csv
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +18,8 @@ sys.path.insert(0, str(REPO))
 
 from megatron_edit.logging import TrainingLog  # noqa: E402
 
-SAMPLE_DATA = ["--data-path", "data/sample/corpus_text_document", "--split", "95,5,0",
-               "--data-cache-path", "data/cache", "--tokenizer-type", "SentencePieceTokenizer",
-               "--tokenizer-model", "data/sample/tokenizer.model"]
+SAMPLE_DATA_PATH = "data/sample/corpus_text_document"
+DATA_CACHE = "data/cache"
 LLAMA_STYLE = ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
                "--hidden-dropout", "0", "--attention-dropout", "0"]
 METHODS = ["ddp", "post-local-sgd", "diloco", "edit", "aedit"]
@@ -33,6 +35,34 @@ def add_training_args(parser: argparse.ArgumentParser, num_layers: int, hidden_s
     parser.add_argument("--train-iters", type=int, default=train_iters)
     parser.add_argument("--local-sgd-sync-interval", type=int, default=sync_interval)
     parser.add_argument("--local-sgd-warmup-iters", type=int, default=warmup_iters)
+
+
+def add_data_args(parser: argparse.ArgumentParser, eval_iters: int = 64) -> None:
+    """Which corpus, split, evaluation size and seeds a tool's runs use (pretrain_gpt.py's names where it has them)."""
+    g = parser.add_argument_group("data and seeds")
+    g.add_argument("--data-path", default=None,
+                   help="prefix of a .bin/.idx pair (e.g. data/pydocs/corpus_text_document from tools/build_corpus.py); "
+                        "default: the sample corpus")
+    g.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece model; default: tokenizer.model beside --data-path")
+    g.add_argument("--split", default="95,5,0", help="train,valid,test proportions of the corpus's documents")
+    g.add_argument("--eval-iters", type=int, default=eval_iters,
+                   help="validation batches of the final evaluation (of the consensus model in local-SGD modes); "
+                        "the default covers ~90%% of the benchmark corpus's 5%% held-out split at global batch 16")
+    g.add_argument("--mock-data", action="store_true", help="megatron-core's mock data instead of a corpus")
+    g.add_argument("--seed", type=int, default=1234, help="the first seed")
+    g.add_argument("--seeds", type=int, default=1,
+                   help="runs per configuration, with seeds --seed, --seed+1, ... (initialization and data order)")
+
+
+def seeds(args) -> List[int]:
+    return [args.seed + i for i in range(args.seeds)]
+
+
+def spread(values: Sequence[float]) -> dict:
+    """mean, sample standard deviation (0 for one value), min and max."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "min": min(values), "max": max(values)}
 
 
 def write_table(rows: List[dict], output_dir: Path, name: str) -> str:
@@ -70,13 +100,24 @@ def save_figure(figure, path: Path) -> None:
     plt.close(figure)
 
 
-def data_args(mock_data: bool) -> List[str]:
-    """--mock-data, or the sample corpus (built here if missing)."""
+def data_args(mock_data: bool, data_path: Optional[str] = None, tokenizer_model: Optional[str] = None,
+              split: str = "95,5,0") -> List[str]:
+    """pretrain_gpt.py's data flags: --mock-data, a corpus (--data-path), or the sample corpus (built here if missing)."""
     if mock_data:
         return ["--mock-data", "--vocab-size", "511"]
-    if not (REPO / "data/sample/corpus_text_document.idx").exists():
-        subprocess.run(["bash", "examples/prepare_sample_data.sh"], cwd=REPO, check=True, capture_output=True)
-    return SAMPLE_DATA
+    if data_path is None:
+        data_path = SAMPLE_DATA_PATH
+        if not (REPO / f"{data_path}.idx").exists():
+            subprocess.run(["bash", "examples/prepare_sample_data.sh"], cwd=REPO, check=True, capture_output=True)
+    if tokenizer_model is None:
+        tokenizer_model = str(Path(data_path).parent / "tokenizer.model")
+    return ["--data-path", data_path, "--split", split, "--data-cache-path", DATA_CACHE,
+            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tokenizer_model]
+
+
+def data_argv(args) -> List[str]:
+    """data_args from the flags of add_data_args."""
+    return data_args(args.mock_data, args.data_path, args.tokenizer_model, args.split)
 
 
 def cross_replica_bytes(method: str, log: TrainingLog) -> float:

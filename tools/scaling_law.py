@@ -1,9 +1,10 @@
-"""Local-SGD scaling laws on the sample corpus: final loss against model size and compute, DDP vs EDiT.
+"""Local-SGD scaling laws: final loss against model size and compute, DDP vs EDiT.
 
     python tools/scaling_law.py --output-dir runs/scaling                 # 5 sizes x (ddp, edit), ~10 min on 2 cores
+    python tools/scaling_law.py --data-path data/pydocs/corpus_text_document --seeds 2   # the benchmark corpus
 
 Every size trains on the same tokens (same global batch, sequence and iterations, so L(N) here is at a fixed
-data budget, far from convergence), with the same seed. EDiT runs 2 replicas of one rank each. N is the number
+data budget, far from convergence), with the same seeds (--seeds, averaged). EDiT runs 2 replicas of one rank each. N is the number
 of non-embedding parameters (from the run's log); C is the run's model FLOPs (megatron_edit/flops.py). For each
 method the tool fits L = A * X^(-alpha) + E by least squares (alpha on a grid, A and E linear for each alpha,
 then Gauss-Newton) and reports one-sigma uncertainties from the fit's covariance, s^2 (J^T J)^-1: with five
@@ -19,7 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.experiment import LLAMA_STYLE, data_args, new_figure, run_job, save_figure, write_table  # noqa: E402
+from tools.experiment import (LLAMA_STYLE, add_data_args, data_argv, new_figure, run_job, save_figure,  # noqa: E402
+                              seeds, spread, write_table)
 
 # (layers, hidden, heads): tiny to what trains in about a minute on 2 CPU cores.
 SIZES = [(1, 32, 2), (2, 48, 3), (2, 64, 4), (3, 96, 4), (4, 128, 4)]
@@ -91,20 +93,28 @@ def get_args(argv=None):
     parser.add_argument("--global-batch-size", type=int, default=16)
     parser.add_argument("--local-sgd-sync-interval", type=int, default=8)
     parser.add_argument("--local-sgd-warmup-iters", type=int, default=15)
-    parser.add_argument("--mock-data", action="store_true")
+    add_data_args(parser)
     return parser.parse_args(argv)
 
 
 def train(args, method: str, layers: int, hidden: int, heads: int) -> Dict[str, float]:
+    """One size and method, averaged over --seeds (the validation loss's std is kept beside its mean)."""
+    runs = [train_once(args, method, layers, hidden, heads, seed) for seed in seeds(args)]
+    valid = spread([r["validation loss"] for r in runs])
+    return {**runs[0], "compute FLOPs": sum(r["compute FLOPs"] for r in runs) / len(runs),
+            "validation loss": valid["mean"], "validation std": valid["std"]}
+
+
+def train_once(args, method: str, layers: int, hidden: int, heads: int, seed: int) -> Dict[str, float]:
     nproc = 1 if method == "ddp" else 2
     argv = ["--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads", str(heads),
             "--seq-length", str(args.seq_length), *LLAMA_STYLE, "--micro-batch-size", str(args.global_batch_size // 2),
             "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.train_iters),
             "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
             "--lr-warmup-iters", str(min(15, args.train_iters // 10)),
-            "--weight-decay", "0.1", "--clip-grad", "1.0", "--adam-beta2", "0.95", "--seed", "1234",
-            "--log-interval", str(args.train_iters), "--eval-interval", str(args.train_iters), "--eval-iters", "8",
-            *data_args(args.mock_data), "--dp-mode", method, "--model-shard-group-size", "1",
+            "--weight-decay", "0.1", "--clip-grad", "1.0", "--adam-beta2", "0.95", "--seed", str(seed),
+            "--log-interval", str(args.train_iters), "--eval-interval", str(args.train_iters),
+            "--eval-iters", str(args.eval_iters), *data_argv(args), "--dp-mode", method, "--model-shard-group-size", "1",
             "--local-sgd-sync-interval", str(args.local_sgd_sync_interval),
             "--local-sgd-warmup-iters", str(args.local_sgd_warmup_iters)]
     log = run_job(nproc, argv)

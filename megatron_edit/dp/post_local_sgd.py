@@ -40,10 +40,13 @@ class PostLocalSGDDataParallel(LocalSGDDataParallel):
         if iteration == self.local_sgd.warmup_iters:
             self._begin_local_steps()
         if self.has_peers and self.local_sgd.syncs_after(iteration):
-            self._final_sync(iteration)
+            self._sync_now(iteration)
 
     def _final_sync(self, iteration: int) -> None:
-        """Synchronize now, after `iteration`: used for every sync of this schedule, the last one included."""
+        self._sync_now(iteration)
+
+    def _sync_now(self, iteration: int) -> None:
+        """Synchronize now, after `iteration`: every sync of this schedule, the final one included."""
         start, bytes_before = time.perf_counter(), self.counter.snapshot().get("sync", 0)
         values = self._synchronize(iteration)
         self.local_steps_since_sync = 0

@@ -11,8 +11,8 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
-from megatron_edit.dp.edit.outer import outer_sgd_step
-from megatron_edit.dp.edit.shards import MainParams, ModuleShard
+from megatron_edit.dp.local_sgd.outer import outer_sgd_step
+from megatron_edit.dp.local_sgd.params import MainParams, ModuleShard
 from megatron_edit.dp.post_local_sgd import PostLocalSGDDataParallel
 
 

@@ -11,8 +11,8 @@ from typing import Dict
 import torch
 import torch.distributed as dist
 
-from megatron_edit.dp.edit.shards import FlatParams, MainParams
-from megatron_edit.dp.local_sgd import LocalSGDDataParallel
+from megatron_edit.dp.local_sgd.params import FlatParams, MainParams
+from megatron_edit.dp.local_sgd.mode import LocalSGDDataParallel
 from megatron_edit.logging import print_rank_last
 
 

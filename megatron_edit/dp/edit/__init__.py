@@ -1,10 +1,6 @@
 """EDiT: Local SGD where each replica is sharded over a shard group and synchronized layer by layer.
-(What all local-SGD modes share is in ../local_sgd.py; fault injection in ../faults.py.)
+(What all local-SGD modes share is in ../local_sgd/; fault injection in ../faults.py.)
 
-    config.py   LocalSGDConfig, shared by all local-SGD modes
-    groups.py   shard group x sync group, from megatron-core's parallel state
-    shards.py   a module's flat parameters, this rank's slice, its anchor and momentum
-    outer.py    the outer Nesterov step (pure math)
     penalty.py  anomaly detection, softmax weights, clipping (pure math)
     sync.py     per-module sync at forward pre-hooks, overlapping the next module's all-reduce
     mode.py     the DataParallelMode the train loop drives (step-count trigger)

@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from megatron_edit.dp.edit.config import LocalSGDConfig
-from megatron_edit.dp.edit.groups import EditGroups
+from megatron_edit.dp.local_sgd.config import LocalSGDConfig
+from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
 from megatron_edit.dp.edit.mode import EditDataParallel
 from megatron_edit.dp.edit.penalty import PenaltyConfig
 from megatron_edit.dp.faults import FaultInjector
@@ -40,7 +40,7 @@ class AEditConfig:
 class AsyncEditDataParallel(EditDataParallel):
     name = "aedit"
 
-    def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: EditGroups,
+    def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
                  faults: FaultInjector, penalty: PenaltyConfig, aedit: AEditConfig):
         self.step_weight = aedit.step_weight
         super().__init__(ddp_config, transformer_config, local_sgd, groups, faults, penalty)
@@ -61,7 +61,7 @@ class AsyncEditDataParallel(EditDataParallel):
 
     @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
-        groups = EditGroups.from_parallel_state()
+        groups = LocalSGDGroups.from_parallel_state()
         return cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
                    FaultInjector.from_args(args, groups.replica_index), PenaltyConfig.from_args(args),
                    AEditConfig.from_args(args))

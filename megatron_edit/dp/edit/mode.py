@@ -1,6 +1,6 @@
 """`--dp-mode edit`: Local SGD with sharded, layer-wise synchronization (EDiT, arXiv 2412.07210).
 
-Warm-up and local steps are local_sgd.py's: synchronous data parallelism for W iterations, then gradients
+Warm-up and local steps are local_sgd/mode.py's: synchronous data parallelism for W iterations, then gradients
 stay inside the shard group and nothing crosses the sync group.
 Sync iterations (every H local steps): LayerwiseSync updates each module just before its forward; after the
 last iteration one more sync runs outside a forward. `sync_due` and `_start_sync` are what A-EDiT (aedit.py)
@@ -12,13 +12,13 @@ from typing import List
 import torch
 import torch.distributed as dist
 
-from megatron_edit.dp.edit.config import LocalSGDConfig
-from megatron_edit.dp.edit.groups import EditGroups
+from megatron_edit.dp.local_sgd.config import LocalSGDConfig
+from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
 from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.dp.edit.penalty import PenaltyConfig
-from megatron_edit.dp.edit.shards import MainParams, ModuleShard
+from megatron_edit.dp.local_sgd.params import MainParams, ModuleShard
 from megatron_edit.dp.edit.sync import LayerwiseSync, ModuleSyncRecord
-from megatron_edit.dp.local_sgd import LocalSGDDataParallel
+from megatron_edit.dp.local_sgd.mode import LocalSGDDataParallel
 from megatron_edit.errors import require
 from megatron_edit.logging import print_rank_last
 
@@ -81,7 +81,7 @@ class EditDataParallel(LocalSGDDataParallel):
     accepts_penalty = True
     step_weight = 0.0  # A-EDiT may blend replicas' shares of local steps into the weights
 
-    def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: EditGroups,
+    def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
                  faults: FaultInjector, penalty: PenaltyConfig = PenaltyConfig()):
         super().__init__(ddp_config, transformer_config, local_sgd, groups, faults)
         self.penalty = penalty
@@ -98,7 +98,7 @@ class EditDataParallel(LocalSGDDataParallel):
 
     @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
-        groups = EditGroups.from_parallel_state()
+        groups = LocalSGDGroups.from_parallel_state()
         return cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
                    FaultInjector.from_args(args, groups.replica_index), PenaltyConfig.from_args(args))
 

@@ -18,12 +18,12 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
-from megatron_edit.dp.edit.config import LocalSGDConfig
-from megatron_edit.dp.edit.groups import EditGroups
-from megatron_edit.dp.edit.outer import outer_sgd_step
+from megatron_edit.dp.local_sgd.config import LocalSGDConfig
+from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
+from megatron_edit.dp.local_sgd.outer import outer_sgd_step
 from megatron_edit.dp.edit.penalty import (EwmaAnomalyDetector, PenaltyConfig, blend_step_shares, clip_factor,
                                             replica_weights)
-from megatron_edit.dp.edit.shards import ModuleShard
+from megatron_edit.dp.local_sgd.params import ModuleShard
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ class _Pending:
 
 
 class LayerwiseSync:
-    def __init__(self, units: List[ModuleShard], modules: List[torch.nn.Module], groups: EditGroups,
+    def __init__(self, units: List[ModuleShard], modules: List[torch.nn.Module], groups: LocalSGDGroups,
                  config: LocalSGDConfig, penalty: PenaltyConfig, faults, step_weight: float = 0.0):
         self.units, self.groups, self.config, self.penalty, self.faults = units, groups, config, penalty, faults
         self.step_weight = step_weight

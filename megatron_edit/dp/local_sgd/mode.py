@@ -1,7 +1,7 @@
 """What every local-SGD mode (EDiT, A-EDiT, DiLoCo, Post-Local-SGD) does the same way.
 
 M replicas, each sharded over a shard group of ranks (DDP and the optimizer see only that group), linked by
-the sync group (edit/groups.py). Warm-up (iterations <= W) is synchronous data parallelism over all replicas:
+the sync group (groups.py). Warm-up (iterations <= W) is synchronous data parallelism over all replicas:
 DDP reduces gradients in the shard group and `finalize_model_grads` then averages this rank's gradient shard
 over the sync group (megatron-core's distributed-optimizer-instance scheme). After warm-up gradients stay
 inside the replica; how and when replicas meet is the subclass's business, except that training always ends
@@ -18,8 +18,8 @@ from megatron.core.distributed import finalize_model_grads
 
 from megatron_edit.dp import comm_stats
 from megatron_edit.dp.ddp import SynchronousDataParallel
-from megatron_edit.dp.edit.config import LocalSGDConfig
-from megatron_edit.dp.edit.groups import EditGroups
+from megatron_edit.dp.local_sgd.config import LocalSGDConfig
+from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
 from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.errors import require
 
@@ -31,7 +31,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     cross_replica_group = "sync"
     accepts_penalty = False  # EDiT's pseudo-gradient penalty flags
 
-    def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: EditGroups,
+    def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
                  faults: FaultInjector):
         super().__init__(ddp_config, transformer_config, faults)
         self.local_sgd, self.groups = local_sgd, groups
@@ -83,7 +83,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
 
     @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
-        groups = EditGroups.from_parallel_state()
+        groups = LocalSGDGroups.from_parallel_state()
         return cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
                    FaultInjector.from_args(args, groups.replica_index))
 

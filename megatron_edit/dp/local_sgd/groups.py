@@ -17,7 +17,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 
 @dataclasses.dataclass(frozen=True)
-class EditGroups:
+class LocalSGDGroups:
     shard: dist.ProcessGroup
     sync: Optional[dist.ProcessGroup]  # None when there is a single replica: nothing to synchronize with
     replica: Optional[dist.ProcessGroup] = None   # None: the shard group is the whole replica
@@ -41,7 +41,7 @@ class EditGroups:
         return self.shard if self.replica is None else self.replica
 
     @classmethod
-    def from_parallel_state(cls) -> "EditGroups":
+    def from_parallel_state(cls) -> "LocalSGDGroups":
         """Collective over the world: every rank must call it (it creates the replica groups)."""
         shard = parallel_state.get_data_parallel_group(with_context_parallel=True, partial_data_parallel=True)
         several_replicas = parallel_state.get_data_parallel_world_size(with_context_parallel=True) > shard.size()

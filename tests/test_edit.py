@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from launcher import REPO, TINY_GPT, run_training
-from megatron_edit.dp.edit.outer import outer_sgd_step
-from megatron_edit.dp.edit.shards import MainParams, ModuleShard
+from megatron_edit.dp.local_sgd.outer import outer_sgd_step
+from megatron_edit.dp.local_sgd.params import MainParams, ModuleShard
 
 # SGD keeps the comparison about EDiT: Adam would turn reduction-order noise on near-zero gradients into
 # lr-sized parameter differences.

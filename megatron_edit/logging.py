@@ -77,7 +77,7 @@ _ITERATION = re.compile(r" iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+)
                         r"([0-9.]+) \|.*? lm loss: ([0-9.E+-]+) \|")
 _VALIDATION = re.compile(r" validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")
 _THROUGHPUT = re.compile(r"   throughput: ([0-9.]+) tokens/s, ([0-9.e+-]+) TFLOP/s per device, ([0-9.]+) s of training")
-_MEMORY = re.compile(r"   peak memory: ([0-9.]+) MiB; communication per rank \(collective payload\): (.*)")
+_MEMORY = re.compile(r"   peak memory: ([0-9.]+) MiB; communication per rank \(bytes sent\): (.*)")
 
 
 def parse_iteration_lines(text: str) -> List[dict]:

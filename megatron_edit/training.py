@@ -296,15 +296,19 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
 
 
 def ddp_bytes_per_rank(args, model: List[torch.nn.Module], iterations: int) -> int:
-    """The collective payload synchronous DDP would have sent from this rank in `iterations`, counted as comm_stats
-    counts: every iteration an all-reduce of the gradient buffer (its dtype as ddp_config_from_args makes it), or with
-    --use-distributed-optimizer a reduce-scatter of it (the input) and an all-gather of the parameters (the output)."""
+    """The bytes synchronous DDP would have sent from this rank in `iterations`, counted as comm_stats counts:
+    every iteration an all-reduce of the gradient buffer (its dtype as ddp_config_from_args makes it) over all
+    data-parallel ranks, or with --use-distributed-optimizer a reduce-scatter of it and an all-gather of the parameters."""
     numel = sum(p.numel() for chunk in model for p in chunk.parameters() if p.requires_grad)
     grad_dtype = torch.float32 if ddp_config_from_args(args).grad_reduce_in_fp32 else params_dtype(args)
-    per_element = torch.finfo(grad_dtype).bits // 8
+    grad_bytes = numel * torch.finfo(grad_dtype).bits // 8
+    ranks = args.data_parallel_size
     if args.use_distributed_optimizer:
-        per_element += torch.finfo(params_dtype(args)).bits // 8
-    return numel * per_element * iterations
+        param_bytes = numel * torch.finfo(params_dtype(args)).bits // 8
+        per_iteration = (grad_bytes + param_bytes) * comm_stats.wire_fraction("all_gather", ranks)
+    else:
+        per_iteration = grad_bytes * comm_stats.wire_fraction("all_reduce", ranks)
+    return int(per_iteration * iterations)
 
 
 def _across_replicas_line(args, summary: Dict[str, float]) -> str:
@@ -336,7 +340,7 @@ def summary_text(args, summary: Dict[str, float]) -> str:
         _validation_summary(summary["iterations"], after),
         f"   throughput: {summary['tokens_per_second']:.1f} tokens/s, "
         f"{summary['tflops_per_device']:.4g} TFLOP/s per device, {summary['train_seconds']:.1f} s of training",
-        f"   peak memory: {summary['peak_memory_bytes'] / 2**20:.0f} MiB; communication per rank (collective payload): "
+        f"   peak memory: {summary['peak_memory_bytes'] / 2**20:.0f} MiB; communication per rank (bytes sent): "
         + (", ".join(f"{group} {nbytes / 1e6:.2f} MB" for group, nbytes in sorted(summary["bytes_per_group"].items()))
            or "none"),
         *([_across_replicas_line(args, summary)] if args.num_model_replicas > 1 else []),

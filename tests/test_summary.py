@@ -11,8 +11,8 @@ RUN = TINY_GPT + ["--micro-batch-size", "2", "--train-iters", str(ITERS), "--log
 
 
 def payload_mb(stdout: str) -> dict:
-    """group -> the summary's megabytes (as printed) of `communication per rank (collective payload)`."""
-    listed = re.search(r"communication per rank \(collective payload\): (.*)", stdout).group(1)
+    """group -> the summary's megabytes (as printed) of `communication per rank (bytes sent)`."""
+    listed = re.search(r"communication per rank \(bytes sent\): (.*)", stdout).group(1)
     return dict(part.rsplit(" ", 2)[:2] for part in listed.split(", "))
 
 

@@ -3,11 +3,11 @@ measured on the same model side by side with the formula.
 
     python tools/bench_comm.py --nproc 4 --model-shard-group-size 2 --intervals 1 4 16 --train-iters 33
 
-P is the number of parameters, S the shard-group size, M = DP / S the replicas. Payload per iteration
-(see megatron_edit/dp/comm_stats.py): DDP all-reduces 4P bytes of fp32 gradients over the whole DP group.
-EDiT (W=0) all-reduces 4P inside the shard group every iteration; a sync iteration adds 4P/S on the sync
-group (the owned pseudo-gradient slice) and an all-gather of 4P in the shard group. A ring all-reduce puts
-2(n-1)/n of its payload on each rank's link.
+P is the number of parameters, S the shard-group size, M = DP / S the replicas. Bytes each rank sends per
+iteration (ring algorithms, see megatron_edit/dp/comm_stats.py: an all-reduce of N bytes over n ranks sends
+2(n-1)/n N, an all-gather (n-1)/n N): DDP all-reduces 4P bytes of fp32 gradients over the whole DP group.
+EDiT (W=0) all-reduces 4P inside the shard group every iteration; a sync iteration adds an all-reduce of 4P/S
+on the sync group (the owned pseudo-gradient slice) and an all-gather of 4P in the shard group.
 """
 import argparse
 import json
@@ -58,12 +58,15 @@ def worker(argv):
     destroy()
 
 
-def expected(mode, params, shard, interval, iters):
-    """Payload bytes per iteration by group, from the formula in the module docstring."""
+def expected(mode, params, nproc, shard, interval, iters):
+    """Bytes per iteration by group, from the formula in the module docstring."""
+    from megatron_edit.dp.comm_stats import wire_fraction
+
     if mode == "ddp":
-        return {"dp": 4 * params}
+        return {"dp": 4 * params * wire_fraction("all_reduce", nproc)}
     syncs = (iters - 1) // interval
-    return {"shard": 4 * params + syncs * 4 * params / iters, "sync": syncs * 4 * params / shard / iters}
+    return {"shard": 4 * params * (wire_fraction("all_reduce", shard) + syncs / iters * wire_fraction("all_gather", shard)),
+            "sync": syncs * 4 * params / shard / iters * wire_fraction("all_reduce", nproc // shard)}
 
 
 def main():
@@ -88,7 +91,8 @@ def main():
         if result.returncode != 0 or not lines:
             sys.exit(f"error: {mode} H={interval} failed:\n{result.stderr[-3000:]}")
         measured = json.loads(lines[0][len("BENCH_COMM "):])
-        formula = expected(mode, measured["params"], args.model_shard_group_size, interval, args.train_iters)
+        formula = expected(mode, measured["params"], args.nproc, args.model_shard_group_size, interval,
+                           args.train_iters)
         for group in formula:
             print(f"{mode:>5} | {interval or '-':>3} | {group:>6} | {measured['bytes_per_iter'].get(group, 0):>15,.0f} | "
                   f"{formula[group]:>15,.0f} | {measured['ms_per_iter']:>8.1f}")

@@ -1,13 +1,16 @@
-"""Payload bytes of torch.distributed collectives, per process group: the numbers behind
+"""Bytes each rank sends in torch.distributed collectives, per process group: the numbers behind
 "bytes on the wire" in logs, benchmarks and tests.
 
 Installed once per process, it wraps the torch.distributed functions that megatron-core and this
 project call, and the copies megatron-core binds at import (`dist_all_gather_func =
 torch.distributed.all_gather_into_tensor` in param_and_grad_buffer.py and the tensor-parallel code:
 the distributed optimizer's gradient reduce-scatter and parameter all-gather go through those), listed
-in `_BOUND_AT_IMPORT`. Payload is the size of the collective's full buffer: the tensor for
-all-reduce/broadcast, the input of a reduce-scatter or all-to-all, the output of an all-gather (for the
-list forms, the sum of the list). Collectives issued inside torch's `_coalescing_manager` (megatron-core
+in `_BOUND_AT_IMPORT`. A collective's bytes are what each of its M ranks sends with a bandwidth-optimal
+(ring) algorithm, in terms of its full buffer N (the tensor of an all-reduce/broadcast, the input of a
+reduce-scatter or all-to-all, the output of an all-gather; for the list forms, the sum of the list):
+2 (M-1)/M N for an all-reduce, (M-1)/M N for the others. So a reduce-scatter plus an all-gather (the
+distributed optimizer) counts what an all-reduce of the same buffer does, and codecs that exchange by
+all-to-all and all-gather (local_sgd/exchange.py) compare with an fp32 all-reduce byte for byte. Collectives issued inside torch's `_coalescing_manager` (megatron-core
 coalesces its buckets) are counted one by one as they are queued; the coalesced launch at the end
 calls the process group directly, so nothing is counted twice. Pipeline sends are counted through
 batch_isend_irecv (isend itself is left alone: torch.distributed.P2POp checks its identity).
@@ -37,6 +40,12 @@ _PAYLOAD = {
     "all_to_all_single": lambda a: a["input"],
 }
 
+
+def wire_fraction(collective: str, ranks: int) -> float:
+    """Bytes each rank sends per byte of the collective's buffer (ring algorithms)."""
+    share = (ranks - 1) / ranks
+    return 2 * share if collective == "all_reduce" else share
+
 # megatron-core modules that bind a torch.distributed collective to a name of their own at import, so
 # that replacing torch.distributed's attribute does not reach their calls.
 _BOUND_AT_IMPORT = [
@@ -62,7 +71,7 @@ class CommunicationCounter:
         if group is not None:
             self._names[group] = name
 
-    def _record(self, group, nbytes: int) -> None:
+    def _record(self, group, nbytes: float) -> None:
         if dist.get_world_size(group) == 1:
             return
         if group is None or group is dist.GroupMember.WORLD:
@@ -90,7 +99,8 @@ def _counted(function):
     @functools.wraps(function)
     def wrapper(*args, **kwargs):
         arguments = signature.bind(*args, **kwargs).arguments
-        COUNTER._record(arguments.get("group"), _nbytes(payload(arguments)))
+        group = arguments.get("group")
+        COUNTER._record(group, _nbytes(payload(arguments)) * wire_fraction(function.__name__, dist.get_world_size(group)))
         return function(*args, **kwargs)
 
     wrapper._counted = True
@@ -120,6 +130,8 @@ def _counted_batch_isend_irecv(function):
 def _name_megatron_groups() -> None:
     from megatron.core import parallel_state
 
+    if not parallel_state.model_parallel_is_initialized():  # a process that only exchanges (tests, tools)
+        return
     getters = {
         # all ranks of one distributed-optimizer instance: its gradient statistics (norm, zeros, found-inf)
         "dist_opt": parallel_state.get_intra_distributed_optimizer_instance_group,

@@ -19,6 +19,7 @@ from megatron_edit.errors import UsageError
 from megatron_edit.errors import require as _require
 from megatron_edit.data.datasets import check_data_path, check_split, used_splits
 from megatron_edit.data.tokenizers import add_tokenizer_args, check_tokenizer_args
+from megatron_edit.dp.local_sgd.exchange import SYNC_DTYPES
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -95,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--outer-momentum", type=float, default=0.8)
     g.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--offload-outer-state", action="store_true", help="keep anchor and momentum in CPU memory")
+    g.add_argument("--sync-dtype", choices=SYNC_DTYPES, default="fp32",
+                   help="what the pseudo-gradient exchange sends: fp32, bf16 (1/2 the bytes) or int8 with a scale per "
+                        "block (about 1/4); edit, aedit and diloco")
+    g.add_argument("--sync-error-feedback", action="store_true",
+                   help="carry what bf16/int8 quantization dropped into the next sync")
 
     g = parser.add_argument_group("EDiT pseudo-gradient penalty")
     g.add_argument("--edit-anomaly-elimination", action="store_true",

@@ -19,6 +19,7 @@ from megatron_edit.dp.post_local_sgd import PostLocalSGDDataParallel
 class DiLoCoDataParallel(PostLocalSGDDataParallel):
     name = "diloco"
     fault_kinds = frozenset({"bad-data", "scale", "nan"})
+    exchanges_pseudo_gradients = True
 
     def _whole_model_view(self, index: int, params, main_params: MainParams) -> ModuleShard:
         return ModuleShard(f"model chunk {index}", params, 0, 1, main_params, self.local_sgd.offload_outer_state)
@@ -32,10 +33,10 @@ class DiLoCoDataParallel(PostLocalSGDDataParallel):
     @torch.no_grad()
     def _synchronize(self, iteration: int) -> Dict[str, float]:
         squares = 0.0
-        for view in self.views:
+        for index, view in enumerate(self.views):
             pseudo_grad = view.anchor.to(view.device) - view.read_full(self.groups.shard)
             self.faults.corrupt_pseudo_grad(pseudo_grad, iteration)
-            dist.all_reduce(pseudo_grad, group=self.groups.sync)
+            self.exchange.start(index, pseudo_grad).wait()
             pseudo_grad.div_(self.groups.num_replicas)
             squares += pseudo_grad.double().pow(2).sum().item()
             outer_sgd_step(view.anchor, view.momentum, pseudo_grad.to(view.anchor.device), self.local_sgd.outer_lr,

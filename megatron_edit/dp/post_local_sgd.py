@@ -18,6 +18,7 @@ from megatron_edit.logging import print_rank_last
 
 class PostLocalSGDDataParallel(LocalSGDDataParallel):
     name = "post-local-sgd"
+    exchanges_pseudo_gradients = False
 
     def build_optimizer(self, model_chunks, optimizer_config):
         optimizer = super().build_optimizer(model_chunks, optimizer_config)

@@ -113,8 +113,8 @@ class EditDataParallel(LocalSGDDataParallel):
                 units.append(ModuleShard(name, params, shard_rank, self.groups.shard_size, main_params,
                                          self.local_sgd.offload_outer_state))
                 modules.append(module)
-        self.sync = LayerwiseSync(units, modules, self.groups, self.local_sgd, self.penalty, self.faults,
-                                  step_weight=self.step_weight)
+        self.sync = LayerwiseSync(units, modules, self.groups, self.exchange, self.local_sgd, self.penalty,
+                                  self.faults, step_weight=self.step_weight)
         if self.local_sgd.warmup_iters == 0:
             self.sync.initialize_anchors()
         return optimizer

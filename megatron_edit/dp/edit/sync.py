@@ -3,7 +3,8 @@
 A forward pre-hook on every synchronized module (embedding, each transformer layer, final norm,
 output layer) does, for the shard this rank owns:
     d = anchor - theta            pseudo-gradient (with the penalty: its norm judged, its weight decided)
-    d = sum over replicas w_i d_i issued as an async all-reduce over the sync group, waited for here
+    d = sum over replicas w_i d_i issued as an async exchange over the sync group (../local_sgd/exchange.py),
+                                  waited for here
     d = clip(d)                   (optional)
     anchor <- outer step(anchor, d)
     theta <- anchor               all-gathered in the shard group into the full module
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_edit.dp.local_sgd.config import LocalSGDConfig
+from megatron_edit.dp.local_sgd.exchange import InFlight, SyncExchange
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
 from megatron_edit.dp.local_sgd.outer import outer_sgd_step
 from megatron_edit.dp.edit.penalty import (EwmaAnomalyDetector, PenaltyConfig, blend_step_shares, clip_factor,
@@ -39,16 +41,18 @@ class ModuleSyncRecord:
 
 
 class _Pending:
-    """A module's weighted pseudo-gradient whose sync-group all-reduce is in flight."""
+    """A module's weighted pseudo-gradient whose sync-group exchange is in flight."""
 
-    def __init__(self, pseudo_grad: torch.Tensor, work, record: ModuleSyncRecord):
-        self.pseudo_grad, self.work, self.record = pseudo_grad, work, record
+    def __init__(self, exchange: InFlight, record: ModuleSyncRecord):
+        self.exchange, self.record = exchange, record
 
 
 class LayerwiseSync:
     def __init__(self, units: List[ModuleShard], modules: List[torch.nn.Module], groups: LocalSGDGroups,
-                 config: LocalSGDConfig, penalty: PenaltyConfig, faults, step_weight: float = 0.0):
+                 exchange: SyncExchange, config: LocalSGDConfig, penalty: PenaltyConfig, faults,
+                 step_weight: float = 0.0):
         self.units, self.groups, self.config, self.penalty, self.faults = units, groups, config, penalty, faults
+        self.exchange = exchange
         self.step_weight = step_weight
         self.replica = groups.replica_index
         self.local_steps = 0  # this replica's local steps since the previous sync, for the step weights
@@ -160,21 +164,16 @@ class LayerwiseSync:
             pseudo_grad.zero_()  # also keeps a NaN from reaching anyone
         else:
             pseudo_grad.mul_(weight)
-        work = None
-        if self.groups.sync is not None:
-            work = dist.all_reduce(pseudo_grad, group=self.groups.sync, async_op=True)
-        self.pending[index] = _Pending(pseudo_grad, work, record)
+        self.pending[index] = _Pending(self.exchange.start(index, pseudo_grad), record)
         self._record("issue", unit.name)
 
     def _finish(self, index: int) -> None:
         unit, pending = self.units[index], self.pending.pop(index)
-        if pending.work is not None:
-            pending.work.wait()
+        pseudo_grad = pending.exchange.wait()
         record = pending.record
         if not any(record.weights):  # every replica is an outlier: keep the anchor, undo the local steps
             record.reset_to_anchor = True
         else:
-            pseudo_grad = pending.pseudo_grad
             record.averaged_norm = self._norm(index, pseudo_grad)
             factor = clip_factor(record.averaged_norm, self.penalty.pseudo_grad_clip)
             record.clipped_norm = record.averaged_norm * factor

@@ -10,11 +10,13 @@ class LocalSGDConfig:
     outer_momentum: float
     outer_nesterov: bool
     offload_outer_state: bool   # keep anchor and momentum in (pinned) CPU memory
+    sync_dtype: str = "fp32"    # what the pseudo-gradient exchange puts on the wire (exchange.py)
+    sync_error_feedback: bool = False
 
     @classmethod
     def from_args(cls, args) -> "LocalSGDConfig":
         return cls(args.local_sgd_sync_interval, args.local_sgd_warmup_iters, args.outer_lr, args.outer_momentum,
-                   args.outer_nesterov, args.offload_outer_state)
+                   args.outer_nesterov, args.offload_outer_state, args.sync_dtype, args.sync_error_feedback)
 
     def is_warmup(self, iteration: int) -> bool:
         return iteration <= self.warmup_iters

@@ -19,6 +19,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron_edit.dp import comm_stats
 from megatron_edit.dp.ddp import SynchronousDataParallel
 from megatron_edit.dp.local_sgd.config import LocalSGDConfig
+from megatron_edit.dp.local_sgd.exchange import ProcessGroupTransport, SyncExchange
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
 from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.errors import require
@@ -30,6 +31,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     fault_kinds = frozenset({"bad-data"})
     cross_replica_group = "sync"
     accepts_penalty = False  # EDiT's pseudo-gradient penalty flags
+    exchanges_pseudo_gradients = True  # through self.exchange (--sync-dtype); Post-Local-SGD averages parameters
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
                  faults: FaultInjector):
@@ -40,6 +42,8 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         self.counter.name_group(groups.shard, "shard")
         self.counter.name_group(groups.sync, "sync")
         self.counter.name_group(groups.replica, "replica")
+        self.exchange = SyncExchange(ProcessGroupTransport(groups.sync), local_sgd.sync_dtype,
+                                     local_sgd.sync_error_feedback)
         self.in_warmup = local_sgd.warmup_iters > 0
         self.local_steps_since_sync = 0  # local (post-warm-up) steps this replica took since the last sync
         self.blocked_sync_seconds = 0.0  # training time spent in blocking syncs, in all
@@ -64,6 +68,11 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         require(args.outer_lr > 0 and 0 <= args.outer_momentum < 1,
                 "--outer-lr must be > 0 and --outer-momentum in [0, 1)")
         args.num_model_replicas = dp // shard
+        require(args.sync_dtype == "fp32" or cls.exchanges_pseudo_gradients,
+                f"--sync-dtype {args.sync_dtype}: {cls.name} averages parameters, not pseudo-gradients; "
+                "use --dp-mode edit, aedit or diloco")
+        require(not args.sync_error_feedback or args.sync_dtype != "fp32",
+                "--sync-error-feedback carries quantization error: use it with --sync-dtype bf16 or int8")
         penalty = [flag for flag, on in [("--edit-anomaly-elimination", args.edit_anomaly_elimination),
                                          ("--edit-weighted-average", args.edit_weighted_average),
                                          ("--edit-pseudo-grad-clip", args.edit_pseudo_grad_clip is not None)] if on]
@@ -159,11 +168,15 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         super().after_optimizer_step(iteration)
 
     def state_dict(self) -> dict:
-        return {"local_steps_since_sync": self.local_steps_since_sync, "in_warmup": self.in_warmup}
+        return {"local_steps_since_sync": self.local_steps_since_sync, "in_warmup": self.in_warmup,
+                "exchange": {"replicas": self.groups.num_replicas, **self.exchange.state_dict()}}
 
     def load_state_dict(self, state: dict, same_replica: bool) -> None:
-        """Step counters are per replica and come from the replica this one continues."""
+        """Step counters are per replica and come from the replica this one continues; so do error-feedback
+        residuals, which are dropped when the replica count (and with it the exchange's chunking) changed."""
         self.local_steps_since_sync, self.in_warmup = state["local_steps_since_sync"], state["in_warmup"]
+        if state["exchange"]["replicas"] == self.groups.num_replicas:
+            self.exchange.load_state_dict(state["exchange"])
 
     def wrap_train_batches(self, batches):
         return self.faults.train_batches(batches)

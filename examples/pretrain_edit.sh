@@ -9,9 +9,9 @@
 # Every knob is an environment variable named after its flag: TRAIN_ITERS, DATA_PATH, TOKENIZER_MODEL, DP_MODE,
 # LOCAL_SGD_SYNC_INTERVAL, LOCAL_SGD_WARMUP_ITERS, OUTER_LR, OUTER_MOMENTUM, MICRO_BATCH_SIZE, GLOBAL_BATCH_SIZE, LR,
 # LR_WARMUP_ITERS, NUM_LAYERS, HIDDEN_SIZE, NUM_ATTENTION_HEADS, SEQ_LENGTH, MODEL_SHARD_GROUP_SIZE, SAVE,
-# SAVE_INTERVAL, WANDB_PROJECT, WANDB_SAVE_DIR. TRAIN_ITERS defaults to 200; the two warm-ups, LR_WARMUP_ITERS
-# (learning rate) and LOCAL_SGD_WARMUP_ITERS (synchronous steps before local SGD), default to a tenth of it
-# (200 -> 20, 6 -> 0), so a short run needs no other change.
+# SAVE_INTERVAL, WANDB_PROJECT, WANDB_SAVE_DIR. TRAIN_ITERS defaults to 200; the learning-rate warm-up
+# LR_WARMUP_ITERS defaults to a tenth of it (200 -> 20, 6 -> 0) and LOCAL_SGD_WARMUP_ITERS (synchronous steps before
+# local SGD) to a quarter (200 -> 50, 6 -> 1, as pretrain_gpt.py), so a short run needs no other change.
 # GPUS_PER_NODE and NPROC (local) set the processes. On Slurm the GPUs of a node form the model shard group
 # (the default of --model-shard-group-size) and the nodes the model sync group; locally without GPUs every
 # process is a replica (MODEL_SHARD_GROUP_SIZE=1).
@@ -30,7 +30,7 @@ fail() { echo "error: $*" >&2; exit 2; }
 TRAIN_ITERS=${TRAIN_ITERS:-200}
 [[ "$TRAIN_ITERS" =~ ^[0-9]+$ ]] && [ "$TRAIN_ITERS" -ge 1 ] || fail "TRAIN_ITERS=$TRAIN_ITERS is not a positive whole number"
 LR_WARMUP_ITERS=${LR_WARMUP_ITERS:-$((TRAIN_ITERS / 10))}
-LOCAL_SGD_WARMUP_ITERS=${LOCAL_SGD_WARMUP_ITERS:-$((TRAIN_ITERS / 10))}
+LOCAL_SGD_WARMUP_ITERS=${LOCAL_SGD_WARMUP_ITERS:-$((TRAIN_ITERS / 4))}
 
 DP_MODE=${DP_MODE:-edit}
 case "$DP_MODE" in ddp|edit|aedit|diloco|post-local-sgd) ;;

@@ -90,8 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-shard-group-size", type=int, default=None,
                    help="data-parallel ranks that hold one replica together; default: those of one node")
     g.add_argument("--local-sgd-sync-interval", type=int, default=16, help="H: local steps between syncs")
-    g.add_argument("--local-sgd-warmup-iters", type=int, default=0,
+    g.add_argument("--local-sgd-warmup-iters", type=int, default=None,
                    help="W: iterations of synchronous data parallelism before local steps begin")
+    g.add_argument("--local-sgd-warmup-fraction", type=float, default=None,
+                   help="W as a fraction of --train-iters; without either flag, 0.25 (see the README's "
+                        "'Choosing H, the outer optimizer and warm-up')")
     g.add_argument("--outer-lr", type=float, default=0.7)
     g.add_argument("--outer-momentum", type=float, default=0.8)
     g.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=True)

@@ -20,8 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.experiment import (LLAMA_STYLE, METHODS, add_data_args, add_training_args,  # noqa: E402
-                              cross_replica_bytes, data_argv, new_figure, run_job, save_figure, seeds, spread,
-                              write_table)
+                              cross_replica_bytes, data_argv, new_figure, resolve_local_sgd_warmup, run_job,
+                              save_figure, seeds, spread, write_table)
 from megatron_edit.logging import perplexity  # noqa: E402
 
 
@@ -32,7 +32,7 @@ def get_args(argv=None):
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--model-shard-group-size", type=int, default=1)
     add_training_args(parser, num_layers=4, hidden_size=128, seq_length=128, micro_batch_size=8, train_iters=200,
-                      sync_interval=16, warmup_iters=20)
+                      sync_interval=16)
     parser.add_argument("--num-attention-heads", type=int, default=4)
     parser.add_argument("--global-batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3, help="inner (Adam) peak LR; --min-lr is a tenth of it")
@@ -44,7 +44,9 @@ def get_args(argv=None):
                         help="default: H x EDiT's measured seconds per iteration (EDiT runs first)")
     add_data_args(parser)
     parser.add_argument("extra", nargs="*", help="after --: more pretrain_gpt.py flags for every run")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    resolve_local_sgd_warmup(args)
+    return args
 
 
 def common_argv(args) -> list:

@@ -26,15 +26,30 @@ METHODS = ["ddp", "post-local-sgd", "diloco", "edit", "aedit"]
 
 
 def add_training_args(parser: argparse.ArgumentParser, num_layers: int, hidden_size: int, seq_length: int,
-                      micro_batch_size: int, train_iters: int, sync_interval: int, warmup_iters: int) -> None:
-    """The model and schedule flags every comparison tool takes (pretrain_gpt.py's names), with its defaults."""
+                      micro_batch_size: int, train_iters: int, sync_interval: int,
+                      warmup_iters: Optional[int] = None) -> None:
+    """The model and schedule flags every comparison tool takes (pretrain_gpt.py's names), with its defaults
+    (W: pretrain_gpt.py's, see resolve_local_sgd_warmup, unless the tool names one)."""
     parser.add_argument("--num-layers", type=int, default=num_layers)
     parser.add_argument("--hidden-size", type=int, default=hidden_size)
     parser.add_argument("--seq-length", type=int, default=seq_length)
     parser.add_argument("--micro-batch-size", type=int, default=micro_batch_size)
     parser.add_argument("--train-iters", type=int, default=train_iters)
     parser.add_argument("--local-sgd-sync-interval", type=int, default=sync_interval)
-    parser.add_argument("--local-sgd-warmup-iters", type=int, default=warmup_iters)
+    parser.add_argument("--local-sgd-warmup-iters", type=int, default=warmup_iters,
+                        help="W; default: a quarter of --train-iters, as pretrain_gpt.py" if warmup_iters is None else None)
+
+
+def default_local_sgd_warmup(train_iters: int) -> int:
+    """pretrain_gpt.py's W when no flag names one."""
+    from megatron_edit.dp.local_sgd.mode import DEFAULT_WARMUP_FRACTION
+
+    return int(DEFAULT_WARMUP_FRACTION * train_iters)
+
+
+def resolve_local_sgd_warmup(args) -> None:
+    if args.local_sgd_warmup_iters is None:
+        args.local_sgd_warmup_iters = default_local_sgd_warmup(args.train_iters)
 
 
 def add_data_args(parser: argparse.ArgumentParser, eval_iters: int = 64) -> None:

@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.experiment import (LLAMA_STYLE, add_data_args, data_argv, new_figure, run_job, save_figure,  # noqa: E402
-                              seeds, spread, write_table)
+from tools.experiment import (LLAMA_STYLE, add_data_args, data_argv, new_figure, resolve_local_sgd_warmup,  # noqa: E402
+                              run_job, save_figure, seeds, spread, write_table)
 
 # (layers, hidden, heads): tiny to what trains in about a minute on 2 CPU cores.
 SIZES = [(1, 32, 2), (2, 48, 3), (2, 64, 4), (3, 96, 4), (4, 128, 4)]
@@ -92,9 +92,12 @@ def get_args(argv=None):
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--global-batch-size", type=int, default=16)
     parser.add_argument("--local-sgd-sync-interval", type=int, default=8)
-    parser.add_argument("--local-sgd-warmup-iters", type=int, default=15)
+    parser.add_argument("--local-sgd-warmup-iters", type=int, default=None,
+                        help="default: a quarter of --train-iters, as pretrain_gpt.py")
     add_data_args(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    resolve_local_sgd_warmup(args)
+    return args
 
 
 def train(args, method: str, layers: int, hidden: int, heads: int) -> Dict[str, float]:

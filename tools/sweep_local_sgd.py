@@ -20,7 +20,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.compare_methods import common_argv, final_validation  # noqa: E402
-from tools.experiment import add_data_args, add_training_args, run_job, seeds, spread, write_table  # noqa: E402
+from tools.experiment import (add_data_args, add_training_args, default_local_sgd_warmup, run_job, seeds,  # noqa: E402
+                              spread, write_table)
 
 LOCAL_SGD_METHODS = ["edit", "diloco", "post-local-sgd"]
 # (column, flag of pretrain_gpt.py, list flag of this tool)
@@ -37,7 +38,7 @@ def get_args(argv=None):
     parser.add_argument("--replicas", type=int, default=2, help="M: replicas (sync group size)")
     parser.add_argument("--model-shard-group-size", type=int, default=1, help="ranks holding one replica")
     add_training_args(parser, num_layers=4, hidden_size=128, seq_length=128, micro_batch_size=8, train_iters=1000,
-                      sync_interval=16, warmup_iters=20)
+                      sync_interval=16)
     parser.add_argument("--num-attention-heads", type=int, default=4)
     parser.add_argument("--global-batch-size", type=int, default=16)
     parser.add_argument("--lr-warmup-iters", type=int, default=None, help="default: min(20, train iters / 10)")
@@ -47,12 +48,14 @@ def get_args(argv=None):
     g.add_argument("--ddp-lrs", type=float, nargs="*", default=[2e-3], help="DDP's inner LRs (none: no DDP runs)")
     g.add_argument("--lrs", type=float, nargs="+", default=[2e-3], help="inner (Adam) peak LR of the local steps")
     g.add_argument("--sync-intervals", type=int, nargs="+", default=[16], help="H")
-    g.add_argument("--warmup-iters", type=int, nargs="+", default=[20], help="W: synchronous iterations first")
+    g.add_argument("--warmup-iters", type=int, nargs="+", default=None,
+                   help="W: synchronous iterations first; default: a quarter of --train-iters, as pretrain_gpt.py")
     g.add_argument("--outer-lrs", type=float, nargs="+", default=[0.7])
     g.add_argument("--outer-momentums", type=float, nargs="+", default=[0.8])
     g.add_argument("--nesterov", choices=["on", "off"], nargs="+", default=["on"], help="outer Nesterov momentum")
     parser.add_argument("extra", nargs="*", help="after --: more pretrain_gpt.py flags for every run")
     args = parser.parse_args(argv)
+    args.warmup_iters = args.warmup_iters or [default_local_sgd_warmup(args.train_iters)]
     args.local_sgd_sync_interval = args.local_sgd_warmup_iters = None  # set per configuration
     args.outer_lr = args.outer_momentum = None
     return args

@@ -1,7 +1,7 @@
-"""Local-SGD scaling laws: final loss against model size and compute, DDP vs EDiT.
+"""Local-SGD scaling laws: final loss against model size, tokens and compute, DDP vs EDiT.
 
     python tools/scaling_law.py --output-dir runs/scaling                 # 5 sizes x (ddp, edit), ~10 min on 2 cores
-    python tools/scaling_law.py --data-path data/pydocs/corpus_text_document --seeds 2   # the benchmark corpus
+    python tools/scaling_law.py --data-path data/pydocs/corpus_text_document --sizes 4 --budgets 100 200 400
 
 Every size trains on the same tokens (same global batch, sequence and iterations, so L(N) here is at a fixed
 data budget, far from convergence), with the same seeds (--seeds, averaged). EDiT runs 2 replicas of one rank each. N is the number
@@ -9,8 +9,16 @@ of non-embedding parameters (from the run's log); C is the run's model FLOPs (me
 method the tool fits L = A * X^(-alpha) + E by least squares (alpha on a grid, A and E linear for each alpha,
 then Gauss-Newton) and reports one-sigma uncertainties from the fit's covariance, s^2 (J^T J)^-1: with five
 points and three constants they are wide, and the table says so rather than hiding it.
+
+With several token budgets (`--budgets`, iterations at the same global batch and sequence), every size trains at
+every budget, and the tool also fits L(N, D) = E + A N^-a + B D^-b per method (D: training tokens), then EDiT's
+compute-equivalence factor: for each EDiT run, the tokens D' at which DDP's fitted law, at the same N, reaches
+EDiT's loss, over the tokens EDiT used (compute is 6 N D for both, so this is DDP's compute for EDiT's loss over
+EDiT's). Below 1, EDiT needs more compute than DDP for the same loss. Its uncertainty comes from sampling DDP's
+fitted constants from their covariance.
 """
 import argparse
+import math
 import re
 import sys
 from pathlib import Path
@@ -20,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tools.experiment import (LLAMA_STYLE, add_data_args, data_argv, new_figure, resolve_local_sgd_warmup,  # noqa: E402
+from tools.experiment import (LLAMA_STYLE, add_data_args, data_argv, default_local_sgd_warmup, new_figure,  # noqa: E402
                               run_job, save_figure, seeds, spread, write_table)
 
 # (layers, hidden, heads): tiny to what trains in about a minute on 2 CPU cores.
@@ -83,45 +91,131 @@ def fit_power_law(x, loss) -> Tuple[np.ndarray, np.ndarray]:
     return np.array([a * scale ** alpha, alpha, e]), np.array([errors[0] * scale ** alpha, errors[1], errors[2]])
 
 
+def loss_nd(n: np.ndarray, d: np.ndarray, e: float, a: float, alpha: float, b: float, beta: float) -> np.ndarray:
+    return e + a * n ** (-alpha) + b * d ** (-beta)
+
+
+def fit_loss_nd(n, d, loss) -> Tuple[np.ndarray, np.ndarray]:
+    """(E, A, alpha, B, beta) of L(N, D) by least squares, and their covariance (nan without degrees of freedom).
+    Variable projection: for each (alpha, beta) on a grid, E, A and B are linear; the best grid point (A, B > 0,
+    E >= 0) then starts a damped Gauss-Newton over all five. Fitted in N and D over their geometric means."""
+    n, d, loss = (np.asarray(v, dtype=np.float64) for v in (n, d, loss))
+    n_scale, d_scale = np.exp(np.mean(np.log(n))), np.exp(np.mean(np.log(d)))
+    u, v = n / n_scale, d / d_scale
+
+    def sse(theta):
+        return float(np.sum((loss_nd(u, v, *theta) - loss) ** 2))
+
+    def linear_fit(alpha, beta):
+        design = np.stack([np.ones_like(u), u ** (-alpha), v ** (-beta)], axis=1)
+        (e, a, b), *_ = np.linalg.lstsq(design, loss, rcond=None)
+        return np.array([e, a, alpha, b, beta])
+
+    grid = np.linspace(0.02, 2.0, 100)
+    feasible = [theta for theta in (linear_fit(alpha, beta) for alpha in grid for beta in grid)
+                if theta[0] >= 0 and theta[1] > 0 and theta[3] > 0]
+    if not feasible:
+        return np.full(5, np.nan), np.full((5, 5), np.nan)
+    theta = min(feasible, key=sse)
+
+    def jacobian(theta):
+        _, a, alpha, b, beta = theta
+        return np.stack([np.ones_like(u), u ** (-alpha), -a * np.log(u) * u ** (-alpha),
+                         v ** (-beta), -b * np.log(v) * v ** (-beta)], axis=1)
+
+    for _ in range(200):
+        step, *_ = np.linalg.lstsq(jacobian(theta), loss - loss_nd(u, v, *theta), rcond=None)
+        while np.max(np.abs(step)) > 1e-14:
+            candidate = theta + step
+            if candidate[0] >= 0 and min(candidate[1:]) > 0 and sse(candidate) <= sse(theta):
+                break
+            step = step / 2
+        else:
+            break
+        theta = candidate
+    covariance = np.full((5, 5), np.nan)
+    if len(loss) > 5:
+        j = jacobian(theta)
+        covariance = sse(theta) / (len(loss) - 5) * np.linalg.pinv(j.T @ j)
+    # back to N's and D's own units: A u^-alpha = A' N^-alpha with A' = A n_scale^alpha (likewise B); the covariance
+    # follows through that map's Jacobian
+    e, a, alpha, b, beta = theta
+    units = np.array([e, a * n_scale ** alpha, alpha, b * d_scale ** beta, beta])
+    to_units = np.eye(5)
+    to_units[1, 1], to_units[1, 2] = n_scale ** alpha, units[1] * math.log(n_scale)
+    to_units[3, 3], to_units[3, 4] = d_scale ** beta, units[3] * math.log(d_scale)
+    return units, to_units @ covariance @ to_units.T
+
+
+def equivalent_tokens(n: float, loss: float, theta: np.ndarray) -> float:
+    """The tokens at which L(N, D) with constants theta reaches `loss` at size n (inf: never, below its floor)."""
+    e, a, alpha, b, beta = theta
+    gap = loss - e - a * n ** (-alpha)
+    return float((b / gap) ** (1 / beta)) if gap > 0 else math.inf
+
+
+def compute_equivalence(ddp_theta: np.ndarray, ddp_covariance: np.ndarray, edit_rows: List[dict],
+                        samples: int = 2000) -> List[dict]:
+    """Per EDiT run, DDP's tokens for EDiT's loss over EDiT's tokens: the fit's value, and the median and 16th-84th
+    percentiles over DDP constants drawn from the fit's covariance."""
+    rng = np.random.default_rng(0)
+    usable = np.all(np.isfinite(ddp_covariance))
+    draws = rng.multivariate_normal(ddp_theta, ddp_covariance, size=samples) if usable else ddp_theta[None]
+    draws = draws[(draws[:, 0] >= 0) & (draws[:, 1:] > 0).all(axis=1)]
+    out = []
+    for row in edit_rows:
+        n, d, loss = row["non-embedding params"], row["tokens"], row["validation loss"]
+        factors = np.array([equivalent_tokens(n, loss, theta) / d for theta in draws])
+        low, median, high = np.percentile(factors, [16, 50, 84])
+        out.append({"N": n, "D": d, "edit loss": loss, "factor": equivalent_tokens(n, loss, ddp_theta) / d,
+                    "median": median, "p16": low, "p84": high})
+    return out
+
+
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/scaling")
     parser.add_argument("--methods", nargs="+", default=["ddp", "edit"], choices=["ddp", "edit"])
     parser.add_argument("--sizes", type=int, default=len(SIZES), help=f"the first K of {SIZES}")
     parser.add_argument("--train-iters", type=int, default=150)
+    parser.add_argument("--budgets", type=int, nargs="+", default=None,
+                        help="train every size for each of these iteration counts and fit L(N, D) (default: "
+                             "--train-iters only)")
     parser.add_argument("--seq-length", type=int, default=128)
     parser.add_argument("--global-batch-size", type=int, default=16)
     parser.add_argument("--local-sgd-sync-interval", type=int, default=8)
     parser.add_argument("--local-sgd-warmup-iters", type=int, default=None,
-                        help="default: a quarter of --train-iters, as pretrain_gpt.py")
+                        help="default: a quarter of each run's iterations, as pretrain_gpt.py")
     add_data_args(parser)
     args = parser.parse_args(argv)
-    resolve_local_sgd_warmup(args)
+    args.budgets = sorted(args.budgets or [args.train_iters])
     return args
 
 
-def train(args, method: str, layers: int, hidden: int, heads: int) -> Dict[str, float]:
-    """One size and method, averaged over --seeds (the validation loss's std is kept beside its mean)."""
-    runs = [train_once(args, method, layers, hidden, heads, seed) for seed in seeds(args)]
+def train(args, method: str, layers: int, hidden: int, heads: int, iters: int) -> Dict[str, float]:
+    """One size, budget and method, averaged over --seeds (the validation loss's std is kept beside its mean)."""
+    runs = [train_once(args, method, layers, hidden, heads, seed, iters) for seed in seeds(args)]
     valid = spread([r["validation loss"] for r in runs])
     return {**runs[0], "compute FLOPs": sum(r["compute FLOPs"] for r in runs) / len(runs),
             "validation loss": valid["mean"], "validation std": valid["std"]}
 
 
-def train_once(args, method: str, layers: int, hidden: int, heads: int, seed: int) -> Dict[str, float]:
+def train_once(args, method: str, layers: int, hidden: int, heads: int, seed: int, iters: int) -> Dict[str, float]:
     nproc = 1 if method == "ddp" else 2
+    warmup = default_local_sgd_warmup(iters) if args.local_sgd_warmup_iters is None else args.local_sgd_warmup_iters
     argv = ["--num-layers", str(layers), "--hidden-size", str(hidden), "--num-attention-heads", str(heads),
             "--seq-length", str(args.seq_length), *LLAMA_STYLE, "--micro-batch-size", str(args.global_batch_size // 2),
-            "--global-batch-size", str(args.global_batch_size), "--train-iters", str(args.train_iters),
+            "--global-batch-size", str(args.global_batch_size), "--train-iters", str(iters),
             "--lr", "3e-3", "--min-lr", "3e-4", "--lr-decay-style", "cosine",
-            "--lr-warmup-iters", str(min(15, args.train_iters // 10)),
+            "--lr-warmup-iters", str(min(15, iters // 10)),
             "--weight-decay", "0.1", "--clip-grad", "1.0", "--adam-beta2", "0.95", "--seed", str(seed),
-            "--log-interval", str(args.train_iters), "--eval-interval", str(args.train_iters),
+            "--log-interval", str(iters), "--eval-interval", str(iters),
             "--eval-iters", str(args.eval_iters), *data_argv(args), "--dp-mode", method, "--model-shard-group-size", "1",
             "--local-sgd-sync-interval", str(args.local_sgd_sync_interval),
-            "--local-sgd-warmup-iters", str(args.local_sgd_warmup_iters)]
+            "--local-sgd-warmup-iters", str(warmup)]
     log = run_job(nproc, argv)
-    return {"method": method, "layers": layers, "hidden": hidden,
+    return {"method": method, "layers": layers, "hidden": hidden, "iters": iters,
+            "tokens": iters * args.global_batch_size * args.seq_length,
             "non-embedding params": int(_NON_EMBEDDING.search(log.text).group(1)),
             "compute FLOPs": log.tflops_per_device * 1e12 * nproc * log.train_seconds,
             "validation loss": log.validation[max(log.validation)]}
@@ -158,19 +252,48 @@ def plot(rows, fits, methods, output_dir: Path) -> None:
     save_figure(figure, output_dir / "scaling_laws.png")
 
 
+def nd_tables(rows: List[dict], methods: List[str]) -> str:
+    """L(N, D) per method and, with both ddp and edit, EDiT's compute-equivalence factor per run and overall."""
+    lines = ["| method | E | A | alpha | B | beta |", "|---|---|---|---|---|---|"]
+    fits = {}
+    for method in methods:
+        mine = [r for r in rows if r["method"] == method]
+        theta, covariance = fit_loss_nd([r["non-embedding params"] for r in mine], [r["tokens"] for r in mine],
+                                        [r["validation loss"] for r in mine])
+        fits[method] = theta, covariance
+        errors = np.sqrt(np.abs(np.diag(covariance)))
+        lines.append("| " + " | ".join([method] + [f"{v:.4g} ± {s:.2g}" for v, s in zip(theta, errors)]) + " |")
+    if not {"ddp", "edit"} <= set(fits):
+        return "\n".join(lines)
+    lines += ["", "| N | tokens | edit loss | factor (DDP compute / EDiT compute, same loss) | 16th-84th percentile |",
+              "|---|---|---|---|---|"]
+    rows_out = compute_equivalence(*fits["ddp"], [r for r in rows if r["method"] == "edit"])
+    for r in rows_out:
+        lines.append(f"| {r['N']} | {r['D']} | {r['edit loss']:.4f} | {r['factor']:.3f} | "
+                     f"{r['p16']:.3f} - {r['p84']:.3f} |")
+    finite = [r["factor"] for r in rows_out if math.isfinite(r["factor"])]
+    if finite:
+        lines.append(f"| geometric mean | | | {math.exp(sum(map(math.log, finite)) / len(finite)):.3f} | |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = get_args(argv)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
-    for layers, hidden, heads in SIZES[:args.sizes]:
-        for method in args.methods:
-            print(f"training {method} with {layers} layers, hidden {hidden} ...", flush=True)
-            rows.append(train(args, method, layers, hidden, heads))
+    for iters in args.budgets:
+        for layers, hidden, heads in SIZES[:args.sizes]:
+            for method in args.methods:
+                print(f"training {method} with {layers} layers, hidden {hidden}, {iters} iterations ...", flush=True)
+                rows.append(train(args, method, layers, hidden, heads, iters))
     write_table(rows, output_dir, "runs")
-    table, fits = fits_table(rows, args.methods)
+    largest = [r for r in rows if r["iters"] == args.budgets[-1]]  # L(N) and L(C) at one token budget
+    table, fits = fits_table(largest, args.methods)
+    if len(args.budgets) > 1:
+        table += "\n\nL(N, D) = E + A N^-alpha + B D^-beta over every size and budget:\n\n" + nd_tables(rows, args.methods)
     (output_dir / "fits.md").write_text(table + "\n")
-    plot(rows, fits, args.methods, output_dir)
+    plot(largest, fits, args.methods, output_dir)
     for row in rows:
         print(f"{row['method']:5s} N={row['non-embedding params']:>9d} C={row['compute FLOPs']:.3e} "
               f"loss={row['validation loss']:.4f}")

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "block (about 1/4); edit, aedit and diloco")
     g.add_argument("--sync-error-feedback", action="store_true",
                    help="carry what bf16/int8 quantization dropped into the next sync")
+    g.add_argument("--sync-delay-steps", type=int, default=0,
+                   help="tau: apply each module's outer step tau iterations after its exchange was issued, carrying "
+                        "the local progress made meanwhile, so the exchange hides behind local steps (edit, aedit)")
 
     g = parser.add_argument_group("EDiT pseudo-gradient penalty")
     g.add_argument("--edit-anomaly-elimination", action="store_true",

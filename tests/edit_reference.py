@@ -3,7 +3,9 @@
 M model copies, each trained on the samples its S data-parallel ranks would read. Iterations <= W average
 the replicas' gradients (synchronous DP); later iterations are local. Every H local steps, at the start of
 the next iteration, and once more after the last one: d = mean over replicas of (anchor - theta), SGD-Nesterov on
-the anchor, theta <- anchor.
+the anchor, theta <- anchor. With --sync-delay-steps tau, a sync only records each replica's d_r and the mean d;
+tau iterations later, at the start of the iteration: anchor' = outer(anchor, d), theta_r <- anchor' + (theta_r -
+(anchor - d_r)). The last sync is never delayed (an outstanding one is applied first).
 Same model, initialization and data as pretrain_gpt.py; no process groups, no sharding, no megatron optimizer.
 
     python tests/edit_reference.py <pretrain flags> --replicas M --shard-size S --dump PATH
@@ -61,20 +63,33 @@ def main():
     warmup, interval = args.local_sgd_warmup_iters, args.local_sgd_sync_interval
     mu, outer_lr = args.outer_momentum, args.outer_lr
 
+    delayed = None  # (apply at iteration, mean d per parameter, d of every replica per parameter)
+
     @torch.no_grad()
-    def outer_sync():
-        for i, a in enumerate(anchor):
+    def issue():
+        locals_ = [[a - list(m.parameters())[i] for m in replicas] for i, a in enumerate(anchor)]
+        return [sum(ds) / len(ds) for ds in locals_], locals_
+
+    @torch.no_grad()
+    def apply(means, locals_, carry_progress):
+        for i, (a, d) in enumerate(zip(anchor, means)):
             params = [list(m.parameters())[i] for m in replicas]
-            d = sum(a - p for p in params) / len(params)
+            issued_at = [a - d_r for d_r in locals_[i]]
             momentum[i] = mu * momentum[i] + d
             a -= outer_lr * (d + mu * momentum[i] if args.outer_nesterov else momentum[i])
-            for p in params:
-                p.copy_(a)
+            for p, theta_issued in zip(params, issued_at):
+                p.copy_(a + (p - theta_issued) if carry_progress else a)
 
     for iteration in range(1, args.train_iters + 1):
         local_steps_done = iteration - 1 - warmup
+        if delayed is not None and delayed[0] == iteration:
+            apply(*delayed[1:], carry_progress=True)
+            delayed = None
         if local_steps_done > 0 and local_steps_done % interval == 0:
-            outer_sync()
+            if args.sync_delay_steps:
+                delayed = (iteration + args.sync_delay_steps, *issue())
+            else:
+                apply(*issue(), carry_progress=False)
         for replica, (model, optimizer) in enumerate(zip(replicas, optimizers)):
             optimizer.zero_grad()
             batch = [train[i] for i in replica_samples(iteration, replica, args)]
@@ -93,7 +108,9 @@ def main():
         if iteration == warmup:
             anchor = [p.detach().clone() for p in replicas[0].parameters()]
     if args.train_iters > warmup:  # training ends with a sync: every replica on one model
-        outer_sync()
+        if delayed is not None:
+            apply(*delayed[1:], carry_progress=True)
+        apply(*issue(), carry_progress=False)
     names = [n for n, _ in base.named_parameters()]
     torch.save([{n: p.detach().clone() for n, p in zip(names, m.parameters())} for m in replicas], args.dump)
 

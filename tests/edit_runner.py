@@ -49,12 +49,12 @@ def main():
     if hasattr(mode, "sync"):
         report = mode._report_sync
 
-        def record_sync(iteration):  # every sync, including A-EDiT's final one outside any iteration
+        def record_sync(iteration, records):  # every sync, including A-EDiT's final one outside any iteration
             syncs.append({"iteration": iteration, "entered": mode.sync.armed_at,
                           "anchor_checksum": sum(u.anchor.double().sum().item() for u in mode.sync.units),
                           "anchors": [u.anchor.cpu().clone() for u in mode.sync.units],
-                          "records": [dataclasses.asdict(r) for r in mode.sync.records]})
-            report(iteration)
+                          "records": [dataclasses.asdict(r) for r in records]})
+            report(iteration, records)
 
         mode._report_sync = record_sync
     for iteration in trainer.iterations():

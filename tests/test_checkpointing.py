@@ -18,9 +18,17 @@ EDIT_WITH_PENALTY = ["--dp-mode", "edit", "--model-shard-group-size", "2", *loca
                      "--edit-pseudo-grad-clip", "0.5"]
 
 
-@pytest.mark.parametrize("nproc,mode", [(2, []), (4, EDIT_WITH_PENALTY)], ids=["ddp", "edit_with_penalty"])
+# A sync at iteration 6 whose outer step waits until 8: the save after 6 holds an exchange in flight, and int8's
+# error-feedback residuals.
+EDIT_DELAYED_INT8 = ["--dp-mode", "edit", "--model-shard-group-size", "2", *local_sgd(2, 3), "--sync-delay-steps", "2",
+                     "--sync-dtype", "int8", "--sync-error-feedback"]
+
+
+@pytest.mark.parametrize("nproc,mode", [(2, []), (4, EDIT_WITH_PENALTY), (4, EDIT_DELAYED_INT8)],
+                         ids=["ddp", "edit_with_penalty", "edit_delayed_int8"])
 def test_resumed_run_reproduces_the_uninterrupted_one_bitwise(tmp_path, nproc, mode):
-    """12 iterations straight vs 6, save, load, 6 more (EDiT: syncs at 5 | 7, 9, 11, penalty on)."""
+    """12 iterations straight vs 6, save, load, 6 more (EDiT: syncs at 5 | 7, 9, 11, penalty on; delayed: a sync at
+    6 | applied at 8, 9 applied at 11, 12)."""
     args = TINY_GPT + STEPS + mode + ["--train-iters", "12"]
     straight = run_training(nproc, args).check().losses
     first = run_training(nproc, args + ["--save", str(tmp_path), "--exit-interval", "6"]).check()

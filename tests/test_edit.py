@@ -71,6 +71,32 @@ def test_edit_matches_reference_implementation(shard, replicas, warmup, interval
     assert dumps[0]["syncs"][-1]["iteration"] == 10  # the final sync, after the last of the 10 iterations
 
 
+DELAY = ("--sync-delay-steps", "2")
+
+
+def test_delayed_outer_step_matches_reference_implementation():
+    """S=2, M=2, W=2, H=3, tau=2: the syncs of iterations 6 and 9 are applied at 8 and (training over) before the final
+    sync, each carrying the local steps made since it was issued."""
+    nproc, args = edit(2, 2, *local_sgd(2, 3), *DELAY)
+    dumps = run(nproc, args)
+    expected = reference(2, 2, tuple(local_sgd(2, 3)) + DELAY)
+    for rank, dump in enumerate(dumps):
+        assert_params_close(dump["params"], expected[rank // 2])
+    events = [[kind for kind, _ in record["trace"] if kind != "forward_end"] for record in dumps[0]["iterations"]]
+    units = len(dumps[0]["units"])
+    assert events[5] == ["issue"] * units and events[7] == ["synced"] * units  # iterations 6 and 8
+    assert events[8] == ["issue"] * units and not events[6] and not events[9]  # 9's waits for the final sync
+    assert [sync["iteration"] for sync in dumps[0]["syncs"]] == [8, 10, 10]
+
+
+def test_delayed_outer_step_on_tensor_parallel_reproduces_the_unsplit_run():
+    nproc, args = edit(1, 2, *local_sgd(2, 3), *DELAY)
+    unsplit = run(nproc, args)
+    split = run(2 * nproc, args + ("--tensor-model-parallel-size", "2"))
+    torch.testing.assert_close(split[0]["losses"], unsplit[0]["losses"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split[-1]["losses"], unsplit[-1]["losses"], rtol=1e-5, atol=1e-6)
+
+
 def test_each_module_syncs_right_before_its_own_forward_and_overlaps_the_next():
     dumps = run(*edit(2, 2, *local_sgd(2, 3)))
     units = [u["name"] for u in dumps[0]["units"]]

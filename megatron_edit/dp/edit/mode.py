@@ -79,6 +79,7 @@ class EditDataParallel(LocalSGDDataParallel):
     name = "edit"
     fault_kinds = frozenset({"bad-data", "scale", "nan"})
     accepts_penalty = True
+    delays_outer_step = True
     step_weight = 0.0  # A-EDiT may blend replicas' shares of local steps into the weights
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
@@ -91,6 +92,9 @@ class EditDataParallel(LocalSGDDataParallel):
     @classmethod
     def validate(cls, args) -> None:
         super().validate(args)
+        require(0 <= args.sync_delay_steps < args.local_sgd_sync_interval,
+                f"--sync-delay-steps {args.sync_delay_steps} must be in [0, H={args.local_sgd_sync_interval}): "
+                "a sync's outer step is applied before the next sync")
         require(args.edit_anomaly_max_consecutive >= 1, "--edit-anomaly-max-consecutive must be >= 1")
         require(args.edit_weight_temperature > 0, "--edit-weight-temperature must be > 0")
         require(args.edit_pseudo_grad_clip is None or args.edit_pseudo_grad_clip > 0,
@@ -126,6 +130,7 @@ class EditDataParallel(LocalSGDDataParallel):
         return self.local_sgd.is_sync_iteration(iteration)
 
     def _begin_local_iteration(self, iteration: int, finished: bool) -> bool:
+        self.sync.current_iteration = iteration
         if self.sync_due(iteration, finished):
             self._sync_start = (self.counter.snapshot().get("sync", 0), self.sync.exposed_seconds)
             return self._start_sync(iteration, finished)
@@ -144,11 +149,10 @@ class EditDataParallel(LocalSGDDataParallel):
     def _final_sync(self, iteration: int) -> None:
         self.sync.sync_now(iteration, self.local_steps_since_sync)
         self.local_steps_since_sync = 0
-        self._report_sync(iteration)
+        self._report_completed_syncs(iteration)
 
     def after_optimizer_step(self, iteration: int) -> None:
-        if self.sync.armed:
-            self._report_sync(iteration)
+        self._report_completed_syncs(iteration)
         self.sync.disarm()
         if iteration == self.local_sgd.warmup_iters:
             self.sync.initialize_anchors()
@@ -165,10 +169,14 @@ class EditDataParallel(LocalSGDDataParallel):
     def exposed_sync_seconds(self) -> float:
         return self.sync.exposed_seconds
 
-    def _report_sync(self, iteration: int) -> None:
+    def _report_completed_syncs(self, iteration: int) -> None:
+        for records in self.sync.pop_completed():
+            self._report_sync(iteration, records)
+
+    def _report_sync(self, iteration: int, records: List[ModuleSyncRecord]) -> None:
         """The sync's log line, and its numbers as one tracker event: pseudo-gradient norms, outliers (module x
-        replica pairs), each replica's mean weight, exposed time and bytes sent on the sync group."""
-        records = self.sync.records
+        replica pairs), each replica's mean weight, exposed time and bytes sent on the sync group (all from the
+        sync's start, so with a delayed outer step they cover the iterations it was in flight)."""
         print_rank_last(sync_summary(iteration, records))
         bytes_before, exposed_before = self._sync_start
         values = {"sync/exposed ms": 1000 * (self.sync.exposed_seconds - exposed_before),
@@ -184,11 +192,13 @@ class EditDataParallel(LocalSGDDataParallel):
         self._events.append((iteration, values))
 
     def state_dict(self) -> dict:
+        layerwise_sync = self.sync.state_dict()  # first: it completes exchanges in flight, which sets their residuals
         return {
             **super().state_dict(),
             "anchors": [u.anchor.cpu().clone() for u in self.sync.units],
             "momenta": [u.momentum.cpu().clone() for u in self.sync.units],
             "detectors": [d.state_dict() for d in self.sync.detectors],
+            "layerwise_sync": layerwise_sync,
         }
 
     @torch.no_grad()
@@ -201,6 +211,7 @@ class EditDataParallel(LocalSGDDataParallel):
             unit.momentum.copy_(momentum)
         for detector, detector_state in zip(self.sync.detectors, state["detectors"]):
             detector.load_state_dict(detector_state)
+        self.sync.load_state_dict(state["layerwise_sync"])
 
     def outer_state_numel(self) -> int:
         return sum(unit.outer_state_numel() for unit in self.sync.units)

@@ -9,12 +9,20 @@ output layer) does, for the shard this rank owns:
     anchor <- outer step(anchor, d)
     theta <- anchor               all-gathered in the shard group into the full module
 Before finishing module k it issues module k+1's all-reduce, so that collective runs while module k computes.
-`sync_now` runs the same pipeline outside a forward (A-EDiT's final sync).
+`sync_now` runs the same pipeline outside a forward (the final sync).
+
+With a delay of tau iterations (`--sync-delay-steps`), a sync only issues each module's exchange, and training goes
+on from the local parameters; tau iterations later, just before that module's forward, the exchange is waited for,
+the outer step applied, and the progress this replica made since the exchange was issued is carried over:
+    theta <- anchor' + (theta_now - theta_issued),  theta_issued = anchor - d_local
+so the exchange hides behind tau iterations of compute. It costs, per rank and module, d_local and the exchanged
+sum while they are in flight: two more fp32 values per owned parameter, sharded (and offloaded) as anchor and
+momentum are.
 """
 import dataclasses
 import math
 import time
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -40,11 +48,14 @@ class ModuleSyncRecord:
     reset_to_anchor: bool = False
 
 
+@dataclasses.dataclass
 class _Pending:
-    """A module's weighted pseudo-gradient whose sync-group exchange is in flight."""
-
-    def __init__(self, exchange: InFlight, record: ModuleSyncRecord):
-        self.exchange, self.record = exchange, record
+    """A module's weighted pseudo-gradient whose sync-group exchange is in flight; with a delayed outer step, also
+    this replica's own pseudo-gradient when the exchange was issued and the iteration that applies it."""
+    exchange: InFlight
+    record: ModuleSyncRecord
+    local_pseudo_grad: Optional[torch.Tensor] = None
+    apply_at: int = 0
 
 
 class LayerwiseSync:
@@ -57,10 +68,15 @@ class LayerwiseSync:
         self.replica = groups.replica_index
         self.local_steps = 0  # this replica's local steps since the previous sync, for the step weights
         self.detectors = [EwmaAnomalyDetector.from_config(penalty) for _ in units]
+        self.delay = config.sync_delay_steps
         self.armed, self.iteration = False, 0
-        self.pending: dict = {}
+        self.current_iteration = 0  # the training iteration running now (set by the mode), for delayed steps
+        self.pending: Dict[int, _Pending] = {}  # exchanges the current sync's forward will wait for
+        self.delayed: Dict[int, _Pending] = {}  # exchanges whose outer step waits for their apply_at iteration
         self.synced: set = set()
-        self.records: List[ModuleSyncRecord] = []  # of the current / last sync
+        self._delaying = False
+        self._records: List[ModuleSyncRecord] = []  # of the sync being applied
+        self.completed: List[List[ModuleSyncRecord]] = []  # records of syncs applied to every module, not yet reported
         self.trace: Optional[list] = None  # (event, module name) in order, when a test or tool asks for it
         self.exposed_seconds = 0.0
         self._modules = modules
@@ -78,11 +94,18 @@ class LayerwiseSync:
         if self.trace is not None:
             self.trace.append((event, name))
 
-    def arm(self, iteration: int, local_steps: int) -> None:
-        """The coming forward passes belong to a sync iteration; this replica took `local_steps` since the last."""
-        self.armed, self.iteration, self.synced, self.records = True, iteration, set(), []
+    def arm(self, iteration: int, local_steps: int, delayed: bool = True) -> None:
+        """The coming forward passes belong to a sync iteration; this replica took `local_steps` since the last.
+        A delayed outer step still outstanding (A-EDiT's clock can come round sooner) is applied first."""
+        self.apply_delayed()
+        self.armed, self.iteration, self.synced = True, iteration, set()
+        self._delaying = delayed and self.delay > 0
         self.local_steps = local_steps
         self.armed_at = time.time()
+
+    def pop_completed(self) -> List[List[ModuleSyncRecord]]:
+        completed, self.completed = self.completed, []
+        return completed
 
     def disarm(self) -> None:
         if self.armed and len(self.synced) != len(self.units):
@@ -93,8 +116,8 @@ class LayerwiseSync:
         self.armed = False
 
     def sync_now(self, iteration: int, local_steps: int) -> None:
-        """Synchronize every module at once, outside a forward pass."""
-        self.arm(iteration, local_steps)
+        """Synchronize every module at once, outside a forward pass, without delay (training ends on one model)."""
+        self.arm(iteration, local_steps, delayed=False)
         for index in range(len(self.units)):
             self._sync_module(index)
         self.disarm()
@@ -107,13 +130,31 @@ class LayerwiseSync:
 
     def _make_pre_hook(self, index: int):
         def hook(module, args):
-            if self.armed and index not in self.synced:
+            due = index in self.delayed and self.delayed[index].apply_at <= self.current_iteration
+            if due or (self.armed and index not in self.synced):
                 start = time.perf_counter()
-                self._sync_module(index)
+                if due:
+                    self._apply_delayed(index)
+                if self.armed and index not in self.synced:
+                    self._sync_module(index)
                 self.exposed_seconds += time.perf_counter() - start
         return hook
 
+    def apply_delayed(self) -> None:
+        """Apply every outstanding delayed outer step now."""
+        for index in sorted(self.delayed):
+            self._apply_delayed(index)
+
+    def _apply_delayed(self, index: int) -> None:
+        pending = self.delayed.pop(index)
+        self._apply(index, pending.exchange.wait(), pending.record, pending.local_pseudo_grad)
+
     def _sync_module(self, index: int) -> None:
+        if self._delaying:  # nothing waits for this exchange until `delay` iterations later
+            self._issue(index)
+            self.delayed[index] = self.pending.pop(index)
+            self.synced.add(index)
+            return
         self._issue(index)
         if index + 1 < len(self.units):
             self._issue(index + 1)  # overlaps with this module's forward
@@ -157,6 +198,7 @@ class LayerwiseSync:
         unit = self.units[index]
         theta = unit.read_full(self.groups.shard)[unit.owned]
         pseudo_grad = unit.anchor.to(theta.device) - theta
+        local = pseudo_grad.to(unit.anchor.device, copy=True) if self._delaying else None
         self.faults.corrupt_pseudo_grad(pseudo_grad, self.iteration)
         record = self._weights(index, pseudo_grad)
         weight = record.weights[self.replica]
@@ -164,13 +206,24 @@ class LayerwiseSync:
             pseudo_grad.zero_()  # also keeps a NaN from reaching anyone
         else:
             pseudo_grad.mul_(weight)
-        self.pending[index] = _Pending(self.exchange.start(index, pseudo_grad), record)
+        self.pending[index] = _Pending(self.exchange.start(index, pseudo_grad), record, local,
+                                       self.iteration + self.delay)
         self._record("issue", unit.name)
 
     def _finish(self, index: int) -> None:
-        unit, pending = self.units[index], self.pending.pop(index)
-        pseudo_grad = pending.exchange.wait()
-        record = pending.record
+        pending = self.pending.pop(index)
+        self._apply(index, pending.exchange.wait(), pending.record, None)
+        self.synced.add(index)
+
+    def _apply(self, index: int, pseudo_grad: torch.Tensor, record: ModuleSyncRecord,
+               local_pseudo_grad: Optional[torch.Tensor]) -> None:
+        """The outer step on the anchor from the summed pseudo-gradient, then theta <- anchor (+ the local progress
+        made since a delayed exchange was issued)."""
+        unit = self.units[index]
+        progress = None
+        if local_pseudo_grad is not None:
+            theta = unit.read_full(self.groups.shard)[unit.owned]
+            progress = theta - (unit.anchor.to(theta.device) - local_pseudo_grad.to(theta.device))
         if not any(record.weights):  # every replica is an outlier: keep the anchor, undo the local steps
             record.reset_to_anchor = True
         else:
@@ -181,9 +234,32 @@ class LayerwiseSync:
                 pseudo_grad.mul_(factor)
             outer_sgd_step(unit.anchor, unit.momentum, pseudo_grad.to(unit.anchor.device), self.config.outer_lr,
                            self.config.outer_momentum, self.config.outer_nesterov)
+        owned = unit.anchor.to(unit.device)
+        if progress is not None and not record.reset_to_anchor:
+            owned = owned + progress
         full = torch.empty(unit.shard_numel * self.groups.shard_size, dtype=torch.float32, device=unit.device)
-        dist.all_gather_into_tensor(full, unit.anchor.to(unit.device), group=self.groups.shard)
+        dist.all_gather_into_tensor(full, owned, group=self.groups.shard)
         unit.write_full(full)
-        self.records.append(record)
-        self.synced.add(index)
+        self._records.append(record)
+        if len(self._records) == len(self.units):
+            self.completed.append(self._records)
+            self._records = []
         self._record("synced", unit.name)
+
+    def state_dict(self) -> dict:
+        """Delayed outer steps still to apply: their exchange is completed (waited for) and its sum kept, so a
+        resumed run applies exactly what the uninterrupted one will."""
+        return {"delayed": {index: {"sum": p.exchange.wait().cpu().clone(), "record": dataclasses.asdict(p.record),
+                                    "local_pseudo_grad": p.local_pseudo_grad.cpu().clone(), "apply_at": p.apply_at}
+                            for index, p in self.delayed.items()},
+                "records": [dataclasses.asdict(r) for r in self._records]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.delayed = {}
+        for index, saved in state["delayed"].items():
+            unit = self.units[index]
+            summed = saved["sum"].to(unit.device)
+            self.delayed[index] = _Pending(InFlight(None, lambda summed=summed: summed),
+                                           ModuleSyncRecord(**saved["record"]),
+                                           saved["local_pseudo_grad"].to(unit.anchor.device), saved["apply_at"])
+        self._records = [ModuleSyncRecord(**r) for r in state["records"]]

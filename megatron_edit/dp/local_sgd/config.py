@@ -12,11 +12,13 @@ class LocalSGDConfig:
     offload_outer_state: bool   # keep anchor and momentum in (pinned) CPU memory
     sync_dtype: str = "fp32"    # what the pseudo-gradient exchange puts on the wire (exchange.py)
     sync_error_feedback: bool = False
+    sync_delay_steps: int = 0   # tau: iterations between issuing a sync's exchange and applying its outer step
 
     @classmethod
     def from_args(cls, args) -> "LocalSGDConfig":
         return cls(args.local_sgd_sync_interval, args.local_sgd_warmup_iters, args.outer_lr, args.outer_momentum,
-                   args.outer_nesterov, args.offload_outer_state, args.sync_dtype, args.sync_error_feedback)
+                   args.outer_nesterov, args.offload_outer_state, args.sync_dtype, args.sync_error_feedback,
+                   args.sync_delay_steps)
 
     def is_warmup(self, iteration: int) -> bool:
         return iteration <= self.warmup_iters

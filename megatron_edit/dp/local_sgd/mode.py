@@ -36,6 +36,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     cross_replica_group = "sync"
     accepts_penalty = False  # EDiT's pseudo-gradient penalty flags
     exchanges_pseudo_gradients = True  # through self.exchange (--sync-dtype); Post-Local-SGD averages parameters
+    delays_outer_step = False  # --sync-delay-steps
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
                  faults: FaultInjector):
@@ -75,6 +76,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         require(args.sync_dtype == "fp32" or cls.exchanges_pseudo_gradients,
                 f"--sync-dtype {args.sync_dtype}: {cls.name} averages parameters, not pseudo-gradients; "
                 "use --dp-mode edit, aedit or diloco")
+        require(args.sync_delay_steps == 0 or cls.delays_outer_step,
+                f"--sync-delay-steps: {cls.name} synchronizes the whole model at once; the delayed outer step is "
+                "applied module by module, use --dp-mode edit or aedit")
         require(not args.sync_error_feedback or args.sync_dtype != "fp32",
                 "--sync-error-feedback carries quantization error: use it with --sync-dtype bf16 or int8")
         penalty = [flag for flag, on in [("--edit-anomaly-elimination", args.edit_anomaly_elimination),

@@ -2,6 +2,7 @@
 
     sudo python tools/netsim.py --output-dir runs/netsim                       # 10gbit 1gbit 100mbit 10mbit
     sudo python tools/netsim.py --bandwidths 100mbit --methods ddp edit --straggler 1:2
+    sudo python tools/netsim.py --rhos 0.35 3.5 --corpus             # links as slow as a real deployment's
 
 Each node (one replica: --nproc-per-node ranks) runs its own torchrun inside its own Linux network namespace,
 joined to the others through veth pairs on a bridge in a hub namespace. tc's token-bucket filter (tbf) caps
@@ -14,10 +15,20 @@ The ceiling is the same nodes training with no communication at all: each node t
 global batch alone (--standalone), all at once; tokens/s are summed. Every method's throughput is reported
 as a ratio of that ceiling. With --straggler R:F, node R runs F times slower (--simulate-straggler) in a second
 table for ddp, edit and aedit.
+
+A tiny model on a CPU computes slowly and syncs few bytes, so a link rate says little about a real deployment.
+What carries over is rho = (time to send one fp32 sync) / (compute time of the H local steps between syncs): a
+Llama-1B replica on an 8-GPU node has rho ~3.5 over 100 Mbit/s and ~0.35 over 1 Gbit/s. With --rhos, the tool
+measures the step time of the no-communication run and the model's size, sets the link to the rate that gives each
+rho (an fp32 ring all-reduce of a replica's shard sends 2 (M-1)/M x 4 bytes per owned parameter), and runs ddp,
+diloco, edit fp32, bf16 and int8 with error feedback, each with and without a delayed outer step (TAU = H - 1),
+and aedit (a sync every H step-times). Throughput is the steady state after the synchronous warm-up (the
+iteration lines after the first --log-interval, which is W); warm-up and all bytes are reported beside it.
 """
 import argparse
 import atexit
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -119,10 +130,66 @@ def run_on_nodes(network: ShapedNetwork, nproc: int, argv: List[str], log_dir: P
     return logs
 
 
+# (row label, --dp-mode, extra flags) of the rho table; "TAU" becomes --sync-delay-steps H - 1
+RHO_VARIANTS = [
+    ("ddp", "ddp", []),
+    ("diloco", "diloco", []),
+    ("edit fp32", "edit", []),
+    ("edit bf16", "edit", ["--sync-dtype", "bf16"]),
+    ("edit int8+ef", "edit", ["--sync-dtype", "int8", "--sync-error-feedback"]),
+    ("edit fp32 delayed", "edit", ["--sync-delay-steps", "TAU"]),
+    ("edit int8+ef delayed", "edit", ["--sync-dtype", "int8", "--sync-error-feedback", "--sync-delay-steps", "TAU"]),
+    ("aedit", "aedit", []),
+]
+_PARAMETERS = re.compile(r"number of parameters on \(tensor, pipeline\) model parallel rank \(0, 0\): (\d+)")
+
+
+def rho_rate_bits(rho: float, parameters: int, args, step_seconds: float) -> float:
+    """The link rate at which one fp32 sync of a replica's shard takes rho x the compute time of H steps."""
+    replicas, shard = args.nodes, args.nproc_per_node
+    sync_bytes = 4 * parameters / shard * 2 * (replicas - 1) / replicas
+    return 8 * sync_bytes / (rho * args.local_sgd_sync_interval * step_seconds)
+
+
+def steady_tokens_per_second(log, tokens_per_iteration: int) -> float:
+    """Throughput over the iteration lines after the first (which covers the synchronous warm-up)."""
+    steady = log.iterations[1:] or log.iterations
+    return tokens_per_iteration * 1000 / (sum(line["ms_per_iteration"] for line in steady) / len(steady))
+
+
+def run_rhos(args, network: "ShapedNetwork", output_dir: Path) -> List[dict]:
+    tokens_per_iteration = args.micro_batch_size * args.nproc_per_node * args.nodes * args.seq_length
+    alone = run_on_nodes(network, args.nproc_per_node, job_argv(args, "ddp", 1), output_dir / "logs" / "rho" / "alone",
+                         standalone=True)
+    ceiling = sum(steady_tokens_per_second(log, tokens_per_iteration // args.nodes) for log in alone)
+    step_seconds = tokens_per_iteration / ceiling
+    parameters = int(_PARAMETERS.search(alone[0].text).group(1)) * args.nproc_per_node  # whole model: TP=PP=1
+    rows = []
+    for rho in args.rhos:
+        rate = rho_rate_bits(rho, parameters, args, step_seconds)
+        network.shape(f"{int(rate)}bit")
+        for label, method, extra in RHO_VARIANTS:
+            print(f"rho {rho} ({rate / 1e6:.3f} Mbit/s): {label} ...", flush=True)
+            flags = [str(args.local_sgd_sync_interval - 1) if flag == "TAU" else flag for flag in extra]
+            flags += ["--aedit-sync-seconds", f"{args.local_sgd_sync_interval * step_seconds:.3f}", "--eval-iters", "16"]
+            log = run_on_nodes(network, args.nproc_per_node, job_argv(args, method, args.nodes) + flags,
+                               output_dir / "logs" / f"rho{rho}" / label.replace(" ", "_"))[-1]
+            steady = steady_tokens_per_second(log, tokens_per_iteration)
+            rows.append({"rho": rho, "link Mbit/s": round(rate / 1e6, 3), "method": label,
+                         "steady tokens/s": round(steady, 1), "vs ceiling": round(steady / ceiling, 3),
+                         "warm-up s/iter": round(log.iterations[0]["ms_per_iteration"] / 1000, 3),
+                         "MB to other replicas per rank": round(cross_replica_bytes(method, log) / 1e6, 2),
+                         "final validation loss": round(log.validation[max(log.validation)], 4)})
+    return rows
+
+
 def get_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="runs/netsim")
     parser.add_argument("--bandwidths", nargs="+", default=["10gbit", "1gbit", "100mbit", "10mbit"])
+    parser.add_argument("--rhos", type=float, nargs="+", default=None,
+                        help="instead of --bandwidths: link rates that make an fp32 sync take rho x the compute of "
+                             "H steps, and the slow-link methods (see the module docstring)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--nodes", type=int, default=2, help="replicas, one namespace each")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="ranks of a replica (the shard group)")
@@ -135,13 +202,20 @@ def get_args(argv=None):
     return parser.parse_args(argv)
 
 
+def log_interval(args) -> int:
+    """One line for the whole run, or with --rhos a first line for the warm-up (W, or H without one) and then more."""
+    if not args.rhos:
+        return args.train_iters
+    return args.local_sgd_warmup_iters or args.local_sgd_sync_interval
+
+
 def job_argv(args, method: str, replicas: int) -> List[str]:
     global_batch = args.micro_batch_size * args.nproc_per_node * replicas
     return [
         "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size), "--num-attention-heads", "4",
         "--seq-length", str(args.seq_length), *LLAMA_STYLE, "--micro-batch-size", str(args.micro_batch_size),
         "--global-batch-size", str(global_batch), "--train-iters", str(args.train_iters), "--lr", "2e-3",
-        "--seed", "1234", "--log-interval", str(args.train_iters), "--eval-interval", str(10 * args.train_iters),
+        "--seed", "1234", "--log-interval", str(log_interval(args)), "--eval-interval", str(10 * args.train_iters),
         "--eval-iters", "1", *data_args(not args.corpus), "--dp-mode", method,
         "--model-shard-group-size", str(args.nproc_per_node),  # the local-SGD flags; ddp leaves them unused
         "--local-sgd-sync-interval", str(args.local_sgd_sync_interval),
@@ -173,6 +247,9 @@ def main(argv=None):
     network = ShapedNetwork(args.nodes)
     rows = []
     try:
+        if args.rhos:
+            print(write_table(run_rhos(args, network, output_dir), output_dir, "throughput_vs_rho"))
+            return
         for bandwidth in args.bandwidths:
             network.shape(bandwidth)
             alone = run_on_nodes(network, args.nproc_per_node, job_argv(args, "ddp", 1),

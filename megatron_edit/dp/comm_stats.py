@@ -5,18 +5,18 @@ Installed once per process, it wraps the torch.distributed functions that megatr
 project call, and the copies megatron-core binds at import (`dist_all_gather_func =
 torch.distributed.all_gather_into_tensor` in param_and_grad_buffer.py and the tensor-parallel code:
 the distributed optimizer's gradient reduce-scatter and parameter all-gather go through those), listed
-in `_BOUND_AT_IMPORT`. A collective's bytes are what each of its M ranks sends with a bandwidth-optimal
-(ring) algorithm, in terms of its full buffer N (the tensor of an all-reduce/broadcast, the input of a
-reduce-scatter or all-to-all, the output of an all-gather; for the list forms, the sum of the list):
-2 (M-1)/M N for an all-reduce, (M-1)/M N for the others. So a reduce-scatter plus an all-gather (the
-distributed optimizer) counts what an all-reduce of the same buffer does, and codecs that exchange by
-all-to-all and all-gather (local_sgd/exchange.py) compare with an fp32 all-reduce byte for byte. Collectives issued inside torch's `_coalescing_manager` (megatron-core
-coalesces its buckets) are counted one by one as they are queued; the coalesced launch at the end
-calls the process group directly, so nothing is counted twice. Pipeline sends are counted through
-batch_isend_irecv (isend itself is left alone: torch.distributed.P2POp checks its identity).
-Groups are counted under the names given with `name_group`; megatron-core's model-parallel groups are
-named by `install`. Collectives of a one-rank group are not counted: nothing of them leaves the process.
-Not counted: barriers and object collectives (no tensor payload), gather/scatter (checkpoint-time only).
+in `_BOUND_AT_IMPORT`. A collective's bytes are what each of its M ranks sends with a bandwidth-optimal (ring)
+algorithm, in terms of its full buffer N (the tensor of an all-reduce/broadcast, the input of a reduce-scatter
+or all-to-all, the output of an all-gather; for the list forms, the sum of the list): 2 (M-1)/M N for an all-
+reduce, (M-1)/M N for the others. So a reduce-scatter plus an all-gather (the distributed optimizer) counts
+what an all-reduce of the same buffer does, and codecs that exchange by all-to-all and all-gather
+(local_sgd/exchange.py) compare with an fp32 all-reduce byte for byte. Collectives issued inside torch's
+`_coalescing_manager` (megatron-core coalesces its buckets) are counted one by one as they are queued; the
+coalesced launch at the end calls the process group directly, so nothing is counted twice. Pipeline sends are
+counted through batch_isend_irecv (isend itself is left alone: torch.distributed.P2POp checks its identity).
+Groups are counted under the names given with `name_group`; megatron-core's model-parallel groups are named by
+`install`. Collectives of a one-rank group are not counted: nothing of them leaves the process. Not counted:
+barriers and object collectives (no tensor payload), gather/scatter (checkpoint-time only).
 """
 import collections
 import functools
@@ -100,7 +100,8 @@ def _counted(function):
     def wrapper(*args, **kwargs):
         arguments = signature.bind(*args, **kwargs).arguments
         group = arguments.get("group")
-        COUNTER._record(group, _nbytes(payload(arguments)) * wire_fraction(function.__name__, dist.get_world_size(group)))
+        sent = _nbytes(payload(arguments)) * wire_fraction(function.__name__, dist.get_world_size(group))
+        COUNTER._record(group, sent)
         return function(*args, **kwargs)
 
     wrapper._counted = True

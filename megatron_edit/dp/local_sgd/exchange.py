@@ -107,7 +107,8 @@ class SyncExchange:
             return InFlight(self.transport.all_reduce(values), lambda: values)
         return self._start_quantized(key, values, QUANTIZERS[self.dtype])
 
-    def _carry(self, store: Dict[Hashable, torch.Tensor], key: Hashable, values: torch.Tensor, sent: torch.Tensor) -> None:
+    def _carry(self, store: Dict[Hashable, torch.Tensor], key: Hashable, values: torch.Tensor,
+               sent: torch.Tensor) -> None:
         if self.error_feedback:
             store[key] = values - sent
 

@@ -7,9 +7,9 @@ torch.distributed.all_gather_into_tensor` in param_and_grad_buffer.py and the te
 the distributed optimizer's gradient reduce-scatter and parameter all-gather go through those), listed
 in `_BOUND_AT_IMPORT`. A collective's bytes are what each of its M ranks sends with a bandwidth-optimal (ring)
 algorithm, in terms of its full buffer N (the tensor of an all-reduce/broadcast, the input of a reduce-scatter
-or all-to-all, the output of an all-gather; for the list forms, the sum of the list): 2 (M-1)/M N for an all-
-reduce, (M-1)/M N for the others. So a reduce-scatter plus an all-gather (the distributed optimizer) counts
-what an all-reduce of the same buffer does, and codecs that exchange by all-to-all and all-gather
+or all-to-all, the output of an all-gather; for the list forms, the sum of the list): 2 (M-1)/M N for an
+all-reduce, (M-1)/M N for the others. So a reduce-scatter plus an all-gather (the distributed optimizer)
+counts what an all-reduce of the same buffer does, and codecs that exchange by all-to-all and all-gather
 (local_sgd/exchange.py) compare with an fp32 all-reduce byte for byte. Collectives issued inside torch's
 `_coalescing_manager` (megatron-core coalesces its buckets) are counted one by one as they are queued; the
 coalesced launch at the end calls the process group directly, so nothing is counted twice. Pipeline sends are

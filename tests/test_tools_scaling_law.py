@@ -43,3 +43,9 @@ def test_loss_nd_fit_recovers_constants_and_the_compute_equivalence_factor():
     theta, covariance = scaling_law.fit_loss_nd(n, d, noisy)
     errors = np.sqrt(np.diag(covariance))
     assert np.all(errors > 0) and abs(theta[4] - truth[4]) < 3 * errors[4]
+
+
+def test_interpolated_tokens_are_log_linear_between_the_bracketing_ddp_budgets():
+    ddp = [{"non-embedding params": 10, "tokens": d, "validation loss": loss} for d, loss in [(100, 6.0), (200, 5.0)]]
+    assert scaling_law.interpolated_tokens(10, 5.5, ddp) == pytest.approx(100 * 2 ** 0.5)
+    assert np.isnan(scaling_law.interpolated_tokens(10, 4.0, ddp))  # beyond the largest budget: no extrapolation

@@ -18,6 +18,7 @@ EDiT's). Below 1, EDiT needs more compute than DDP for the same loss. Its uncert
 fitted constants from their covariance.
 """
 import argparse
+import csv
 import math
 import re
 import sys
@@ -159,17 +160,30 @@ def compute_equivalence(ddp_theta: np.ndarray, ddp_covariance: np.ndarray, edit_
     """Per EDiT run, DDP's tokens for EDiT's loss over EDiT's tokens: the fit's value, and the median and 16th-84th
     percentiles over DDP constants drawn from the fit's covariance."""
     rng = np.random.default_rng(0)
-    usable = np.all(np.isfinite(ddp_covariance))
-    draws = rng.multivariate_normal(ddp_theta, ddp_covariance, size=samples) if usable else ddp_theta[None]
-    draws = draws[(draws[:, 0] >= 0) & (draws[:, 1:] > 0).all(axis=1)]
+    draws = ddp_theta[None]
+    if np.all(np.isfinite(ddp_covariance)):  # symmetric, and rounding's negative eigenvalues set to zero
+        eigenvalues, vectors = np.linalg.eigh((ddp_covariance + ddp_covariance.T) / 2)
+        covariance = vectors @ np.diag(np.clip(eigenvalues, 0, None)) @ vectors.T
+        draws = rng.multivariate_normal(ddp_theta, covariance, size=samples)
+        draws = draws[(draws[:, 0] >= 0) & (draws[:, 1:] > 0).all(axis=1)]
     out = []
     for row in edit_rows:
         n, d, loss = row["non-embedding params"], row["tokens"], row["validation loss"]
         factors = np.array([equivalent_tokens(n, loss, theta) / d for theta in draws])
-        low, median, high = np.percentile(factors, [16, 50, 84])
+        low, median, high = np.percentile(factors, [16, 50, 84]) if len(factors) else (math.nan,) * 3
         out.append({"N": n, "D": d, "edit loss": loss, "factor": equivalent_tokens(n, loss, ddp_theta) / d,
                     "median": median, "p16": low, "p84": high})
     return out
+
+
+def interpolated_tokens(n: int, loss: float, ddp_rows: List[dict]) -> float:
+    """Without a law: DDP's tokens for `loss` at size n, log-linear in D between the two DDP budgets of that size
+    whose losses bracket it (nan outside the measured budgets)."""
+    runs = sorted((r["tokens"], r["validation loss"]) for r in ddp_rows if r["non-embedding params"] == n)
+    for (d1, l1), (d2, l2) in zip(runs, runs[1:]):
+        if l1 >= loss >= l2 and l1 > l2:
+            return d1 * (d2 / d1) ** ((l1 - loss) / (l1 - l2))
+    return math.nan
 
 
 def get_args(argv=None):
@@ -178,6 +192,8 @@ def get_args(argv=None):
     parser.add_argument("--methods", nargs="+", default=["ddp", "edit"], choices=["ddp", "edit"])
     parser.add_argument("--sizes", type=int, default=len(SIZES), help=f"the first K of {SIZES}")
     parser.add_argument("--train-iters", type=int, default=150)
+    parser.add_argument("--fit-only", action="store_true",
+                        help="fit the runs.csv an earlier invocation wrote to --output-dir instead of training")
     parser.add_argument("--budgets", type=int, nargs="+", default=None,
                         help="train every size for each of these iteration counts and fit L(N, D) (default: "
                              "--train-iters only)")
@@ -252,6 +268,13 @@ def plot(rows, fits, methods, output_dir: Path) -> None:
     save_figure(figure, output_dir / "scaling_laws.png")
 
 
+def read_runs(path: Path) -> List[dict]:
+    """runs.csv as main wrote it, numbers as numbers."""
+    with open(path) as f:
+        return [{k: v if k == "method" else (int(v) if v.isdigit() else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
 def nd_tables(rows: List[dict], methods: List[str]) -> str:
     """L(N, D) per method and, with both ddp and edit, EDiT's compute-equivalence factor per run and overall."""
     lines = ["| method | E | A | alpha | B | beta |", "|---|---|---|---|---|---|"]
@@ -265,29 +288,43 @@ def nd_tables(rows: List[dict], methods: List[str]) -> str:
         lines.append("| " + " | ".join([method] + [f"{v:.4g} ± {s:.2g}" for v, s in zip(theta, errors)]) + " |")
     if not {"ddp", "edit"} <= set(fits):
         return "\n".join(lines)
-    lines += ["", "| N | tokens | edit loss | factor (DDP compute / EDiT compute, same loss) | 16th-84th percentile |",
-              "|---|---|---|---|---|"]
+    lines += ["", "EDiT's compute-equivalence factor, DDP's compute for EDiT's loss over EDiT's (below 1: EDiT needs more), "
+              "from the L(N, D) fit (with the 16th-84th percentile over DDP's fitted constants) and, without a law, "
+              "from DDP's runs of the same size interpolated log-linearly in tokens:", "",
+              "| N | tokens | edit loss | factor (fit) | 16th-84th percentile | factor (interpolated) |",
+              "|---|---|---|---|---|---|"]
+    ddp_rows = [r for r in rows if r["method"] == "ddp"]
     rows_out = compute_equivalence(*fits["ddp"], [r for r in rows if r["method"] == "edit"])
     for r in rows_out:
+        r["interpolated"] = interpolated_tokens(r["N"], r["edit loss"], ddp_rows) / r["D"]
         lines.append(f"| {r['N']} | {r['D']} | {r['edit loss']:.4f} | {r['factor']:.3f} | "
-                     f"{r['p16']:.3f} - {r['p84']:.3f} |")
-    finite = [r["factor"] for r in rows_out if math.isfinite(r["factor"])]
-    if finite:
-        lines.append(f"| geometric mean | | | {math.exp(sum(map(math.log, finite)) / len(finite)):.3f} | |")
+                     f"{r['p16']:.3f} - {r['p84']:.3f} | {r['interpolated']:.3f} |")
+    means = [geometric_mean([r[key] for r in rows_out]) for key in ("factor", "interpolated")]
+    lines.append(f"| geometric mean (finite) | | | {means[0]:.3f} | | {means[1]:.3f} |")
     return "\n".join(lines)
+
+
+def geometric_mean(values: List[float]) -> float:
+    finite = [v for v in values if math.isfinite(v) and v > 0]
+    return math.exp(sum(map(math.log, finite)) / len(finite)) if finite else math.nan
 
 
 def main(argv=None):
     args = get_args(argv)
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for iters in args.budgets:
-        for layers, hidden, heads in SIZES[:args.sizes]:
-            for method in args.methods:
-                print(f"training {method} with {layers} layers, hidden {hidden}, {iters} iterations ...", flush=True)
-                rows.append(train(args, method, layers, hidden, heads, iters))
-    write_table(rows, output_dir, "runs")
+    if args.fit_only:
+        rows = read_runs(output_dir / "runs.csv")
+        args.budgets = sorted({r["iters"] for r in rows})
+    else:
+        rows = []
+        for iters in args.budgets:
+            for layers, hidden, heads in SIZES[:args.sizes]:
+                for method in args.methods:
+                    print(f"training {method} with {layers} layers, hidden {hidden}, {iters} iterations ...",
+                          flush=True)
+                    rows.append(train(args, method, layers, hidden, heads, iters))
+        write_table(rows, output_dir, "runs")
     largest = [r for r in rows if r["iters"] == args.budgets[-1]]  # L(N) and L(C) at one token budget
     table, fits = fits_table(largest, args.methods)
     if len(args.budgets) > 1:

@@ -22,7 +22,8 @@ def test_scaling_law_tool_end_to_end_on_two_tiny_sizes_and_two_budgets(tmp_path)
     table = (tmp_path / "fits.md").read_text()
     assert "| ddp | L(N) |" in table and "| edit | L(C) |" in table
     assert "L(N, D) = E + A N^-alpha + B D^-beta" in table
-    assert "factor (DDP compute / EDiT compute, same loss)" in table
+    assert "| N | tokens | edit loss | factor (fit) | 16th-84th percentile | factor (interpolated) |" in table
+    assert "| geometric mean (finite) |" in table
     assert (tmp_path / "runs.csv").read_text().count("\n") == 9  # header, 2 sizes x 2 budgets x 2 methods
     assert (tmp_path / "scaling_laws.png").exists()
 

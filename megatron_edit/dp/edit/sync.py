@@ -150,12 +150,11 @@ class LayerwiseSync:
         self._apply(index, pending.exchange.wait(), pending.record, pending.local_pseudo_grad)
 
     def _sync_module(self, index: int) -> None:
+        self._issue(index)
         if self._delaying:  # nothing waits for this exchange until `delay` iterations later
-            self._issue(index)
             self.delayed[index] = self.pending.pop(index)
             self.synced.add(index)
             return
-        self._issue(index)
         if index + 1 < len(self.units):
             self._issue(index + 1)  # overlaps with this module's forward
         self._finish(index)

@@ -7,6 +7,9 @@ megatron-core builds exactly this topology for its distributed-optimizer instanc
 (`initialize_model_parallel(num_distributed_optimizer_instances=M)`), so those two are taken from there.
 The *replica group* is every rank of one replica (shard x tensor x pipeline): where a replica decides as one
 (A-EDiT's clock). The *tensor group* is where a module's tensor-parallel slices meet (the penalty's norms).
+The pseudo-gradient exchange runs on a communicator of the sync group's ranks of its own, so that the small
+collectives of a sync (the penalty's norms, A-EDiT's flags) never queue behind a bulk exchange still in flight (a
+process group runs its collectives in order, on two gloo threads or one NCCL stream).
 """
 import dataclasses
 from typing import Optional
@@ -22,6 +25,7 @@ class LocalSGDGroups:
     sync: Optional[dist.ProcessGroup]  # None when there is a single replica: nothing to synchronize with
     replica: Optional[dist.ProcessGroup] = None   # None: the shard group is the whole replica
     tensor: Optional[dist.ProcessGroup] = None    # None: no tensor parallelism
+    sync_exchange: Optional[dist.ProcessGroup] = None  # the sync group's ranks for the bulk exchange; None: sync
 
     @property
     def shard_size(self) -> int:
@@ -37,6 +41,11 @@ class LocalSGDGroups:
         return 0 if self.sync is None else dist.get_rank(self.sync)
 
     @property
+    def exchange(self) -> Optional[dist.ProcessGroup]:
+        """Where pseudo-gradients are summed."""
+        return self.sync if self.sync_exchange is None else self.sync_exchange
+
+    @property
     def whole_replica(self) -> dist.ProcessGroup:
         return self.shard if self.replica is None else self.replica
 
@@ -50,8 +59,9 @@ class LocalSGDGroups:
             if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
         replica = None  # the shard group is the whole replica unless tensor or pipeline ranks belong to it too
         if dist.get_world_size() > shard.size() * (1 if sync is None else sync.size()):
-            replica = dist.group.WORLD if sync is None else _replica_group(dist.get_rank(sync))
-        return cls(shard=shard, sync=sync, replica=replica, tensor=tensor)
+            replica = dist.group.WORLD if sync is None else _group_of_ranks_sharing(dist.get_rank(sync))
+        sync_exchange = None if sync is None else _group_of_ranks_sharing(tuple(dist.get_process_group_ranks(sync)))
+        return cls(shard=shard, sync=sync, replica=replica, tensor=tensor, sync_exchange=sync_exchange)
 
     def replica_process_groups(self) -> ProcessGroupCollection:
         """megatron-core's groups with data parallelism narrowed to the shard group: DDP and the optimizer
@@ -65,13 +75,13 @@ class LocalSGDGroups:
         return groups
 
 
-def _replica_group(replica: int) -> dist.ProcessGroup:
-    """The group of every rank whose replica index is `replica`, made collectively (all ranks create all groups)."""
-    indices = [None] * dist.get_world_size()
-    dist.all_gather_object(indices, replica)
+def _group_of_ranks_sharing(key) -> dist.ProcessGroup:
+    """The group of every rank whose `key` equals this rank's, made collectively (all ranks create all groups)."""
+    keys = [None] * dist.get_world_size()
+    dist.all_gather_object(keys, key)
     mine = None
-    for index in sorted(set(indices)):
-        group = dist.new_group([rank for rank, r in enumerate(indices) if r == index])
-        if index == replica:
+    for shared in sorted(set(keys)):
+        group = dist.new_group([rank for rank, k in enumerate(keys) if k == shared])
+        if shared == key:
             mine = group
     return mine

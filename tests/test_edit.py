@@ -89,6 +89,21 @@ def test_delayed_outer_step_matches_reference_implementation():
     assert [sync["iteration"] for sync in dumps[0]["syncs"]] == [8, 10, 10]
 
 
+def test_quantized_delayed_exchange_moves_to_its_all_gather_half_way():
+    """int8 with tau=2: each module's all-to-all is issued in the sync (iteration 6), its all-gather at its forward one
+    iteration later, the outer step applied at 8; the model stays within int8's rounding of the fp32 delayed run."""
+    nproc, args = edit(2, 2, *local_sgd(2, 3), *DELAY)
+    fp32 = run(nproc, args)
+    int8 = run(nproc, args + ("--sync-dtype", "int8"))
+    events = [[kind for kind, _ in record["trace"] if kind != "forward_end"] for record in int8[0]["iterations"]]
+    units = len(int8[0]["units"])
+    assert events[5] == ["issue"] * units and events[6] == ["advance"] * units and events[7] == ["synced"] * units
+    for rank in range(nproc):
+        for name, value in fp32[rank]["params"].items():
+            difference = (int8[rank]["params"][name] - value).abs().max().item()
+            assert 0 < difference < 2e-3, name
+
+
 def test_delayed_outer_step_on_tensor_parallel_reproduces_the_unsplit_run():
     nproc, args = edit(1, 2, *local_sgd(2, 3), *DELAY)
     unsplit = run(nproc, args)

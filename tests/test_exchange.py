@@ -1,6 +1,7 @@
 """The sync exchange's codecs (megatron_edit/dp/local_sgd/exchange.py) on real gloo ranks: fp32 is a plain
 all-reduce, bf16 and int8 land within their quantization error of the exact sum while sending 1/2 and about 1/4
-of fp32's bytes, and error feedback carries what quantization dropped into the next exchange."""
+of fp32's bytes, error feedback carries what quantization dropped into the next exchange, and elements every
+tensor rank holds alike come out alike."""
 import os
 import socket
 
@@ -21,9 +22,9 @@ def rank_values(rank: int) -> torch.Tensor:
     return torch.randn(NUMEL, generator=generator) * torch.logspace(-3, 0, NUMEL)
 
 
-def _exchange_twice(exchange: SyncExchange, values: torch.Tensor):
-    first = exchange.start("module", values.clone()).wait()
-    second = exchange.start("module", values.clone()).wait()
+def _exchange_twice(exchange: SyncExchange, values: torch.Tensor, replicated=()):
+    first = exchange.start("module", values.clone(), replicated).wait()
+    second = exchange.start("module", values.clone(), replicated).wait()
     return first, second
 
 
@@ -41,6 +42,12 @@ def _worker(rank: int, replicas: int, port: int, out_dir: str) -> None:
         first, second = _exchange_twice(exchange, values)
         results[dtype, feedback] = {"first": first, "second": second,
                                     "bytes": (counter.snapshot()["sync"] - before) / 2}
+    replicated = [slice(0, 1000), slice(5000, 5100)]  # what every tensor rank holds alike; the rest differs
+    for tensor_rank in range(2):
+        mixed = values.clone()
+        mixed[1000:5000] *= 10 ** tensor_rank
+        exchange = SyncExchange(ProcessGroupTransport(group), "int8", error_feedback=True)
+        results["tensor rank", tensor_rank] = _exchange_twice(exchange, mixed, replicated)
     plain = values.clone()
     dist.all_reduce(plain, group=group)
     results["all_reduce"] = plain
@@ -118,3 +125,15 @@ def test_error_feedback_carries_the_residual_into_the_next_exchange(exchanged):
     assert (twice_error <= int8_error_bound(replicas, exact)).all()
     repeated_error = (2 * without["first"].double() - 2 * exact).abs()
     assert twice_error.sum() < 0.75 * repeated_error.sum()
+
+
+def test_replicated_ranges_come_out_alike_whatever_the_tensor_slices_beside_them(exchanged):
+    """Two tensor ranks' vectors share the replicated ranges and differ elsewhere (by 10x): quantized in blocks of
+    their own, the replicated elements' sums are bit-identical on both, error feedback included."""
+    _, results, _ = exchanged
+    for result in results:
+        for sync in range(2):
+            first, second = result["tensor rank", 0][sync], result["tensor rank", 1][sync]
+            for part in (slice(0, 1000), slice(5000, 5100)):
+                assert torch.equal(first[part], second[part])
+            assert not torch.equal(first[1000:5000], second[1000:5000])

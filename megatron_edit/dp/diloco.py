@@ -36,7 +36,7 @@ class DiLoCoDataParallel(PostLocalSGDDataParallel):
         for index, view in enumerate(self.views):
             pseudo_grad = view.anchor.to(view.device) - view.read_full(self.groups.shard)
             self.faults.corrupt_pseudo_grad(pseudo_grad, iteration)
-            self.exchange.start(index, pseudo_grad).wait()
+            self.exchange.start(index, pseudo_grad, view.tensor_replicated).wait()
             pseudo_grad.div_(self.groups.num_replicas)
             squares += pseudo_grad.double().pow(2).sum().item()
             outer_sgd_step(view.anchor, view.momentum, pseudo_grad.to(view.anchor.device), self.local_sgd.outer_lr,

@@ -15,7 +15,10 @@ With a delay of tau iterations (`--sync-delay-steps`), a sync only issues each m
 on from the local parameters; tau iterations later, just before that module's forward, the exchange is waited for,
 the outer step applied, and the progress this replica made since the exchange was issued is carried over:
     theta <- anchor' + (theta_now - theta_issued),  theta_issued = anchor - d_local
-so the exchange hides behind tau iterations of compute. It costs, per rank and module, d_local and the exchanged
+so the exchange hides behind tau iterations of compute. An exchange in stages (a quantized sum's all-to-all, then
+its all-gather) moves to its second stage half-way, at that module's forward ceil(tau/2) iterations after the sync,
+so both stages run behind compute; every rank does so at the same point, which keeps the sync group's collectives in
+one order on all of them. It costs, per rank and module, d_local and the exchanged
 sum while they are in flight: two more fp32 values per owned parameter, sharded (and offloaded) as anchor and
 momentum are.
 """
@@ -51,10 +54,12 @@ class ModuleSyncRecord:
 @dataclasses.dataclass
 class _Pending:
     """A module's weighted pseudo-gradient whose sync-group exchange is in flight; with a delayed outer step, also
-    this replica's own pseudo-gradient when the exchange was issued and the iteration that applies it."""
+    this replica's own pseudo-gradient when the exchange was issued, the iteration that moves the exchange to its
+    next stage and the one that applies it."""
     exchange: InFlight
     record: ModuleSyncRecord
     local_pseudo_grad: Optional[torch.Tensor] = None
+    advance_at: int = 0
     apply_at: int = 0
 
 
@@ -130,11 +135,15 @@ class LayerwiseSync:
 
     def _make_pre_hook(self, index: int):
         def hook(module, args):
-            due = index in self.delayed and self.delayed[index].apply_at <= self.current_iteration
-            if due or (self.armed and index not in self.synced):
+            delayed = self.delayed.get(index)
+            due = delayed is not None and delayed.apply_at <= self.current_iteration
+            advance = delayed is not None and not due and delayed.advance_at <= self.current_iteration
+            if due or advance or (self.armed and index not in self.synced):
                 start = time.perf_counter()
                 if due:
                     self._apply_delayed(index)
+                elif advance and delayed.exchange.advance():
+                    self._record("advance", self.units[index].name)
                 if self.armed and index not in self.synced:
                     self._sync_module(index)
                 self.exposed_seconds += time.perf_counter() - start
@@ -205,8 +214,9 @@ class LayerwiseSync:
             pseudo_grad.zero_()  # also keeps a NaN from reaching anyone
         else:
             pseudo_grad.mul_(weight)
-        self.pending[index] = _Pending(self.exchange.start(index, pseudo_grad), record, local,
-                                       self.iteration + self.delay)
+        self.pending[index] = _Pending(self.exchange.start(index, pseudo_grad, unit.tensor_replicated), record, local,
+                                       advance_at=self.iteration + (self.delay + 1) // 2,
+                                       apply_at=self.iteration + self.delay)
         self._record("issue", unit.name)
 
     def _finish(self, index: int) -> None:
@@ -258,7 +268,8 @@ class LayerwiseSync:
         for index, saved in state["delayed"].items():
             unit = self.units[index]
             summed = saved["sum"].to(unit.device)
-            self.delayed[index] = _Pending(InFlight(None, lambda summed=summed: summed),
+            self.delayed[index] = _Pending(InFlight([], lambda summed=summed: summed),
                                            ModuleSyncRecord(**saved["record"]),
-                                           saved["local_pseudo_grad"].to(unit.anchor.device), saved["apply_at"])
+                                           saved["local_pseudo_grad"].to(unit.anchor.device),
+                                           apply_at=saved["apply_at"])
         self._records = [ModuleSyncRecord(**r) for r in state["records"]]

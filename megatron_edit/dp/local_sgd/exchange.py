@@ -11,11 +11,14 @@ chosen in one place.
   sum again, and an all-gather gives everyone every summed chunk. On the wire: per rank 2 (M-1)/M of the vector
   in the codec's width, as a ring all-reduce of fp32 moves 2 (M-1)/M of it in fp32, so 1/2 (bf16) and about
   1/4 (int8, plus one fp32 scale per block of `INT8_BLOCK` values).
+- Tensor parallelism: a module's vector on one tensor rank mixes its own slices with elements every tensor rank
+  holds alike (layer norms, some biases). Those `replicated` ranges are quantized in blocks of their own, so every
+  tensor rank computes the same blocks, scales and sums for them, and their copies stay bit-identical.
 - Error feedback (`--sync-error-feedback`): what quantization dropped is carried into the next exchange of the
   same key: each rank's residual of its own vector, and each chunk owner's residual of re-quantizing the sum. Over
   many exchanges the sums delivered then add up to the sums sent, up to the last residuals.
 """
-from typing import Callable, Dict, Hashable, List, Optional
+from typing import Callable, Dict, Hashable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -75,17 +78,66 @@ QUANTIZERS = {"bf16": Bf16Quantizer, "int8": Int8Quantizer}
 
 
 class InFlight:
-    """A sum being exchanged: wait() finishes it and returns the fp32 sum (in the tensor `start` was given)."""
+    """A sum being exchanged, in stages: the collectives in flight, then the stages still to issue (a quantized sum
+    has one more: the all-gather of the summed chunks), then `finish`, which returns the fp32 sum (in the tensor
+    `start` was given). `advance()` moves to the next stage without waiting for it, so a caller that waits late
+    can let both stages run behind compute; `wait()` runs whatever is left."""
 
-    def __init__(self, work, finish: Callable[[], torch.Tensor]):
-        self._work, self._finish, self._result = work, finish, None
+    def __init__(self, works: list, finish: Callable[[], torch.Tensor], stages: Sequence[Callable[[], list]] = ()):
+        self._works, self._finish, self._stages, self._result = works, finish, list(stages), None
+
+    def advance(self) -> bool:
+        """Wait for the collectives in flight and issue the next stage's; False (and nothing done) if none is left."""
+        if not self._stages:
+            return False
+        self._wait_works()
+        self._works = self._stages.pop(0)()
+        return True
+
+    def _wait_works(self) -> None:
+        for work in self._works:
+            work.wait()
+        self._works = []
 
     def wait(self) -> torch.Tensor:
         if self._result is None:
-            if self._work is not None:
-                self._work.wait()
+            while self._stages:
+                self.advance()
+            self._wait_works()
             self._result = self._finish()
         return self._result
+
+
+class _BlockLayout:
+    """Where a vector's elements go in the quantized payload: when it mixes replicated ranges with slices, the
+    replicated elements first, padded to whole blocks, then the slices, so that no block holds both kinds."""
+
+    def __init__(self, numel: int, replicated: Sequence[slice], block: int, device: torch.device):
+        mask = torch.zeros(numel, dtype=torch.bool)
+        for part in replicated:
+            mask[part] = True
+        count = int(mask.sum())
+        self.mixed = 0 < count < numel
+        self.numel = numel
+        if self.mixed:
+            self.replicated = mask.nonzero().squeeze(1).to(device)
+            self.sliced = (~mask).nonzero().squeeze(1).to(device)
+            self.offset = -(-count // block) * block
+            self.numel = self.offset + self.sliced.numel()
+
+    def pack(self, values: torch.Tensor, out: torch.Tensor) -> None:
+        if not self.mixed:
+            out[:values.numel()] = values
+            return
+        out[:self.replicated.numel()] = values[self.replicated]
+        out[self.offset:self.numel] = values[self.sliced]
+
+    def unpack(self, packed: torch.Tensor, values: torch.Tensor) -> None:
+        if not self.mixed:
+            values.copy_(packed[:values.numel()])
+            return
+        values[self.replicated] = packed[:self.replicated.numel()]
+        values[self.sliced] = packed[self.offset:self.numel]
 
 
 class SyncExchange:
@@ -98,49 +150,55 @@ class SyncExchange:
         self.error_feedback = error_feedback and dtype != "fp32"
         self.residuals: Dict[Hashable, torch.Tensor] = {}  # this rank's quantization residual, per key
         self.sum_residuals: Dict[Hashable, torch.Tensor] = {}  # of re-quantizing the summed chunk this rank owns
+        self._layouts: Dict[Hashable, _BlockLayout] = {}
 
-    def start(self, key: Hashable, values: torch.Tensor) -> InFlight:
-        """Issue the exchange of an fp32 vector (summed into it, in place, by the time wait() returns)."""
+    def start(self, key: Hashable, values: torch.Tensor, replicated: Sequence[slice] = ()) -> InFlight:
+        """Issue the exchange of an fp32 vector (summed into it, in place, by the time wait() returns). `replicated`:
+        the ranges of `values` that every tensor-parallel rank holds alike (all of it when there is no tensor
+        parallelism); the rest are this rank's slices."""
         if self.transport.size == 1:
-            return InFlight(None, lambda: values)
+            return InFlight([], lambda: values)
         if self.dtype == "fp32":
-            return InFlight(self.transport.all_reduce(values), lambda: values)
-        return self._start_quantized(key, values, QUANTIZERS[self.dtype])
+            return InFlight([self.transport.all_reduce(values)], lambda: values)
+        return self._start_quantized(key, values, QUANTIZERS[self.dtype], replicated)
 
     def _carry(self, store: Dict[Hashable, torch.Tensor], key: Hashable, values: torch.Tensor,
                sent: torch.Tensor) -> None:
         if self.error_feedback:
             store[key] = values - sent
 
-    def _start_quantized(self, key: Hashable, values: torch.Tensor, quantizer) -> InFlight:
+    def _start_quantized(self, key: Hashable, values: torch.Tensor, quantizer, replicated: Sequence[slice]) -> InFlight:
         replicas = self.transport.size
-        chunk = -(-values.numel() // (replicas * quantizer.block)) * quantizer.block
+        if key not in self._layouts:  # a key's vector keeps its size and ranges: its layout is made once
+            self._layouts[key] = _BlockLayout(values.numel(), replicated, quantizer.block, values.device)
+        layout = self._layouts[key]
+        chunk = -(-layout.numel // (replicas * quantizer.block)) * quantizer.block
         padded = torch.zeros(replicas * chunk, dtype=torch.float32, device=values.device)
-        padded[:values.numel()] = values
+        layout.pack(values, padded)
         if self.error_feedback and key in self.residuals:
             padded.add_(self.residuals[key].to(padded.device))
         payload = quantizer.encode(padded)
         self._carry(self.residuals, key, padded, quantizer.decode(payload))
         received = [torch.empty_like(p) for p in payload]
         works = [self.transport.all_to_all(out, p) for out, p in zip(received, payload)]
+        gathered: List[torch.Tensor] = []
 
-        def finish() -> torch.Tensor:
-            for work in works:
-                work.wait()
+        def sum_owned_chunk_and_gather() -> list:
             pieces = [r.view(replicas, -1) for r in received]  # row i: what rank i sent of this rank's chunk
             summed = sum(quantizer.decode([p[i] for p in pieces]) for i in range(replicas))
             if self.error_feedback and key in self.sum_residuals:
                 summed.add_(self.sum_residuals[key].to(summed.device))
             summed_payload = quantizer.encode(summed)
             self._carry(self.sum_residuals, key, summed, quantizer.decode(summed_payload))
-            gathered = [torch.empty(replicas * p.numel(), dtype=p.dtype, device=p.device) for p in summed_payload]
-            for work in [self.transport.all_gather(out, p) for out, p in zip(gathered, summed_payload)]:
-                work.wait()
+            gathered.extend(torch.empty(replicas * p.numel(), dtype=p.dtype, device=p.device) for p in summed_payload)
+            return [self.transport.all_gather(out, p) for out, p in zip(gathered, summed_payload)]
+
+        def finish() -> torch.Tensor:
             whole = torch.cat([quantizer.decode([g.view(replicas, -1)[i] for g in gathered]) for i in range(replicas)])
-            values.copy_(whole[:values.numel()])
+            layout.unpack(whole, values)
             return values
 
-        return InFlight(None, finish)  # the all-to-alls run until wait(); the all-gather runs inside it
+        return InFlight(works, finish, [sum_owned_chunk_and_gather])
 
     def state_dict(self) -> dict:
         return {"residuals": {k: v.cpu().clone() for k, v in self.residuals.items()},

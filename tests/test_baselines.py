@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from test_edit import assert_params_close, edit, local_sgd, run
+from test_edit_layouts import assert_replicated_copies_identical
 
 SCHEDULE = tuple(local_sgd(2, 3))  # W=2, H=3, 10 iterations: syncs after iterations 5 and 8
 
@@ -55,3 +56,17 @@ def test_post_local_sgd_averages_replicas_exactly_after_sync_steps_only(averagin
         # warm-up (1, 2) is synchronous; after the syncs at 5 and 8 the replicas hold the very same parameters
         assert identical == (step + 1 in (1, 2, 5, 8)), step + 1
     assert sync_bytes(post_local_sgd[0])[2:] == [0, 0, 4 * numel, 0, 0, 4 * numel, 0, 0]
+
+
+def test_diloco_int8_sync_on_tensor_parallel_sends_a_quarter_and_tracks_fp32():
+    """--sync-dtype int8 with error feedback, TP=2: each sync moves about a quarter of fp32's bytes, TP-replicated
+    copies stay bit-identical, and the losses follow the fp32 run's within int8's rounding."""
+    nproc, args = mode("diloco", 1, 2, *SCHEDULE, "--tensor-model-parallel-size", "2")
+    fp32 = run(2 * nproc, args)
+    int8 = run(2 * nproc, args + ("--sync-dtype", "int8", "--sync-error-feedback"))
+    assert assert_replicated_copies_identical(int8) > 0
+    fp32_syncs, int8_syncs = ([b for b in sync_bytes(dumps[0])[2:] if b] for dumps in (fp32, int8))
+    assert len(int8_syncs) == len(fp32_syncs) == 2
+    assert all(0.25 <= b / f <= 0.27 for b, f in zip(int8_syncs, fp32_syncs))
+    torch.testing.assert_close(int8[-1]["losses"], fp32[-1]["losses"], rtol=0, atol=1e-3)
+    assert int8[-1]["losses"] != fp32[-1]["losses"]  # int8 rounding did reach the model

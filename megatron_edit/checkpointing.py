@@ -1,8 +1,12 @@
 """Save and load everything that changes the future of a run, atomically, in Megatron's directory layout.
 
     <save>/latest_checkpointed_iteration.txt      the tracker: iteration of the newest complete checkpoint
-    <save>/iter_0000010/metadata.json             model shape, layout, mode (written last: marks completeness)
+    --ckpt-format torch:
+    <save>/iter_0000010/metadata.json             model shape, layout, mode, file sizes (written last)
     <save>/iter_0000010/mp_rank_00_000_dp_000/model_optim_rng.pt    one file per rank
+    --ckpt-format torch_dist (dist_checkpoint.py: megatron-core's format, which reshards):
+    <save>/iter_0000010/megatron_edit.json        the same record (metadata.json is dist_checkpointing's own)
+    <save>/iter_0000010/common.pt, __0_0.distcp, ...
 
 Each rank's file holds its model, the inner optimizer (the values of the parameters it steps and its state),
 the LR scheduler, its iteration and data positions, every RNG state, and the data-parallel mode's state
@@ -12,25 +16,28 @@ a newest checkpoint that is incomplete or unreadable, with a warning, in favour 
 """
 import json
 import os
-import random
 import shutil
 import sys
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 
+from megatron_edit import dist_checkpoint
 from megatron_edit.errors import UsageError
 from megatron_edit.optimizers import inner_optimizers
+from megatron_edit.rng_state import rng_state, set_rng_state
 
 TRACKER = "latest_checkpointed_iteration.txt"
+RECORD = {"torch": "metadata.json", "torch_dist": "megatron_edit.json"}  # per format: our record, written last
 # What must match for a checkpoint to load; data parallelism may differ where the mode allows it.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
               "padded_vocab_size", "max_position_embeddings", "swiglu", "normalization", "position_embedding_type",
               "untie_embeddings_and_output_weights", "tensor_model_parallel_size", "pipeline_model_parallel_size",
               "bf16", "fp16", "use_distributed_optimizer", "dp_mode")
+# What torch_dist lets differ (the distributed optimizer's groups do not load into a plain optimizer, nor back).
+LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
 
 
 def _iteration_dir(root: str, iteration: int) -> str:
@@ -70,26 +77,9 @@ def _load_optimizer_state(optimizer, states: list) -> None:
             inner.grad_scaler.load_state_dict(state["grad_scaler"])
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
 def _metadata(args, iteration: int) -> dict:
     meta = {key: getattr(args, key) for key in SHAPE_KEYS}
-    meta.update(iteration=iteration, data_parallel_size=args.data_parallel_size,
+    meta.update(iteration=iteration, format=args.ckpt_format, data_parallel_size=args.data_parallel_size,
                 model_shard_group_size=getattr(args, "model_shard_group_size", None) or args.data_parallel_size)
     return meta
 
@@ -105,25 +95,16 @@ def save_checkpoint(trainer, iteration: int, label: Optional[int] = None) -> Non
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
-    path = _this_rank_file(staging)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    state = {
-        "iteration": iteration,
-        "evaluations": trainer.evaluations,
-        "model": [chunk.state_dict() for chunk in trainer.model],
-        "optimizer": _optimizer_state(trainer.optimizer),
-        "scheduler": trainer.scheduler.state_dict(),
-        "rng": _rng_state(),
-        "dp_mode": trainer.dp_mode.state_dict(),
-    }
-    torch.save(state, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    if args.ckpt_format == "torch_dist":
+        dist_checkpoint.save(trainer, label, iteration, staging)
+    else:
+        _save_rank_file(trainer, iteration, staging)
     dist.barrier()
     if dist.get_rank() == 0:
         meta = _metadata(args, label)
         meta["files"] = {os.path.relpath(os.path.join(d, name), staging): os.path.getsize(os.path.join(d, name))
                          for d, _, names in os.walk(staging) for name in names}
-        with open(os.path.join(staging, "metadata.json"), "w") as f:
+        with open(os.path.join(staging, RECORD[args.ckpt_format]), "w") as f:
             json.dump(meta, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
@@ -135,6 +116,22 @@ def save_checkpoint(trainer, iteration: int, label: Optional[int] = None) -> Non
     dist.barrier()
 
 
+def _save_rank_file(trainer, iteration: int, staging: str) -> None:
+    path = _this_rank_file(staging)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    state = {
+        "iteration": iteration,
+        "evaluations": trainer.evaluations,
+        "model": [chunk.state_dict() for chunk in trainer.model],
+        "optimizer": _optimizer_state(trainer.optimizer),
+        "scheduler": trainer.scheduler.state_dict(),
+        "rng": rng_state(),
+        "dp_mode": trainer.dp_mode.state_dict(),
+    }
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def _remove_old(args) -> None:
     if args.keep_last_checkpoints is None:
         return
@@ -143,35 +140,42 @@ def _remove_old(args) -> None:
         shutil.rmtree(_iteration_dir(args.save, old), ignore_errors=True)
 
 
+def _record_path(directory: str) -> Optional[str]:
+    """Our record of the checkpoint in `directory` (in either format), or None if it was never completed."""
+    for name in (RECORD["torch_dist"], RECORD["torch"]):
+        if os.path.exists(os.path.join(directory, name)):
+            return os.path.join(directory, name)
+    return None
+
+
 def _complete_iterations(root: str) -> list:
     found = []
     for name in os.listdir(root):
         if name.startswith("iter_") and not name.endswith(".tmp") and name[5:].isdigit():
-            if os.path.exists(os.path.join(root, name, "metadata.json")):
+            if _record_path(os.path.join(root, name)):
                 found.append(int(name[5:]))
     return found
 
 
 def _incomplete(directory: str, meta: dict) -> Optional[str]:
-    """Why the checkpoint in `directory` cannot be used (a rank file missing or not the size it was written), or None."""
-    for tp in range(meta["tensor_model_parallel_size"]):
-        for pp in range(meta["pipeline_model_parallel_size"]):
-            for dp in range(meta["data_parallel_size"]):
-                path = _rank_file(directory, tp, pp, dp)
-                expected = meta["files"].get(os.path.relpath(path, directory))
-                if not os.path.exists(path):
-                    return f"{path} is missing"
-                if os.path.getsize(path) != expected:
-                    return f"{path} has {os.path.getsize(path)} bytes, {expected} were written"
+    """Why the checkpoint in `directory` cannot be used (a file missing or not the size it was written), or None."""
+    for name, expected in sorted(meta["files"].items()):
+        path = os.path.join(directory, name)
+        if not os.path.exists(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != expected:
+            return f"{path} has {os.path.getsize(path)} bytes, {expected} were written"
     return None
 
 
 def _check_compatible(meta: dict, args) -> None:
     from megatron_edit.dp import DP_MODES
 
-    mismatches = [f"{key} {meta[key]} (checkpoint) vs {getattr(args, key)} (this run)"
-                  for key in SHAPE_KEYS if meta.get(key) != getattr(args, key)]
-    mismatches += DP_MODES[args.dp_mode].check_resume(meta, args)
+    resharding = meta.get("format", "torch") == "torch_dist"
+    mismatches = [f"{key} {meta[key]} (checkpoint) vs {getattr(args, key)} (this run)" for key in SHAPE_KEYS
+                  if meta.get(key) != getattr(args, key) and not (resharding and key in LAYOUT_KEYS)]
+    if not resharding:
+        mismatches += DP_MODES[args.dp_mode].check_resume(meta, args)
     if mismatches:
         raise UsageError(f"checkpoint {meta['iteration']} does not fit this run: " + "; ".join(mismatches))
 
@@ -199,7 +203,7 @@ def find_checkpoint(root: str, args) -> Optional[tuple]:
     for iteration in candidates:
         directory = _iteration_dir(root, iteration)
         try:
-            with open(os.path.join(directory, "metadata.json")) as f:
+            with open(_record_path(directory)) as f:
                 meta = json.load(f)
         except (OSError, json.JSONDecodeError) as exc:
             _warn(f"skipping {directory}: unreadable metadata ({exc})")
@@ -226,6 +230,17 @@ def load_checkpoint(trainer) -> int:
         return 0
     directory, meta = found
     _check_compatible(meta, args)
+    if meta.get("format", "torch") == "torch_dist":
+        iteration = dist_checkpoint.load(trainer, directory)
+    else:
+        iteration = _load_rank_file(trainer, directory, meta)
+    if dist.get_rank() == 0:
+        print(f" loaded checkpoint from {directory} at iteration {iteration}", flush=True)
+    return iteration
+
+
+def _load_rank_file(trainer, directory: str, meta: dict) -> int:
+    args = trainer.args
     path = _this_rank_file(directory, _source_dp_rank(meta, args))
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -235,9 +250,7 @@ def load_checkpoint(trainer) -> int:
         chunk.load_state_dict(chunk_state)
     _load_optimizer_state(trainer.optimizer, state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    set_rng_state(state["rng"])
     trainer.dp_mode.load_state_dict(state["dp_mode"], same_replica=meta["data_parallel_size"] == args.data_parallel_size)
     trainer.evaluations = state["evaluations"]
-    if dist.get_rank() == 0:
-        print(f" loaded checkpoint from {directory} at iteration {state['iteration']}", flush=True)
     return state["iteration"]

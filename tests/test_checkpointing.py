@@ -24,8 +24,11 @@ EDIT_DELAYED_INT8 = ["--dp-mode", "edit", "--model-shard-group-size", "2", *loca
                      "--sync-dtype", "int8", "--sync-error-feedback"]
 
 
-@pytest.mark.parametrize("nproc,mode", [(2, []), (4, EDIT_WITH_PENALTY), (4, EDIT_DELAYED_INT8)],
-                         ids=["ddp", "edit_with_penalty", "edit_delayed_int8"])
+TORCH_DIST = ["--ckpt-format", "torch_dist"]
+
+
+@pytest.mark.parametrize("nproc,mode", [(2, []), (4, EDIT_WITH_PENALTY), (4, EDIT_DELAYED_INT8), (2, TORCH_DIST)],
+                         ids=["ddp", "edit_with_penalty", "edit_delayed_int8", "ddp_torch_dist"])
 def test_resumed_run_reproduces_the_uninterrupted_one_bitwise(tmp_path, nproc, mode):
     """12 iterations straight vs 6, save, load, 6 more (EDiT: syncs at 5 | 7, 9, 11, penalty on; delayed: a sync at
     6 | applied at 8, 9 applied at 11, 12)."""
@@ -36,6 +39,23 @@ def test_resumed_run_reproduces_the_uninterrupted_one_bitwise(tmp_path, nproc, m
     second = run_training(nproc, args + ["--load", str(tmp_path)]).check()
     assert "loaded checkpoint from" in second.stdout and "at iteration 6" in second.stdout
     assert first.losses + second.losses == straight
+
+
+DISTRIBUTED_OPTIMIZER = ["--use-distributed-optimizer", "--ckpt-format", "torch_dist"]
+
+
+@pytest.mark.parametrize("layout", [["--pipeline-model-parallel-size", "2"], []], ids=["tp1_pp2_dp2", "tp1_pp1_dp4"])
+def test_torch_dist_checkpoint_reshards_to_another_layout(tmp_path, layout):
+    """DDP with the distributed optimizer saved at TP=2 x DP=2 continues at another layout: weights, Adam's moments
+    and fp32 main parameters follow, so the first resumed loss is the uninterrupted run's next one."""
+    args = TINY_GPT + STEPS + DISTRIBUTED_OPTIMIZER + ["--train-iters", "8"]
+    saved_layout = ["--tensor-model-parallel-size", "2"]
+    straight = run_training(4, args + saved_layout).check().losses
+    run_training(4, args + saved_layout + ["--save", str(tmp_path), "--exit-interval", "6"]).check()
+    resumed = run_training(4, args + layout + ["--load", str(tmp_path)]).check()
+    assert "at iteration 6" in resumed.stdout and len(resumed.losses) == 2
+    assert resumed.losses[0] == pytest.approx(straight[6], rel=1e-6)
+    assert resumed.losses[1] == pytest.approx(straight[7], rel=1e-3)  # a step later: reduction order differs
 
 
 ELASTIC = ("--micro-batch-size", "1", "--global-batch-size", "6", *local_sgd(2, 2))
@@ -76,13 +96,15 @@ def test_killed_rank_restarts_from_the_last_checkpoint_and_finishes(tmp_path):
     assert tracker.read_text() == "300"
 
 
-def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path):
-    args = TINY_GPT + STEPS + ["--train-iters", "6", "--save", str(tmp_path), "--save-interval", "3"]
-    run_training(1, args).check()
-    newest = tmp_path / "iter_0000006" / "mp_rank_00_000_dp_000" / "model_optim_rng.pt"
+@pytest.mark.parametrize("ckpt_format,file", [("torch", "mp_rank_00_000_dp_000/model_optim_rng.pt"),
+                                              ("torch_dist", "__0_0.distcp")])
+def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, ckpt_format, file):
+    args = TINY_GPT + STEPS + ["--train-iters", "6", "--ckpt-format", ckpt_format]
+    run_training(1, args + ["--save", str(tmp_path), "--save-interval", "3"]).check()
+    newest = tmp_path / "iter_0000006" / file
     with open(newest, "r+b") as f:
         f.truncate(newest.stat().st_size // 2)
-    resumed = run_training(1, TINY_GPT + STEPS + ["--train-iters", "6", "--load", str(tmp_path)]).check()
+    resumed = run_training(1, args + ["--load", str(tmp_path)]).check()
     assert "skipping" in resumed.stderr and "iter_0000006" in resumed.stderr
     assert "at iteration 3" in resumed.stdout and len(resumed.losses) == 3
 
@@ -93,5 +115,9 @@ def test_incompatible_or_missing_checkpoint_is_one_line(tmp_path):
     result = run_training(1, wider + STEPS + ["--train-iters", "4", "--load", str(tmp_path)])
     assert result.returncode != 0
     assert "error: checkpoint 2 does not fit this run: hidden_size 64 (checkpoint) vs 128 (this run)" in result.stderr
+    edit = ["--dp-mode", "edit", "--model-shard-group-size", "1", "--ckpt-format", "torch_dist"]
+    result = run_training(2, TINY_GPT + STEPS + edit + ["--train-iters", "4", "--save", str(tmp_path)])
+    assert result.returncode != 0
+    assert "error: --ckpt-format torch_dist keeps one copy of the model and optimizer" in result.stderr
     result = run_training(1, TINY_GPT + STEPS + ["--train-iters", "4", "--load", str(tmp_path / "nope")])
     assert result.returncode != 0 and f"error: --load {tmp_path / 'nope'} does not exist" in result.stderr

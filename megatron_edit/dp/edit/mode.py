@@ -21,13 +21,7 @@ from megatron_edit.dp.edit.sync import LayerwiseSync, ModuleSyncRecord
 from megatron_edit.dp.local_sgd.mode import LocalSGDDataParallel
 from megatron_edit.errors import require
 from megatron_edit.logging import print_rank_last
-
-
-def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP and Float16Module wrappers."""
-    while hasattr(chunk, "module"):
-        chunk = chunk.module
-    return chunk
+from megatron_edit.model import unwrap_model
 
 
 def sync_modules(model: torch.nn.Module) -> List[tuple]:
@@ -112,7 +106,7 @@ class EditDataParallel(LocalSGDDataParallel):
         shard_rank = dist.get_rank(self.groups.shard)
         units, modules = [], []
         for chunk in model_chunks:
-            for name, module in sync_modules(_unwrap(chunk)):
+            for name, module in sync_modules(unwrap_model(chunk)):
                 params = [p for p in module.parameters() if p.requires_grad]
                 units.append(ModuleShard(name, params, shard_rank, self.groups.shard_size, main_params,
                                          self.local_sgd.offload_outer_state))

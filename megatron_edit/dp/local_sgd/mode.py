@@ -80,6 +80,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         require(args.sync_delay_steps == 0 or cls.delays_outer_step,
                 f"--sync-delay-steps: {cls.name} synchronizes the whole model at once; the delayed outer step is "
                 "applied module by module, use --dp-mode edit or aedit")
+        require(args.ckpt_format == "torch" or not (args.save or args.load),
+                f"--ckpt-format {args.ckpt_format} keeps one copy of the model and optimizer, and {cls.name}'s "
+                "replicas differ between syncs: use --ckpt-format torch (a file per rank)")
         require(not args.sync_error_feedback or args.sync_dtype != "fp32",
                 "--sync-error-feedback carries quantization error: use it with --sync-dtype bf16 or int8")
         penalty = [flag for flag, on in [("--edit-anomaly-elimination", args.edit_anomaly_elimination),

@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch: one file per rank, resumes on the layout it was saved on; torch_dist: megatron-core's "
                         "dist_checkpointing, as Megatron-LM writes it, which reshards to other TP/PP/DP layouts")
     g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
+    g.add_argument("--no-save-optim", action="store_true", help="save without the optimizer and LR schedule")
+    g.add_argument("--no-save-rng", action="store_true", help="save without the RNG states")
+    g.add_argument("--no-load-optim", action="store_true", help="load without the optimizer and LR schedule")
+    g.add_argument("--no-load-rng", action="store_true", help="load without the RNG states")
+    g.add_argument("--finetune", action="store_true",
+                   help="load the weights only and start at iteration 0 with a fresh optimizer and schedule")
     g.add_argument("--exit-interval", type=int, default=None, help="stop after this iteration (saving first)")
     g.add_argument("--keep-last-checkpoints", type=int, default=None, help="delete older checkpoints")
 

@@ -14,6 +14,7 @@ the LR scheduler, its iteration and data positions, every RNG state, and the dat
 under iter_X.tmp and renamed, and the tracker moves, only once every rank's file is in place; loading skips
 a newest checkpoint that is incomplete or unreadable, with a warning, in favour of the previous one.
 """
+import dataclasses
 import json
 import os
 import shutil
@@ -79,7 +80,8 @@ def _load_optimizer_state(optimizer, states: list) -> None:
 
 def _metadata(args, iteration: int) -> dict:
     meta = {key: getattr(args, key) for key in SHAPE_KEYS}
-    meta.update(iteration=iteration, format=args.ckpt_format, data_parallel_size=args.data_parallel_size,
+    meta.update(iteration=iteration, format=args.ckpt_format, optimizer=not args.no_save_optim,
+                rng=not args.no_save_rng, data_parallel_size=args.data_parallel_size,
                 model_shard_group_size=getattr(args, "model_shard_group_size", None) or args.data_parallel_size)
     return meta
 
@@ -123,9 +125,9 @@ def _save_rank_file(trainer, iteration: int, staging: str) -> None:
         "iteration": iteration,
         "evaluations": trainer.evaluations,
         "model": [chunk.state_dict() for chunk in trainer.model],
-        "optimizer": _optimizer_state(trainer.optimizer),
+        "optimizer": None if trainer.args.no_save_optim else _optimizer_state(trainer.optimizer),
         "scheduler": trainer.scheduler.state_dict(),
-        "rng": rng_state(),
+        "rng": None if trainer.args.no_save_rng else rng_state(),
         "dp_mode": trainer.dp_mode.state_dict(),
     }
     torch.save(state, path + ".tmp")
@@ -221,8 +223,29 @@ def _warn(message: str) -> None:
         print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 
+@dataclasses.dataclass(frozen=True)
+class LoadParts:
+    """What --load restores besides the weights, from Megatron-LM's flags."""
+    optimizer: bool  # the inner optimizer and the LR schedule
+    rng: bool
+    progress: bool   # iteration, evaluations, the data-parallel mode's state; --finetune starts over at 0
+
+    @classmethod
+    def from_args(cls, args) -> "LoadParts":
+        return cls(optimizer=not (args.finetune or args.no_load_optim), rng=not (args.finetune or args.no_load_rng),
+                   progress=not args.finetune)
+
+    def check_saved(self, meta: dict) -> None:
+        """One line if the checkpoint lacks a part this run asked for (saved with --no-save-optim / -rng)."""
+        for part, flag in (("optimizer", "optim"), ("rng", "rng")):
+            if getattr(self, part) and not meta.get(part, True):
+                raise UsageError(f"checkpoint {meta['iteration']} was saved with --no-save-{flag}: load it with "
+                                 f"--no-load-{flag} or --finetune")
+
+
 def load_checkpoint(trainer) -> int:
-    """Restore this rank from the newest usable checkpoint under --load; returns its iteration (0 if none)."""
+    """Restore this rank from the newest usable checkpoint under --load; returns the iteration to continue from
+    (0 if there is none, or with --finetune)."""
     args = trainer.args
     found = find_checkpoint(args.load, args)
     if found is None:
@@ -230,16 +253,21 @@ def load_checkpoint(trainer) -> int:
         return 0
     directory, meta = found
     _check_compatible(meta, args)
+    parts = LoadParts.from_args(args)
+    parts.check_saved(meta)
     if meta.get("format", "torch") == "torch_dist":
-        iteration = dist_checkpoint.load(trainer, directory)
+        iteration = dist_checkpoint.load(trainer, directory, parts)
     else:
-        iteration = _load_rank_file(trainer, directory, meta)
+        iteration = _load_rank_file(trainer, directory, meta, parts)
+    if not parts.optimizer:
+        trainer.optimizer.reload_model_params()  # fp32 main parameters (bf16, distributed optimizer) from the weights
     if dist.get_rank() == 0:
-        print(f" loaded checkpoint from {directory} at iteration {iteration}", flush=True)
+        start = "" if parts.progress else f" (--finetune: weights of iteration {meta['iteration']})"
+        print(f" loaded checkpoint from {directory} at iteration {iteration}{start}", flush=True)
     return iteration
 
 
-def _load_rank_file(trainer, directory: str, meta: dict) -> int:
+def _load_rank_file(trainer, directory: str, meta: dict, parts: LoadParts) -> int:
     args = trainer.args
     path = _this_rank_file(directory, _source_dp_rank(meta, args))
     try:
@@ -248,9 +276,13 @@ def _load_rank_file(trainer, directory: str, meta: dict) -> int:
         raise UsageError(f"{path} cannot be read ({exc}); delete {directory} to fall back to an older one")
     for chunk, chunk_state in zip(trainer.model, state["model"]):
         chunk.load_state_dict(chunk_state)
-    _load_optimizer_state(trainer.optimizer, state["optimizer"])
-    trainer.scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    if parts.optimizer:
+        _load_optimizer_state(trainer.optimizer, state["optimizer"])
+        trainer.scheduler.load_state_dict(state["scheduler"])
+    if parts.rng:
+        set_rng_state(state["rng"])
+    if not parts.progress:
+        return 0
     trainer.dp_mode.load_state_dict(state["dp_mode"], same_replica=meta["data_parallel_size"] == args.data_parallel_size)
     trainer.evaluations = state["evaluations"]
     return state["iteration"]

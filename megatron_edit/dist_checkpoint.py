@@ -61,26 +61,33 @@ def _rank_object(value) -> ShardedObject:
 
 
 def sharded_state_dict(trainer, label: int, loading: bool, rank_iteration: Optional[int] = None,
-                       same_layout: bool = True, metadata: Optional[dict] = None) -> dict:
-    """The checkpoint filed under iteration `label`; `rank_iteration` is this rank's own (A-EDiT's replicas differ)."""
+                       same_layout: bool = True, metadata: Optional[dict] = None, optimizer: bool = True,
+                       rng: bool = True, progress: bool = True) -> dict:
+    """The checkpoint filed under iteration `label`; `rank_iteration` is this rank's own (A-EDiT's replicas differ).
+    optimizer: the inner optimizer and LR schedule; progress: evaluations and each rank's data-parallel mode state."""
     metadata = CONTENT_METADATA if metadata is None else metadata
     state = {"args": trainer.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": label,
              "content_metadata": metadata, **_model_state(trainer, metadata)}
-    state["optimizer"] = trainer.optimizer.sharded_state_dict(state, is_loading=loading, metadata=metadata)
-    state["opt_param_scheduler"] = trainer.scheduler.state_dict()
-    state["megatron_edit"] = {"evaluations": trainer.evaluations}
-    if same_layout:
+    if optimizer:
+        state["optimizer"] = trainer.optimizer.sharded_state_dict(state, is_loading=loading, metadata=metadata)
+        state["opt_param_scheduler"] = trainer.scheduler.state_dict()
+    if rng and same_layout:
         state["rng_state"] = _rng_object()
-        state["megatron_edit"]["rank_state"] = _rank_object(
-            {"iteration": label if rank_iteration is None else rank_iteration,
-             "dp_mode": trainer.dp_mode.state_dict()})
+    if progress:
+        state["megatron_edit"] = {"evaluations": trainer.evaluations}
+        if same_layout:
+            state["megatron_edit"]["rank_state"] = _rank_object(
+                {"iteration": label if rank_iteration is None else rank_iteration,
+                 "dp_mode": trainer.dp_mode.state_dict()})
     return state
 
 
 def save(trainer, label: int, rank_iteration: int, directory: str) -> None:
     """Every rank takes part; `directory` exists and is empty."""
-    dist_checkpointing.save(sharded_state_dict(trainer, label, loading=False, rank_iteration=rank_iteration),
-                            directory)
+    args = trainer.args
+    state = sharded_state_dict(trainer, label, loading=False, rank_iteration=rank_iteration,
+                               optimizer=not args.no_save_optim, rng=not args.no_save_rng)
+    dist_checkpointing.save(state, directory)
 
 
 def _initialize_optimizer_state(optimizer) -> None:
@@ -92,25 +99,32 @@ def _initialize_optimizer_state(optimizer) -> None:
             inner._init_optimizer_states_with_dummy_values()
 
 
-def load(trainer, directory: str) -> int:
-    """Restore this rank from a torch_dist checkpoint; returns its iteration."""
+def load(trainer, directory: str, parts) -> int:
+    """Restore this rank from a torch_dist checkpoint, the `parts` (checkpointing.LoadParts) asked for; returns the
+    iteration to continue from."""
     common = dist_checkpointing.load_common_state_dict(directory)
-    torch_adam_fixes.install()
-    _initialize_optimizer_state(trainer.optimizer)
+    if parts.optimizer:
+        torch_adam_fixes.install()
+        _initialize_optimizer_state(trainer.optimizer)
     saved = common["args"]
     same_layout = (saved.pipeline_model_parallel_size, saved.tensor_model_parallel_size,
                    saved.data_parallel_size) == _layout()
     template = sharded_state_dict(trainer, common["iteration"], loading=True, same_layout=same_layout,
-                                  metadata=common.get("content_metadata", CONTENT_METADATA))
+                                  metadata=common.get("content_metadata", CONTENT_METADATA),
+                                  optimizer=parts.optimizer, rng=parts.rng, progress=parts.progress)
     state = dist_checkpointing.load(template, directory)
     for key, chunk in zip(_model_state_keys(trainer), trainer.model):
         unwrap_model(chunk).load_state_dict(state[key])
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(state["opt_param_scheduler"])
+    if parts.optimizer:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.load_state_dict(state["opt_param_scheduler"])
+    if "rng_state" in state:
+        set_rng_state(state["rng_state"][parallel_state.get_data_parallel_rank()])
+    if not parts.progress:
+        return 0
     trainer.evaluations = state["megatron_edit"]["evaluations"]
     if not same_layout:
         return state["iteration"]
-    set_rng_state(state["rng_state"][parallel_state.get_data_parallel_rank()])
     rank_state = state["megatron_edit"]["rank_state"]
     trainer.dp_mode.load_state_dict(rank_state["dp_mode"], same_replica=True)
     return rank_state["iteration"]

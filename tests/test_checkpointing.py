@@ -121,3 +121,19 @@ def test_incompatible_or_missing_checkpoint_is_one_line(tmp_path):
     assert "error: --ckpt-format torch_dist keeps one copy of the model and optimizer" in result.stderr
     result = run_training(1, TINY_GPT + STEPS + ["--train-iters", "4", "--load", str(tmp_path / "nope")])
     assert result.returncode != 0 and f"error: --load {tmp_path / 'nope'} does not exist" in result.stderr
+
+
+def test_finetune_and_partial_loads_follow_megatron_lms_flags(tmp_path):
+    args = TINY_GPT + STEPS + ["--bf16", "--ckpt-format", "torch_dist"]
+    scratch = run_training(2, args + ["--train-iters", "12", "--save", str(tmp_path), "--save-interval", "12",
+                                      "--no-save-optim"]).check()
+    result = run_training(2, args + ["--train-iters", "14", "--load", str(tmp_path)])
+    assert result.returncode != 0
+    assert "checkpoint 12 was saved with --no-save-optim: load it with --no-load-optim or --finetune" in result.stderr
+    resumed = run_training(2, args + ["--train-iters", "14", "--load", str(tmp_path), "--no-load-optim"]).check()
+    assert "at iteration 12" in resumed.stdout and len(resumed.losses) == 2
+    finetuned = run_training(2, args + ["--train-iters", "3", "--load", str(tmp_path), "--finetune"]).check()
+    assert "(--finetune: weights of iteration 12)" in finetuned.stdout and len(finetuned.losses) == 3
+    # The trained weights carry on through a fresh optimizer's steps (in bf16, through its fp32 main copies, which
+    # must be refreshed from the loaded weights), starting again from the first batch.
+    assert max(finetuned.losses) < scratch.losses[0] - 0.1

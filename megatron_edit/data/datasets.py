@@ -16,7 +16,8 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
     parse_and_normalize_split,
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-from megatron.core.datasets.indexed_dataset import DType, _IndexReader
+from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
+from megatron.core.datasets.utils import get_blend_from_list
 
 from megatron_edit.errors import UsageError
 
@@ -30,15 +31,14 @@ def _is_number(text: str) -> bool:
 
 
 def parse_blend(data_path: List[str]) -> Tuple[List[str], Optional[List[float]]]:
-    """`[prefix ...]` -> (prefixes, None); `[weight prefix ...]` -> (prefixes, weights)."""
+    """`[prefix ...]` -> (prefixes, None); `[weight prefix ...]` -> (prefixes, weights), as megatron-core's
+    get_blend_from_list reads them, after refusing what it would misread (a weight without its prefix)."""
     numbers = [_is_number(item) for item in data_path]
-    if not any(numbers):
-        return list(data_path), None
     pairs_ok = len(data_path) % 2 == 0 and all(numbers[0::2]) and not any(numbers[1::2])
-    if not pairs_ok:
+    if any(numbers) and not pairs_ok:
         raise UsageError(f"--data-path {' '.join(data_path)}: give prefixes, or weight/prefix pairs "
                         "(e.g. --data-path 0.3 wiki_text_document 0.7 code_text_document)")
-    return list(data_path[1::2]), [float(w) for w in data_path[0::2]]
+    return get_blend_from_list(list(data_path))
 
 
 SPLITS = ("train", "valid", "test")
@@ -74,7 +74,7 @@ def check_indexed_dataset(prefix: str, split: str, used: Sequence[str]) -> None:
             raise UsageError(f"--data-path {prefix}: {path} does not exist; make it with tools/preprocess_data.py "
                             "(the prefix is --output-prefix plus _{key}_document)")
     try:
-        index = _IndexReader(idx_path, multimodal=False)
+        index = IndexedDataset(prefix, multimodal=False, mmap=False).index
     except Exception as exc:  # megatron-core raises assorted errors on a damaged index
         raise UsageError(f"{idx_path} is not a readable Megatron index ({exc}); rerun tools/preprocess_data.py")
     expected = 0

@@ -219,7 +219,7 @@ def find_checkpoint(root: str, args) -> Optional[tuple]:
 
 
 def _warn(message: str) -> None:
-    if dist.get_rank() == 0:
+    if not dist.is_initialized() or dist.get_rank() == 0:  # tools read checkpoints outside a process group
         print(f"WARNING: {message}", file=sys.stderr, flush=True)
 
 

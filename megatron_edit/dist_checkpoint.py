@@ -1,5 +1,5 @@
-"""The torch_dist checkpoint format (`--ckpt-format torch_dist`): megatron-core's dist_checkpointing, as Megatron-LM
-writes it, so that a checkpoint reshards across TP/PP/DP at load and moves to and from Megatron-LM.
+"""The torch_dist checkpoint format (`--ckpt-format torch_dist`): megatron-core's dist_checkpointing, in Megatron-LM's
+layout, so that a checkpoint reshards across TP/PP/DP at load.
 
 One state dict for all ranks, with Megatron-LM's top-level keys: `args`, `checkpoint_version` (3.0), `iteration`,
 `model` (`model0`, `model1`, ... with virtual pipeline chunks), `optimizer`, `opt_param_scheduler`, `rng_state`,
@@ -10,11 +10,10 @@ state (a per-rank object: it loads on the layout it was saved on). dist_checkpoi
 What reshards: the model weights, always; the optimizer, saved in the distributed optimizer's `fully_reshardable`
 format (its state gathered on each replica's first rank at save, every rank reading what it needs at load) or per
 parameter without it, so Adam's moments and fp32 main parameters follow the weights to any TP/PP/DP layout.
-RNG states load only on the (TP, PP) layout they were saved on, as in Megatron-LM.
+RNG states load only on the (TP, PP, DP) layout they were saved on.
 """
 from typing import Optional
 
-import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject

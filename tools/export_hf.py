@@ -16,8 +16,6 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_edit.errors import UsageError  # noqa: E402

@@ -9,7 +9,6 @@ import math
 from typing import Dict
 
 import torch
-import torch.distributed as dist
 
 from megatron_edit.dp.local_sgd.outer import outer_sgd_step
 from megatron_edit.dp.local_sgd.params import MainParams, ModuleShard

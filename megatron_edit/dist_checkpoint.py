@@ -17,10 +17,8 @@ from typing import Optional
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.optimizer import DistributedOptimizer
 
 from megatron_edit.model import unwrap_model
-from megatron_edit.optimizers import inner_optimizers
 from megatron_edit.platform import torch_adam_fixes
 from megatron_edit.rng_state import rng_state, set_rng_state
 
@@ -89,22 +87,12 @@ def save(trainer, label: int, rank_iteration: int, directory: str) -> None:
     dist_checkpointing.save(state, directory)
 
 
-def _initialize_optimizer_state(optimizer) -> None:
-    """Without Apex or Transformer Engine (CPU), the distributed optimizer can only describe its state once it has
-    some (its step count): give a fresh one a zero-gradient step, as megatron-core does before loading into it.
-    Everything that step touches is overwritten by the load."""
-    for inner in inner_optimizers(optimizer):
-        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
-            inner._init_optimizer_states_with_dummy_values()
-
-
 def load(trainer, directory: str, parts) -> int:
     """Restore this rank from a torch_dist checkpoint, the `parts` (checkpointing.LoadParts) asked for; returns the
     iteration to continue from."""
     common = dist_checkpointing.load_common_state_dict(directory)
     if parts.optimizer:
-        torch_adam_fixes.install()
-        _initialize_optimizer_state(trainer.optimizer)
+        torch_adam_fixes.prepare_to_load(trainer.optimizer)
     saved = common["args"]
     same_layout = (saved.pipeline_model_parallel_size, saved.tensor_model_parallel_size,
                    saved.data_parallel_size) == _layout()

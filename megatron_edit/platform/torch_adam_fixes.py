@@ -1,5 +1,9 @@
 """megatron-core 0.16 paths that fail with torch's own Adam (no Apex or Transformer Engine, as on CPU).
 
+A fresh distributed optimizer cannot describe its state (to build the template a checkpoint loads into) before it
+has any: torch's Adam has no step count yet. megatron-core's own remedy, a zero-gradient step, is taken first; all
+it touches is overwritten by the load.
+
 torch's Adam keeps a per-parameter "step" in its state. Loading the distributed optimizer's `fully_reshardable`
 checkpoint sets that step from the saved param groups, then copies every per-parameter tensor it loaded into every
 key of the parameter's state, "step" included, which it never loaded: a KeyError. The fix hides "step" from that
@@ -9,12 +13,24 @@ import functools
 
 from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 
+from megatron_edit.optimizers import inner_optimizers
+
 _installed = {"done": False}
 
 
-def install() -> None:
-    """Patch once per process; nothing to do where megatron-core uses a fused Adam."""
-    if _installed["done"] or HAVE_APEX_OR_TE:
+def prepare_to_load(optimizer) -> None:
+    """Make the distributed optimizers in `optimizer` ready to load a fully_reshardable checkpoint."""
+    if HAVE_APEX_OR_TE:
+        return
+    _install()
+    for inner in inner_optimizers(optimizer):
+        if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def _install() -> None:
+    """Patch once per process."""
+    if _installed["done"]:
         return
     original = DistributedOptimizer._set_main_param_and_optimizer_states
 

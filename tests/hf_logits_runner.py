@@ -8,15 +8,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from megatron_edit.checkpointing import find_checkpoint  # noqa: E402
-from tools.export_hf import load_megatron_model  # noqa: E402
+from tools.export_hf import load_megatron_model, newest_checkpoint  # noqa: E402
 
 
 def main(checkpoints: str, exported: str) -> None:
     from transformers import LlamaForCausalLM
 
-    directory, _ = find_checkpoint(checkpoints, type("Args", (), {"save": None}))
-    saved, ours = load_megatron_model(directory)
+    saved, ours = load_megatron_model(newest_checkpoint(checkpoints))
     theirs = LlamaForCausalLM.from_pretrained(exported, torch_dtype=torch.float32).eval()
     tokens = torch.randint(0, saved.padded_vocab_size, (2, saved.seq_length), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(saved.seq_length).unsqueeze(0).expand_as(tokens)

@@ -43,6 +43,16 @@ def check_llama(saved) -> None:
         raise UsageError(f"this checkpoint's model is not Llama-style, LlamaForCausalLM would need {', '.join(missing)}")
 
 
+def newest_checkpoint(load: str) -> str:
+    """The directory of the newest complete checkpoint under `load`."""
+    from megatron_edit.checkpointing import find_checkpoint
+
+    found = find_checkpoint(load, argparse.Namespace(save=None))
+    if found is None:
+        raise UsageError(f"no complete checkpoint under {load}")
+    return found[0]
+
+
 def load_megatron_model(directory: str):
     """(saved args, GPTModel at TP=PP=1 on CPU holding the checkpoint's weights); starts a one-process group."""
     from megatron.core import dist_checkpointing
@@ -115,12 +125,7 @@ def main(argv=None):
         from transformers import LlamaForCausalLM
     except ImportError:
         raise SystemExit("error: tools/export_hf.py needs transformers: pip install transformers")
-    from megatron_edit.checkpointing import find_checkpoint
-
-    found = find_checkpoint(args.load, argparse.Namespace(save=None))
-    if found is None:
-        raise SystemExit(f"error: no complete checkpoint under {args.load}")
-    directory, _ = found
+    directory = newest_checkpoint(args.load)
     saved, model = load_megatron_model(directory)
     hf_model = LlamaForCausalLM(llama_config(saved))
     hf_model.load_state_dict(llama_state_dict(model, saved), strict=not hf_model.config.tie_word_embeddings)

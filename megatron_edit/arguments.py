@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sync-delay-steps", type=int, default=0,
                    help="tau: apply each module's outer step tau iterations after its exchange was issued, carrying "
                         "the local progress made meanwhile, so the exchange hides behind local steps (edit, aedit)")
+    g.add_argument("--sync-fragments", type=int, default=1,
+                   help="F: split the modules into F groups (balanced by size) that sync at staggered iterations, "
+                        "every H local steps each, so the link carries about 1/F of the model at a time (edit)")
 
     g = parser.add_argument_group("EDiT pseudo-gradient penalty")
     g.add_argument("--edit-anomaly-elimination", action="store_true",

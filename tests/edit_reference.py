@@ -5,7 +5,9 @@ the replicas' gradients (synchronous DP); later iterations are local. Every H lo
 the next iteration, and once more after the last one: d = mean over replicas of (anchor - theta), SGD-Nesterov on
 the anchor, theta <- anchor. With --sync-delay-steps tau, a sync only records each replica's d_r and the mean d;
 tau iterations later, at the start of the iteration: anchor' = outer(anchor, d), theta_r <- anchor' + (theta_r -
-(anchor - d_r)). The last sync is never delayed (an outstanding one is applied first).
+(anchor - d_r)). The last sync is never delayed (an outstanding one is applied first). With --sync-fragments F, the
+parameters of each fragment's modules (the plan of megatron_edit/dp/edit/fragments.py) do all of this on their own
+schedule: fragment f's first sync after f x H / F local steps (f=0: H), then every H.
 Same model, initialization and data as pretrain_gpt.py; no process groups, no sharding, no megatron optimizer.
 
     python tests/edit_reference.py <pretrain flags> --replicas M --shard-size S --dump PATH
@@ -22,6 +24,8 @@ import pretrain_gpt  # noqa: E402
 from megatron_edit.arguments import padded_vocab_size, parse_args  # noqa: E402
 from megatron_edit.data.tokenizers import build_tokenizer  # noqa: E402
 from megatron_edit.initialize import initialize_megatron  # noqa: E402
+from megatron_edit.dp.edit.fragments import plan_fragments  # noqa: E402
+from megatron_edit.dp.edit.mode import sync_modules  # noqa: E402
 from megatron_edit.model import initialize_weights, transformer_config_from_args  # noqa: E402
 
 
@@ -63,18 +67,25 @@ def main():
     warmup, interval = args.local_sgd_warmup_iters, args.local_sgd_sync_interval
     mu, outer_lr = args.outer_momentum, args.outer_lr
 
-    delayed = None  # (apply at iteration, mean d per parameter, d of every replica per parameter)
+    fragments = args.sync_fragments
+    modules = sync_modules(base)
+    plan = plan_fragments([(name, sum(p.numel() for p in m.parameters()), None) for name, m in modules], fragments)
+    position = {id(p): i for i, p in enumerate(base.parameters())}
+    fragment_params = [[position[id(p)] for name, m in modules if plan[name] == f for p in m.parameters()]
+                       for f in range(fragments)]
+    delayed = []  # (apply at iteration, parameter indices, mean d per parameter, d of every replica per parameter)
 
     @torch.no_grad()
-    def issue():
-        locals_ = [[a - list(m.parameters())[i] for m in replicas] for i, a in enumerate(anchor)]
-        return [sum(ds) / len(ds) for ds in locals_], locals_
+    def issue(indices):
+        locals_ = [[anchor[i] - list(m.parameters())[i] for m in replicas] for i in indices]
+        return indices, [sum(ds) / len(ds) for ds in locals_], locals_
 
     @torch.no_grad()
-    def apply(means, locals_, carry_progress):
-        for i, (a, d) in enumerate(zip(anchor, means)):
+    def apply(indices, means, locals_, carry_progress):
+        for i, d, d_replicas in zip(indices, means, locals_):
+            a = anchor[i]
             params = [list(m.parameters())[i] for m in replicas]
-            issued_at = [a - d_r for d_r in locals_[i]]
+            issued_at = [a - d_r for d_r in d_replicas]
             momentum[i] = mu * momentum[i] + d
             a -= outer_lr * (d + mu * momentum[i] if args.outer_nesterov else momentum[i])
             for p, theta_issued in zip(params, issued_at):
@@ -82,14 +93,16 @@ def main():
 
     for iteration in range(1, args.train_iters + 1):
         local_steps_done = iteration - 1 - warmup
-        if delayed is not None and delayed[0] == iteration:
-            apply(*delayed[1:], carry_progress=True)
-            delayed = None
-        if local_steps_done > 0 and local_steps_done % interval == 0:
-            if args.sync_delay_steps:
-                delayed = (iteration + args.sync_delay_steps, *issue())
-            else:
-                apply(*issue(), carry_progress=False)
+        for pending in [d for d in delayed if d[0] == iteration]:
+            apply(*pending[1:], carry_progress=True)
+            delayed.remove(pending)
+        for fragment in range(fragments):
+            since_first = local_steps_done - fragment * interval // fragments
+            if local_steps_done > 0 and since_first >= 0 and since_first % interval == 0:
+                if args.sync_delay_steps:
+                    delayed.append((iteration + args.sync_delay_steps, *issue(fragment_params[fragment])))
+                else:
+                    apply(*issue(fragment_params[fragment]), carry_progress=False)
         for replica, (model, optimizer) in enumerate(zip(replicas, optimizers)):
             optimizer.zero_grad()
             batch = [train[i] for i in replica_samples(iteration, replica, args)]
@@ -108,9 +121,9 @@ def main():
         if iteration == warmup:
             anchor = [p.detach().clone() for p in replicas[0].parameters()]
     if args.train_iters > warmup:  # training ends with a sync: every replica on one model
-        if delayed is not None:
-            apply(*delayed[1:], carry_progress=True)
-        apply(*issue(), carry_progress=False)
+        for pending in delayed:
+            apply(*pending[1:], carry_progress=True)
+        apply(*issue(list(range(len(anchor)))), carry_progress=False)
     names = [n for n, _ in base.named_parameters()]
     torch.save([{n: p.detach().clone() for n, p in zip(names, m.parameters())} for m in replicas], args.dump)
 

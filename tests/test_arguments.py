@@ -58,6 +58,17 @@ def test_penalty_and_pseudo_gradient_faults_need_a_mode_that_has_them():
         error_of(["--global-batch-size", "8", "--simulate-straggler", "4:2"], world_size=4)
 
 
+def test_sync_fragments_are_edits_and_fit_in_the_sync_interval():
+    local = ["--model-shard-group-size", "1", "--local-sgd-sync-interval", "4"]
+    for mode in ("aedit", "diloco", "post-local-sgd"):
+        assert f"--sync-fragments: {mode} synchronizes the whole model at once" in \
+            error_of(["--dp-mode", mode, "--sync-fragments", "2"] + local, world_size=2)
+    assert "--sync-fragments 5 must be in [1, H=4]" in \
+        error_of(["--dp-mode", "edit", "--sync-fragments", "5"] + local, world_size=2)
+    assert arguments.parse_args(BASE + ["--dp-mode", "edit", "--sync-fragments", "4"] + local,
+                                world_size=2).sync_fragments == 4
+
+
 def test_aedit_refuses_exit_interval_and_checks_its_own_flags():
     aedit = ["--dp-mode", "aedit", "--model-shard-group-size", "1"]
     assert "--exit-interval does not apply to --dp-mode aedit" in \

@@ -18,20 +18,22 @@ EDIT_WITH_PENALTY = ["--dp-mode", "edit", "--model-shard-group-size", "2", *loca
                      "--edit-pseudo-grad-clip", "0.5"]
 
 
-# A sync at iteration 6 whose outer step waits until 8: the save after 6 holds an exchange in flight, and int8's
-# error-feedback residuals.
-EDIT_DELAYED_INT8 = ["--dp-mode", "edit", "--model-shard-group-size", "2", *local_sgd(2, 3), "--sync-delay-steps", "2",
-                     "--sync-dtype", "int8", "--sync-error-feedback"]
+# Two staggered fragments over H=4 (syncs issued at 5 and 9, and at 7 and 11), each outer step applied two iterations
+# later: the save after 6 holds fragment 1's exchange in flight, and int8's error-feedback residuals.
+EDIT_FRAGMENTS_DELAYED_INT8 = ["--dp-mode", "edit", "--model-shard-group-size", "2", *local_sgd(2, 4),
+                               "--sync-fragments", "2", "--sync-delay-steps", "2", "--sync-dtype", "int8",
+                               "--sync-error-feedback"]
 
 
 TORCH_DIST = ["--ckpt-format", "torch_dist"]
 
 
-@pytest.mark.parametrize("nproc,mode", [(2, []), (4, EDIT_WITH_PENALTY), (4, EDIT_DELAYED_INT8), (2, TORCH_DIST)],
-                         ids=["ddp", "edit_with_penalty", "edit_delayed_int8", "ddp_torch_dist"])
+@pytest.mark.parametrize("nproc,mode", [(2, []), (4, EDIT_WITH_PENALTY), (4, EDIT_FRAGMENTS_DELAYED_INT8),
+                                        (2, TORCH_DIST)],
+                         ids=["ddp", "edit_with_penalty", "edit_fragments_delayed_int8", "ddp_torch_dist"])
 def test_resumed_run_reproduces_the_uninterrupted_one_bitwise(tmp_path, nproc, mode):
-    """12 iterations straight vs 6, save, load, 6 more (EDiT: syncs at 5 | 7, 9, 11, penalty on; delayed: a sync at
-    6 | applied at 8, 9 applied at 11, 12)."""
+    """12 iterations straight vs 6, save, load, 6 more (EDiT: syncs at 5 | 7, 9, 11, penalty on; fragments: issued at
+    5 | applied at 7, then 7, 9 and 11 applied at 9, 11 and in the final sync)."""
     args = TINY_GPT + STEPS + mode + ["--train-iters", "12"]
     straight = run_training(nproc, args).check().losses
     first = run_training(nproc, args + ["--save", str(tmp_path), "--exit-interval", "6"]).check()

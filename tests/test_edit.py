@@ -89,6 +89,27 @@ def test_delayed_outer_step_matches_reference_implementation():
     assert [sync["iteration"] for sync in dumps[0]["syncs"]] == [8, 10, 10]
 
 
+FRAGMENTS = ("--sync-fragments", "2")
+
+
+def test_staggered_fragments_match_reference_implementation():
+    """S=2, M=2, W=2, H=4, F=2, tau=1: fragment 1 syncs at iterations 5 and 9 (2 and 6 local steps), fragment 0 at 7
+    (4 local steps), each applied one iteration later; then the final sync of every module."""
+    extra = (*local_sgd(2, 4), *FRAGMENTS, "--sync-delay-steps", "1")
+    nproc, args = edit(2, 2, *extra)
+    dumps = run(nproc, args)
+    expected = reference(2, 2, extra)
+    for rank, dump in enumerate(dumps):
+        assert_params_close(dump["params"], expected[rank // 2])
+    units = {u["name"] for u in dumps[0]["units"]}
+    issued = {iteration: {name for kind, name in record["trace"] if kind == "issue"}
+              for iteration, record in enumerate(dumps[0]["iterations"], start=1)}
+    assert {i for i, names in issued.items() if names} == {5, 7, 9}
+    assert issued[5] == issued[9] and issued[5] | issued[7] == units and not issued[5] & issued[7]
+    assert [(sync["iteration"], len(sync["records"])) for sync in dumps[0]["syncs"]] == [
+        (6, len(issued[5])), (8, len(issued[7])), (10, len(issued[9])), (10, len(units))]
+
+
 def test_quantized_delayed_exchange_moves_to_its_all_gather_half_way():
     """int8 with tau=2: each module's all-to-all is issued in the sync (iteration 6), its all-gather at its forward one
     iteration later, the outer step applied at 8; the model stays within int8's rounding of the fp32 delayed run."""

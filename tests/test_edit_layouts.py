@@ -85,6 +85,27 @@ def test_penalty_keeps_replicated_and_tied_copies_bit_identical(layout):
         assert decisions[0] == decisions[1]
 
 
+@pytest.mark.parametrize("layout", [
+    PIPELINE_PARALLEL,
+    TENSOR_PARALLEL + ("--use-distributed-optimizer", "--bf16", "--optimizer", "adam", "--lr", "3e-3") + SLOW_LINK,
+], ids=["pp2_tied_embeddings", "tp2_distributed_optimizer_bf16_int8_delayed"])
+def test_staggered_fragments_keep_replicated_and_tied_copies_bit_identical(layout):
+    """F=2 over H=4: the plan is one for the whole model, so the tied embedding's two copies (first and last stage)
+    sync in the same fragment, and every pipeline stage syncs its part of each fragment in the same iteration."""
+    nproc, args = edit(1, 2, *local_sgd(2, 4), "--sync-fragments", "2", *PENALTY, "--train-iters", "12")
+    dumps = run(2 * nproc, args + layout)
+    assert assert_replicated_copies_identical(dumps) > 0
+    for ranks in by_replica(dumps).values():
+        synced_at = [{name: sync["iteration"] for sync in dump["syncs"][:-1] for name in
+                      (r["name"] for r in sync["records"])} for dump in ranks]
+        if PIPELINE_PARALLEL[0] in layout:
+            first, last = sorted(synced_at, key=lambda s: "output_layer" in s)
+            assert first["embedding.word_embeddings"] == last["output_layer"]
+            assert len(set(first.values()) | set(last.values())) == 2  # two fragments, two sync iterations
+        else:
+            assert synced_at[0] == synced_at[1] and len(set(synced_at[0].values())) == 2
+
+
 def test_aedit_step_weight_blends_softmax_weights_with_shares_of_local_steps():
     weight = 0.5
     fast, slow = run(2, aedit("--simulate-straggler", "1:3", "--edit-weighted-average", "--aedit-step-weight",

@@ -39,6 +39,7 @@ class AEditConfig:
 
 class AsyncEditDataParallel(EditDataParallel):
     name = "aedit"
+    syncs_in_fragments = False  # its clock syncs the whole model
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
                  faults: FaultInjector, penalty: PenaltyConfig, aedit: AEditConfig):

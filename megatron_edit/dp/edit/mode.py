@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron_edit.dp.local_sgd.config import LocalSGDConfig
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
 from megatron_edit.dp.faults import FaultInjector
+from megatron_edit.dp.edit.fragments import plan_fragments
 from megatron_edit.dp.edit.penalty import PenaltyConfig
 from megatron_edit.dp.local_sgd.params import MainParams, ModuleShard
 from megatron_edit.dp.edit.sync import LayerwiseSync, ModuleSyncRecord
@@ -45,9 +46,12 @@ def sync_modules(model: torch.nn.Module) -> List[tuple]:
     return units
 
 
-def sync_summary(iteration: int, records: List[ModuleSyncRecord]) -> str:
-    """One log line per sync: outliers by replica and module, mean weights, norms before/after clipping."""
+def sync_summary(iteration: int, records: List[ModuleSyncRecord], units: int) -> str:
+    """One log line per sync: how many of this rank's `units` modules it covered (with --sync-fragments), outliers
+    by replica and module, mean weights, norms before/after clipping."""
     parts = [f" edit sync at iteration {iteration}"]
+    if len(records) < units:
+        parts.append(f" modules: {len(records)} of {units}")
     outliers = collections.defaultdict(list)
     for record in records:
         for replica, bad in enumerate(record.outliers):
@@ -74,6 +78,7 @@ class EditDataParallel(LocalSGDDataParallel):
     fault_kinds = frozenset({"bad-data", "scale", "nan"})
     accepts_penalty = True
     delays_outer_step = True
+    syncs_in_fragments = True
     step_weight = 0.0  # A-EDiT may blend replicas' shares of local steps into the weights
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
@@ -81,7 +86,8 @@ class EditDataParallel(LocalSGDDataParallel):
         super().__init__(ddp_config, transformer_config, local_sgd, groups, faults)
         self.penalty = penalty
         self.sync = None
-        self._sync_start = (0, 0.0)  # sync-group bytes and exposed seconds when the current sync began
+        self.fragment_units: List[List[int]] = []  # with --sync-fragments: this rank's unit indices per fragment
+        self._sync_starts = {}  # sync iteration -> sync-group bytes and exposed seconds when that sync began
 
     @classmethod
     def validate(cls, args) -> None:
@@ -104,18 +110,33 @@ class EditDataParallel(LocalSGDDataParallel):
         optimizer = super().build_optimizer(model_chunks, optimizer_config)
         main_params = MainParams(optimizer)
         shard_rank = dist.get_rank(self.groups.shard)
-        units, modules = [], []
+        units, modules, tied = [], [], []
         for chunk in model_chunks:
-            for name, module in sync_modules(unwrap_model(chunk)):
+            model = unwrap_model(chunk)
+            for name, module in sync_modules(model):
                 params = [p for p in module.parameters() if p.requires_grad]
                 units.append(ModuleShard(name, params, shard_rank, self.groups.shard_size, main_params,
                                          self.local_sgd.offload_outer_state))
                 modules.append(module)
+                if name == "output_layer" and model.share_embeddings_and_output_weights:  # PP > 1: a second copy
+                    tied.append(name)
         self.sync = LayerwiseSync(units, modules, self.groups, self.exchange, self.local_sgd, self.penalty,
                                   self.faults, step_weight=self.step_weight)
+        if self.local_sgd.sync_fragments > 1:
+            self.fragment_units = self._plan_fragments(units, tied)
         if self.local_sgd.warmup_iters == 0:
             self.sync.initialize_anchors()
         return optimizer
+
+    def _plan_fragments(self, units: List[ModuleShard], tied: List[str]) -> List[List[int]]:
+        """This rank's unit indices per fragment, from one plan of the whole model (every stage's units, gathered
+        over the replica) that every rank of every replica computes alike."""
+        mine = [(u.name, u.numel, "embedding.word_embeddings" if u.name in tied else None) for u in units]
+        everyone = [None] * dist.get_world_size(self.groups.whole_replica)
+        dist.all_gather_object(everyone, mine, group=self.groups.whole_replica)
+        plan = plan_fragments(list({name: (name, numel, tie) for rank in everyone
+                                    for name, numel, tie in rank}.values()), self.local_sgd.sync_fragments)
+        return [[i for i, u in enumerate(units) if plan[u.name] == f] for f in range(self.local_sgd.sync_fragments)]
 
     def sync_due(self, iteration: int, finished: bool) -> bool:
         """EDiT syncs on a step count: H local steps after the last sync, and once more when training ends."""
@@ -126,9 +147,11 @@ class EditDataParallel(LocalSGDDataParallel):
     def _begin_local_iteration(self, iteration: int, finished: bool) -> bool:
         self.sync.current_iteration = iteration
         if self.sync_due(iteration, finished):
-            self._sync_start = (self.counter.snapshot().get("sync", 0), self.sync.exposed_seconds)
             return self._start_sync(iteration, finished)
         return not finished
+
+    def _note_sync_start(self, iteration: int) -> None:
+        self._sync_starts[iteration] = (self.counter.snapshot().get("sync", 0), self.sync.exposed_seconds)
 
     def _start_sync(self, iteration: int, finished: bool) -> bool:
         """A sync is due: arm it for this iteration's forward, or, once training is over, run it now.
@@ -136,11 +159,21 @@ class EditDataParallel(LocalSGDDataParallel):
         if finished:
             self._final_sync(iteration - 1)
             return False
-        self.sync.arm(iteration, self.local_steps_since_sync)
-        self.local_steps_since_sync = 0
+        if not self.fragment_units:
+            self._note_sync_start(iteration)
+            self.sync.arm(iteration, self.local_steps_since_sync)
+            self.local_steps_since_sync = 0
+            return True
+        # A fragment's sync: the replicas still differ in the other fragments, so the count of local steps since
+        # every module last met (what the consensus and the final sync go by) runs on.
+        units = [i for f in self.local_sgd.syncing_fragments(iteration) for i in self.fragment_units[f]]
+        if units:  # a fragment may have no module on this pipeline stage
+            self._note_sync_start(iteration)
+            self.sync.arm(iteration, self.local_steps_since_sync, units)
         return True
 
     def _final_sync(self, iteration: int) -> None:
+        self._note_sync_start(iteration)
         self.sync.sync_now(iteration, self.local_steps_since_sync)
         self.local_steps_since_sync = 0
         self._report_completed_syncs(iteration)
@@ -171,8 +204,8 @@ class EditDataParallel(LocalSGDDataParallel):
         """The sync's log line, and its numbers as one tracker event: pseudo-gradient norms, outliers (module x
         replica pairs), each replica's mean weight, exposed time and bytes sent on the sync group (all from the
         sync's start, so with a delayed outer step they cover the iterations it was in flight)."""
-        print_rank_last(sync_summary(iteration, records))
-        bytes_before, exposed_before = self._sync_start
+        print_rank_last(sync_summary(iteration, records, len(self.sync.units)))
+        bytes_before, exposed_before = self._sync_starts.pop(records[0].sync_iteration, (0, 0.0))  # (0, 0): resumed
         values = {"sync/exposed ms": 1000 * (self.sync.exposed_seconds - exposed_before),
                   "sync/bytes": float(self.counter.snapshot().get("sync", 0) - bytes_before)}
         norms = [r.averaged_norm for r in records if not r.reset_to_anchor]

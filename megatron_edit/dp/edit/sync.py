@@ -25,7 +25,7 @@ momentum are.
 import dataclasses
 import math
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -49,6 +49,7 @@ class ModuleSyncRecord:
     averaged_norm: float = math.nan
     clipped_norm: float = math.nan
     reset_to_anchor: bool = False
+    sync_iteration: int = 0        # the iteration whose sync issued it
 
 
 @dataclasses.dataclass
@@ -75,12 +76,13 @@ class LayerwiseSync:
         self.detectors = [EwmaAnomalyDetector.from_config(penalty) for _ in units]
         self.delay = config.sync_delay_steps
         self.armed, self.iteration = False, 0
+        self.armed_units: set = set()  # the modules the armed sync covers (all of them, or one fragment's)
         self.current_iteration = 0  # the training iteration running now (set by the mode), for delayed steps
         self.pending: Dict[int, _Pending] = {}  # exchanges the current sync's forward will wait for
         self.delayed: Dict[int, _Pending] = {}  # exchanges whose outer step waits for their apply_at iteration
         self.synced: set = set()
         self._delaying = False
-        self._records: List[ModuleSyncRecord] = []  # of the sync being applied
+        self._open: Dict[int, tuple] = {}  # sync iteration -> (modules it covers, records of those applied so far)
         self.completed: List[List[ModuleSyncRecord]] = []  # records of syncs applied to every module, not yet reported
         self.trace: Optional[list] = None  # (event, module name) in order, when a test or tool asks for it
         self.exposed_seconds = 0.0
@@ -99,10 +101,15 @@ class LayerwiseSync:
         if self.trace is not None:
             self.trace.append((event, name))
 
-    def arm(self, iteration: int, local_steps: int, delayed: bool = True) -> None:
-        """The coming forward passes belong to a sync iteration; this replica took `local_steps` since the last.
-        A delayed outer step still outstanding (A-EDiT's clock can come round sooner) is applied first."""
-        self.apply_delayed()
+    def arm(self, iteration: int, local_steps: int, units: Optional[Sequence[int]] = None,
+            delayed: bool = True) -> None:
+        """The coming forward passes belong to a sync iteration of `units` (indices; default: every module); this
+        replica took `local_steps` since the last. A delayed outer step of those modules still outstanding (A-EDiT's
+        clock can come round sooner) is applied first."""
+        self.armed_units = set(range(len(self.units)) if units is None else units)
+        for index in sorted(self.armed_units & set(self.delayed)):
+            self._apply_delayed(index)
+        self._open[iteration] = (len(self.armed_units), [])
         self.armed, self.iteration, self.synced = True, iteration, set()
         self._delaying = delayed and self.delay > 0
         self.local_steps = local_steps
@@ -113,8 +120,8 @@ class LayerwiseSync:
         return completed
 
     def disarm(self) -> None:
-        if self.armed and len(self.synced) != len(self.units):
-            missing = [u.name for i, u in enumerate(self.units) if i not in self.synced]
+        if self.armed and self.synced != self.armed_units:
+            missing = [self.units[i].name for i in sorted(self.armed_units - self.synced)]
             raise RuntimeError(f"EDiT sync iteration ended without a forward through {missing}")
         if self.armed:
             self.faults.end_sync()
@@ -138,21 +145,17 @@ class LayerwiseSync:
             delayed = self.delayed.get(index)
             due = delayed is not None and delayed.apply_at <= self.current_iteration
             advance = delayed is not None and not due and delayed.advance_at <= self.current_iteration
-            if due or advance or (self.armed and index not in self.synced):
+            syncing = self.armed and index in self.armed_units and index not in self.synced
+            if due or advance or syncing:
                 start = time.perf_counter()
                 if due:
                     self._apply_delayed(index)
                 elif advance and delayed.exchange.advance():
                     self._record("advance", self.units[index].name)
-                if self.armed and index not in self.synced:
+                if syncing:
                     self._sync_module(index)
                 self.exposed_seconds += time.perf_counter() - start
         return hook
-
-    def apply_delayed(self) -> None:
-        """Apply every outstanding delayed outer step now."""
-        for index in sorted(self.delayed):
-            self._apply_delayed(index)
 
     def _apply_delayed(self, index: int) -> None:
         pending = self.delayed.pop(index)
@@ -164,8 +167,9 @@ class LayerwiseSync:
             self.delayed[index] = self.pending.pop(index)
             self.synced.add(index)
             return
-        if index + 1 < len(self.units):
-            self._issue(index + 1)  # overlaps with this module's forward
+        following = [i for i in self.armed_units if i > index]
+        if following:
+            self._issue(min(following))  # overlaps with this module's forward
         self._finish(index)
 
     def _norm(self, index: int, owned_values: torch.Tensor) -> float:
@@ -209,6 +213,7 @@ class LayerwiseSync:
         local = pseudo_grad.to(unit.anchor.device, copy=True) if self._delaying else None
         self.faults.corrupt_pseudo_grad(pseudo_grad, self.iteration)
         record = self._weights(index, pseudo_grad)
+        record.sync_iteration = self.iteration
         weight = record.weights[self.replica]
         if weight == 0.0:
             pseudo_grad.zero_()  # also keeps a NaN from reaching anyone
@@ -249,10 +254,11 @@ class LayerwiseSync:
         full = torch.empty(unit.shard_numel * self.groups.shard_size, dtype=torch.float32, device=unit.device)
         dist.all_gather_into_tensor(full, owned, group=self.groups.shard)
         unit.write_full(full)
-        self._records.append(record)
-        if len(self._records) == len(self.units):
-            self.completed.append(self._records)
-            self._records = []
+        covered, records = self._open[record.sync_iteration]
+        records.append(record)
+        if len(records) == covered:
+            del self._open[record.sync_iteration]
+            self.completed.append(records)
         self._record("synced", unit.name)
 
     def state_dict(self) -> dict:
@@ -261,7 +267,8 @@ class LayerwiseSync:
         return {"delayed": {index: {"sum": p.exchange.wait().cpu().clone(), "record": dataclasses.asdict(p.record),
                                     "local_pseudo_grad": p.local_pseudo_grad.cpu().clone(), "apply_at": p.apply_at}
                             for index, p in self.delayed.items()},
-                "records": [dataclasses.asdict(r) for r in self._records]}
+                "open": {iteration: (covered, [dataclasses.asdict(r) for r in records])
+                         for iteration, (covered, records) in self._open.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.delayed = {}
@@ -272,4 +279,5 @@ class LayerwiseSync:
                                            ModuleSyncRecord(**saved["record"]),
                                            saved["local_pseudo_grad"].to(unit.anchor.device),
                                            apply_at=saved["apply_at"])
-        self._records = [ModuleSyncRecord(**r) for r in state["records"]]
+        self._open = {iteration: (covered, [ModuleSyncRecord(**r) for r in records])
+                      for iteration, (covered, records) in state["open"].items()}

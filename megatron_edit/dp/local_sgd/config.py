@@ -1,5 +1,6 @@
 """Settings shared by every local-SGD mode (EDiT, A-EDiT, DiLoCo, Post-Local-SGD), built once from the flags."""
 import dataclasses
+from typing import List
 
 
 @dataclasses.dataclass(frozen=True)
@@ -13,20 +14,30 @@ class LocalSGDConfig:
     sync_dtype: str = "fp32"    # what the pseudo-gradient exchange puts on the wire (exchange.py)
     sync_error_feedback: bool = False
     sync_delay_steps: int = 0   # tau: iterations between issuing a sync's exchange and applying its outer step
+    sync_fragments: int = 1     # F: groups of modules that sync at staggered iterations (edit/fragments.py)
 
     @classmethod
     def from_args(cls, args) -> "LocalSGDConfig":
         return cls(args.local_sgd_sync_interval, args.local_sgd_warmup_iters, args.outer_lr, args.outer_momentum,
                    args.outer_nesterov, args.offload_outer_state, args.sync_dtype, args.sync_error_feedback,
-                   args.sync_delay_steps)
+                   args.sync_delay_steps, args.sync_fragments)
 
     def is_warmup(self, iteration: int) -> bool:
         return iteration <= self.warmup_iters
 
-    def is_sync_iteration(self, iteration: int) -> bool:
-        """Iteration t synchronizes in its first forward when H local steps have passed since the last sync."""
+    def syncing_fragments(self, iteration: int) -> List[int]:
+        """The fragments that synchronize in iteration t's first forward: fragment f once f x H / F local steps have
+        passed (fragment 0: H), then every H. With F=1: the whole model every H local steps."""
         local_steps_done = iteration - 1 - self.warmup_iters
-        return local_steps_done > 0 and local_steps_done % self.sync_interval == 0
+        due = []
+        for fragment in range(self.sync_fragments):
+            since_first = local_steps_done - fragment * self.sync_interval // self.sync_fragments
+            if local_steps_done > 0 and since_first >= 0 and since_first % self.sync_interval == 0:
+                due.append(fragment)
+        return due
+
+    def is_sync_iteration(self, iteration: int) -> bool:
+        return bool(self.syncing_fragments(iteration))
 
     def syncs_after(self, iteration: int) -> bool:
         """Modes that synchronize at the end of a step (DiLoCo, Post-Local-SGD) do so after iteration t when

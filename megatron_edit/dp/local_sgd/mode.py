@@ -37,6 +37,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     accepts_penalty = False  # EDiT's pseudo-gradient penalty flags
     exchanges_pseudo_gradients = True  # through self.exchange (--sync-dtype); Post-Local-SGD averages parameters
     delays_outer_step = False  # --sync-delay-steps
+    syncs_in_fragments = False  # --sync-fragments
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
                  faults: FaultInjector):
@@ -80,6 +81,12 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         require(args.sync_delay_steps == 0 or cls.delays_outer_step,
                 f"--sync-delay-steps: {cls.name} synchronizes the whole model at once; the delayed outer step is "
                 "applied module by module, use --dp-mode edit or aedit")
+        require(args.sync_fragments == 1 or cls.syncs_in_fragments,
+                f"--sync-fragments: {cls.name} synchronizes the whole model at once; staggered fragments are EDiT's "
+                "module-wise sync on a step count, use --dp-mode edit")
+        require(1 <= args.sync_fragments <= args.local_sgd_sync_interval,
+                f"--sync-fragments {args.sync_fragments} must be in [1, H={args.local_sgd_sync_interval}]: each "
+                "fragment syncs at its own iteration of the H")
         require(args.ckpt_format == "torch" or not (args.save or args.load),
                 f"--ckpt-format {args.ckpt_format} keeps one copy of the model and optimizer, and {cls.name}'s "
                 "replicas differ between syncs: use --ckpt-format torch (a file per rank)")

@@ -1,5 +1,7 @@
 """The train loop: megatron-core's schedules, the inner optimizer step, the data-parallel mode's hooks,
 evaluation and Megatron-LM's log lines. `pretrain` is the driver `pretrain_gpt.py` calls."""
+import collections
+import functools
 import math
 import time
 from typing import Callable, Dict, List
@@ -101,12 +103,39 @@ def _sum_loss_reports(losses_reduced) -> torch.Tensor:
     return total
 
 
-def _mean_loss(total: torch.Tensor, group, device: torch.device) -> float:
-    """Token-weighted mean loss over `group`; meaningful on the last pipeline stage."""
-    total = total.to(device, copy=True)  # on the device: NCCL reduces nothing else
-    if parallel_state.is_pipeline_last_stage():
-        dist.all_reduce(total, group=group)
-    return (total[0] / total[1].clamp(min=1)).item()
+class ReducedLoss:
+    """Token-weighted mean loss over `group`, reduced by a collective that runs in the background until `value()`;
+    meaningful on the last pipeline stage."""
+
+    def __init__(self, total: torch.Tensor, group, device: torch.device):
+        self.total = total.to(device, copy=True)  # on the device: NCCL reduces nothing else
+        self.work = dist.all_reduce(self.total, group=group, async_op=True) \
+            if parallel_state.is_pipeline_last_stage() else None
+
+    def ready(self) -> bool:
+        return self.work is None or self.work.is_completed()
+
+    def value(self) -> float:
+        if self.work is not None:
+            self.work.wait()
+        return (self.total[0] / self.total[1].clamp(min=1)).item()
+
+
+class OrderedReports:
+    """Log lines and tracker entries in iteration order, each emitted once its numbers are in. A logged training
+    loss is reduced over every replica; under a local-SGD mode on a slow link that collective would wait behind a
+    sync's exchange in flight, so it runs behind the next iterations and its line comes when it is done."""
+
+    def __init__(self):
+        self.queue = collections.deque()
+
+    def add(self, emit: Callable[[], None], ready: Callable[[], bool] = lambda: True) -> None:
+        self.queue.append((ready, emit))
+        self.flush()
+
+    def flush(self, wait: bool = False) -> None:
+        while self.queue and (wait or self.queue[0][0]()):
+            self.queue.popleft()[1]()
 
 
 class Trainer:
@@ -168,10 +197,13 @@ class Trainer:
         self.dp_mode.after_optimizer_step(iteration)
         return _sum_loss_reports(losses), grad_norm
 
-    def mean_loss(self, loss_sums: torch.Tensor) -> float:
+    def reduce_loss(self, loss_sums: torch.Tensor) -> ReducedLoss:
         """The mean token loss over the global batch (every replica's share, as under ddp), from train_step's sums.
         A collective over the mode's loss group: call it on every rank, at log iterations only."""
-        return _mean_loss(loss_sums, self.dp_mode.loss_group(), self.device)
+        return ReducedLoss(loss_sums, self.dp_mode.loss_group(), self.device)
+
+    def mean_loss(self, loss_sums: torch.Tensor) -> float:
+        return self.reduce_loss(loss_sums).value()
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -188,7 +220,7 @@ class Trainer:
                 total += _sum_loss_reports(self._run_schedule(self.valid_iter, forward_only=True))
         for chunk in self.model:
             chunk.train()
-        return _mean_loss(total, self.dp_mode.loss_group(), self.device)
+        return ReducedLoss(total, self.dp_mode.loss_group(), self.device).value()
 
 
 def _report_validation(tracker: WandbTracker, iteration: int, loss: float) -> None:
@@ -198,9 +230,9 @@ def _report_validation(tracker: WandbTracker, iteration: int, loss: float) -> No
     tracker.log({"validation lm loss": loss, "validation lm loss PPL": perplexity(loss)}, iteration)
 
 
-def _track_events(trainer: Trainer, tracker: WandbTracker) -> None:
+def _track_events(trainer: Trainer, tracker: WandbTracker, reports: OrderedReports) -> None:
     for iteration, values in trainer.dp_mode.pop_events():
-        tracker.log(values, iteration)
+        reports.add(functools.partial(tracker.log, values, iteration))
 
 
 def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
@@ -208,28 +240,35 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
     args = trainer.args
     tokens_per_iteration = args.global_batch_size * args.seq_length
     flops = flops_per_iteration(args)
+    reports = OrderedReports()
     initial_valid_loss = trainer.evaluate()
     _report_validation(tracker, trainer.start_iteration, initial_valid_loss)
 
     bytes_at_start = comm_stats.COUNTER.snapshot()
     platform.synchronize()
     run_start = interval_start = time.perf_counter()
-    valid_loss, iteration, loss = initial_valid_loss, trainer.start_iteration, float("nan")
+    valid_loss, iteration, last_loss = initial_valid_loss, trainer.start_iteration, None
     logged, last_saved, evaluated, exiting = trainer.start_iteration, None, None, False
 
-    def log_iteration(iteration: int, loss: float, grad_norm) -> None:
-        nonlocal interval_start, logged
+    def log_iteration(iteration: int, loss: ReducedLoss, grad_norm) -> None:
+        """Times the interval now; the line follows when the loss is reduced."""
+        nonlocal interval_start, logged, last_loss
         platform.synchronize()
         now = time.perf_counter()
         seconds = (now - interval_start) / (iteration - logged)
         learning_rate, extra = trainer.optimizer.param_groups[0]["lr"], trainer.dp_mode.metrics()
         tokens_per_second, tflops = tokens_per_iteration / seconds, flops / seconds / args.world_size / 1e12
         eta = max(args.train_iters - iteration, 0) * (now - run_start) / (iteration - trainer.start_iteration)
-        print_rank_last(iteration_line(
-            iteration, args.train_iters, iteration * args.global_batch_size, seconds * 1000.0, learning_rate,
-            args.global_batch_size, loss, grad_norm or 0.0, tokens_per_second, tflops, eta, extra))
-        tracker.log({"lm loss": loss, "learning-rate": learning_rate, "grad-norm": grad_norm or 0.0,
-                     "tokens/s": tokens_per_second, "TFLOP/s per device": tflops, **extra}, iteration)
+
+        def emit() -> None:
+            print_rank_last(iteration_line(
+                iteration, args.train_iters, iteration * args.global_batch_size, seconds * 1000.0, learning_rate,
+                args.global_batch_size, loss.value(), grad_norm or 0.0, tokens_per_second, tflops, eta, extra))
+            tracker.log({"lm loss": loss.value(), "learning-rate": learning_rate, "grad-norm": grad_norm or 0.0,
+                         "tokens/s": tokens_per_second, "TFLOP/s per device": tflops, **extra}, iteration)
+
+        reports.add(emit, loss.ready)
+        last_loss = loss
         interval_start, logged = time.perf_counter(), iteration
 
     def save(iteration: int, label: int) -> None:
@@ -242,15 +281,15 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
 
     for iteration in trainer.iterations():
         loss_sums, grad_norm = trainer.train_step(iteration)
-        _track_events(trainer, tracker)
+        _track_events(trainer, tracker, reports)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            loss = trainer.mean_loss(loss_sums)
-            log_iteration(iteration, loss, grad_norm)
+            log_iteration(iteration, trainer.reduce_loss(loss_sums), grad_norm)
+        reports.flush()
         if iteration % args.eval_interval == 0 and iteration != args.train_iters:  # the last: after the final sync
             evaluated = iteration
             eval_start = time.perf_counter()
             valid_loss = trainer.evaluate()
-            _report_validation(tracker, iteration, valid_loss)
+            reports.add(functools.partial(_report_validation, tracker, iteration, valid_loss))
             interval_start += time.perf_counter() - eval_start
             run_start += time.perf_counter() - eval_start
         exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
@@ -262,10 +301,10 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
         if exiting:
             print_rank_last(f" exiting after iteration {iteration} (--exit-interval {args.exit_interval})")
             break
-    _track_events(trainer, tracker)  # a mode's final sync happens after the last iteration
+    _track_events(trainer, tracker, reports)  # a mode's final sync happens after the last iteration
     if iteration != logged:  # the last iteration always gets a line (A-EDiT's replicas may stop anywhere)
-        loss = trainer.mean_loss(loss_sums)
-        log_iteration(iteration, loss, grad_norm)
+        log_iteration(iteration, trainer.reduce_loss(loss_sums), grad_norm)
+    reports.flush(wait=True)
     final_label = trainer.dp_mode.final_checkpoint(iteration, last_saved) if args.save else None
     if final_label is not None:
         save(iteration, final_label)
@@ -284,7 +323,7 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
         "start_iteration": trainer.start_iteration,
         "initial_valid_loss": initial_valid_loss,
         "final_valid_loss": valid_loss,
-        "final_train_loss": loss,
+        "final_train_loss": float("nan") if last_loss is None else last_loss.value(),
         "iterations": iteration,
         "train_seconds": train_seconds,
         "tokens_per_second": tokens_per_iteration * iterations_run / train_seconds,

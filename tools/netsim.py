@@ -21,8 +21,8 @@ What carries over is rho = (time to send one fp32 sync) / (compute time of the H
 Llama-1B replica on an 8-GPU node has rho ~3.5 over 100 Mbit/s and ~0.35 over 1 Gbit/s. With --rhos, the tool
 measures the step time of the no-communication run and the model's size, sets the link to the rate that gives each
 rho (an fp32 ring all-reduce of a replica's shard sends 2 (M-1)/M x 4 bytes per owned parameter), and runs ddp,
-diloco, edit fp32, bf16 and int8 with error feedback, each with and without a delayed outer step (TAU = H - 1),
-and aedit (a sync every H step-times). Throughput is the steady state after the synchronous warm-up (the
+diloco, edit fp32, bf16 and int8 with error feedback, fp32 and int8 with a delayed outer step (TAU = H - 1), int8 in
+4 staggered fragments each delayed by H/4 (--sync-fragments 4), and aedit (a sync every H step-times). Throughput is the steady state after the synchronous warm-up (the
 iteration lines after the first --log-interval, which is W); warm-up and all bytes are reported beside it.
 """
 import argparse
@@ -130,7 +130,7 @@ def run_on_nodes(network: ShapedNetwork, nproc: int, argv: List[str], log_dir: P
     return logs
 
 
-# (row label, --dp-mode, extra flags) of the rho table; "TAU" becomes --sync-delay-steps H - 1
+# (row label, --dp-mode, extra flags) of the rho table; "TAU" becomes H - 1, "H/4" H // 4
 RHO_VARIANTS = [
     ("ddp", "ddp", []),
     ("diloco", "diloco", []),
@@ -139,6 +139,8 @@ RHO_VARIANTS = [
     ("edit int8+ef", "edit", ["--sync-dtype", "int8", "--sync-error-feedback"]),
     ("edit fp32 delayed", "edit", ["--sync-delay-steps", "TAU"]),
     ("edit int8+ef delayed", "edit", ["--sync-dtype", "int8", "--sync-error-feedback", "--sync-delay-steps", "TAU"]),
+    ("edit int8+ef 4 fragments delayed", "edit", ["--sync-dtype", "int8", "--sync-error-feedback", "--sync-fragments",
+                                                  "4", "--sync-delay-steps", "H/4"]),
     ("aedit", "aedit", []),
 ]
 _PARAMETERS = re.compile(r"number of parameters on \(tensor, pipeline\) model parallel rank \(0, 0\): (\d+)")
@@ -170,7 +172,8 @@ def run_rhos(args, network: "ShapedNetwork", output_dir: Path) -> List[dict]:
         network.shape(f"{int(rate)}bit")
         for label, method, extra in RHO_VARIANTS:
             print(f"rho {rho} ({rate / 1e6:.3f} Mbit/s): {label} ...", flush=True)
-            flags = [str(args.local_sgd_sync_interval - 1) if flag == "TAU" else flag for flag in extra]
+            interval = args.local_sgd_sync_interval
+            flags = [{"TAU": str(interval - 1), "H/4": str(interval // 4)}.get(flag, flag) for flag in extra]
             flags += ["--aedit-sync-seconds", f"{args.local_sgd_sync_interval * step_seconds:.3f}", "--eval-iters", "16"]
             log = run_on_nodes(network, args.nproc_per_node, job_argv(args, method, args.nodes) + flags,
                                output_dir / "logs" / f"rho{rho}" / label.replace(" ", "_"))[-1]

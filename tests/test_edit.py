@@ -110,15 +110,23 @@ def test_staggered_fragments_match_reference_implementation():
         (6, len(issued[5])), (8, len(issued[7])), (10, len(issued[9])), (10, len(units))]
 
 
-def test_quantized_delayed_exchange_moves_to_its_all_gather_half_way():
-    """int8 with tau=2: each module's all-to-all is issued in the sync (iteration 6), its all-gather at its forward one
-    iteration later, the outer step applied at 8; the model stays within int8's rounding of the fp32 delayed run."""
+def test_quantized_delayed_exchange_moves_to_its_all_gather_once_its_all_to_all_is_done():
+    """int8 with tau=2: each module's all-to-all is issued in the sync (iteration 6), its all-gather at a later module
+    boundary, in the order of issue, no later than the outer step applied at 8; the model stays within int8's rounding
+    of the fp32 delayed run."""
     nproc, args = edit(2, 2, *local_sgd(2, 3), *DELAY)
     fp32 = run(nproc, args)
     int8 = run(nproc, args + ("--sync-dtype", "int8"))
-    events = [[kind for kind, _ in record["trace"] if kind != "forward_end"] for record in int8[0]["iterations"]]
-    units = len(int8[0]["units"])
-    assert events[5] == ["issue"] * units and events[6] == ["advance"] * units and events[7] == ["synced"] * units
+    units = [u["name"] for u in int8[0]["units"]]
+    for dump in int8:
+        events = [(iteration, kind, name) for iteration, record in enumerate(dump["iterations"], start=1)
+                  for kind, name in record["trace"] if kind in ("issue", "advance", "synced")]
+        sync_6 = [e for e in events if 6 <= e[0] <= 8]
+        issued, advanced, synced = ([(i, n) for i, k, n in sync_6 if k == kind] for kind in ("issue", "advance", "synced"))
+        assert [n for _, n in issued] == [n for _, n in advanced] == [n for _, n in synced] == units
+        assert {i for i, _ in issued} == {6} and {i for i, _ in synced} == {8}
+        for name in units:
+            assert sync_6.index((6, "issue", name)) < next(k for k, e in enumerate(sync_6) if e[1:] == ("advance", name))
     for rank in range(nproc):
         for name, value in fp32[rank]["params"].items():
             difference = (int8[rank]["params"][name] - value).abs().max().item()

@@ -16,9 +16,10 @@ on from the local parameters; tau iterations later, just before that module's fo
 the outer step applied, and the progress this replica made since the exchange was issued is carried over:
     theta <- anchor' + (theta_now - theta_issued),  theta_issued = anchor - d_local
 so the exchange hides behind tau iterations of compute. An exchange in stages (a quantized sum's all-to-all, then
-its all-gather) moves to its second stage half-way, at that module's forward ceil(tau/2) iterations after the sync,
-so both stages run behind compute; every rank does so at the same point, which keeps the sync group's collectives in
-one order on all of them. It costs, per rank and module, d_local and the exchanged
+its all-gather) moves to its second stage at the first module boundary after its first stage is done, so both run
+behind compute; the second stages go out in the order the exchanges were issued, on a communicator of their own
+(groups.py), so the moment each rank gets there does not change any rank's order of collectives. It costs, per rank
+and module, d_local and the exchanged
 sum while they are in flight: two more fp32 values per owned parameter, sharded (and offloaded) as anchor and
 momentum are.
 """
@@ -55,12 +56,10 @@ class ModuleSyncRecord:
 @dataclasses.dataclass
 class _Pending:
     """A module's weighted pseudo-gradient whose sync-group exchange is in flight; with a delayed outer step, also
-    this replica's own pseudo-gradient when the exchange was issued, the iteration that moves the exchange to its
-    next stage and the one that applies it."""
+    this replica's own pseudo-gradient when the exchange was issued and the iteration that applies it."""
     exchange: InFlight
     record: ModuleSyncRecord
     local_pseudo_grad: Optional[torch.Tensor] = None
-    advance_at: int = 0
     apply_at: int = 0
 
 
@@ -144,20 +143,32 @@ class LayerwiseSync:
         def hook(module, args):
             delayed = self.delayed.get(index)
             due = delayed is not None and delayed.apply_at <= self.current_iteration
-            advance = delayed is not None and not due and delayed.advance_at <= self.current_iteration
             syncing = self.armed and index in self.armed_units and index not in self.synced
-            if due or advance or syncing:
+            if self.delayed or syncing:
                 start = time.perf_counter()
                 if due:
                     self._apply_delayed(index)
-                elif advance and delayed.exchange.advance():
-                    self._record("advance", self.units[index].name)
+                self._advance_ready()
                 if syncing:
                     self._sync_module(index)
                 self.exposed_seconds += time.perf_counter() - start
         return hook
 
+    def _advance_ready(self, through: Optional[int] = None) -> None:
+        """Move delayed exchanges to their second stage in the order they were issued (the order of every rank's
+        all-gathers): each whose first stage is done, stopping at the first still under way; or, with `through`,
+        every one up to that module's, waiting for their first stages."""
+        for index, pending in self.delayed.items():
+            if pending.exchange.ready_to_advance() or (through is not None and pending.exchange.stages_left):
+                pending.exchange.advance()
+                self._record("advance", self.units[index].name)
+            elif pending.exchange.stages_left:
+                return
+            if index == through:
+                return
+
     def _apply_delayed(self, index: int) -> None:
+        self._advance_ready(through=index)
         pending = self.delayed.pop(index)
         self._apply(index, pending.exchange.wait(), pending.record, pending.local_pseudo_grad)
 
@@ -220,7 +231,6 @@ class LayerwiseSync:
         else:
             pseudo_grad.mul_(weight)
         self.pending[index] = _Pending(self.exchange.start(index, pseudo_grad, unit.tensor_replicated), record, local,
-                                       advance_at=self.iteration + (self.delay + 1) // 2,
                                        apply_at=self.iteration + self.delay)
         self._record("issue", unit.name)
 

@@ -28,10 +28,12 @@ INT8_BLOCK = 256  # values sharing one fp32 scale
 
 
 class ProcessGroupTransport:
-    """torch.distributed collectives over one process group; None is a lone replica (nothing to exchange)."""
+    """torch.distributed collectives over one process group (all-gathers over `gather_group`, another communicator of
+    the same ranks, when given); None is a lone replica (nothing to exchange)."""
 
-    def __init__(self, group: Optional[dist.ProcessGroup]):
+    def __init__(self, group: Optional[dist.ProcessGroup], gather_group: Optional[dist.ProcessGroup] = None):
         self.group = group
+        self.gather_group = group if gather_group is None else gather_group
         self.size = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
 
@@ -42,7 +44,7 @@ class ProcessGroupTransport:
         return dist.all_to_all_single(output, input, group=self.group, async_op=True)
 
     def all_gather(self, output: torch.Tensor, input: torch.Tensor):
-        return dist.all_gather_into_tensor(output, input, group=self.group, async_op=True)
+        return dist.all_gather_into_tensor(output, input, group=self.gather_group, async_op=True)
 
 
 class Bf16Quantizer:
@@ -81,10 +83,19 @@ class InFlight:
     """A sum being exchanged, in stages: the collectives in flight, then the stages still to issue (a quantized sum
     has one more: the all-gather of the summed chunks), then `finish`, which returns the fp32 sum (in the tensor
     `start` was given). `advance()` moves to the next stage without waiting for it, so a caller that waits late
-    can let both stages run behind compute; `wait()` runs whatever is left."""
+    can let both stages run behind compute (`ready_to_advance()` says when that costs no wait); `wait()` runs
+    whatever is left."""
 
     def __init__(self, works: list, finish: Callable[[], torch.Tensor], stages: Sequence[Callable[[], list]] = ()):
         self._works, self._finish, self._stages, self._result = works, finish, list(stages), None
+
+    @property
+    def stages_left(self) -> bool:
+        return bool(self._stages)
+
+    def ready_to_advance(self) -> bool:
+        """A stage is left to issue and the collectives before it are done."""
+        return self.stages_left and all(work.is_completed() for work in self._works)
 
     def advance(self) -> bool:
         """Wait for the collectives in flight and issue the next stage's; False (and nothing done) if none is left."""

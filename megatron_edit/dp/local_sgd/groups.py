@@ -9,7 +9,9 @@ The *replica group* is every rank of one replica (shard x tensor x pipeline): wh
 (A-EDiT's clock). The *tensor group* is where a module's tensor-parallel slices meet (the penalty's norms).
 The pseudo-gradient exchange runs on a communicator of the sync group's ranks of its own, so that the small
 collectives of a sync (the penalty's norms, A-EDiT's flags) never queue behind a bulk exchange still in flight (a
-process group runs its collectives in order, on two gloo threads or one NCCL stream).
+process group runs its collectives in order, on two gloo threads or one NCCL stream). A quantized exchange's second
+stage (the all-gather of the summed chunks) has one more, so each rank can start it as soon as its own first stage is
+done: ranks get there at different moments, and on a communicator of its own no rank's order of collectives changes.
 """
 import dataclasses
 from typing import Optional
@@ -26,6 +28,7 @@ class LocalSGDGroups:
     replica: Optional[dist.ProcessGroup] = None   # None: the shard group is the whole replica
     tensor: Optional[dist.ProcessGroup] = None    # None: no tensor parallelism
     sync_exchange: Optional[dist.ProcessGroup] = None  # the sync group's ranks for the bulk exchange; None: sync
+    sync_gather: Optional[dist.ProcessGroup] = None  # the same ranks again, for the exchange's second stage
 
     @property
     def shard_size(self) -> int:
@@ -46,6 +49,11 @@ class LocalSGDGroups:
         return self.sync if self.sync_exchange is None else self.sync_exchange
 
     @property
+    def gather(self) -> Optional[dist.ProcessGroup]:
+        """Where a quantized exchange all-gathers the summed chunks."""
+        return self.exchange if self.sync_gather is None else self.sync_gather
+
+    @property
     def whole_replica(self) -> dist.ProcessGroup:
         return self.shard if self.replica is None else self.replica
 
@@ -60,8 +68,11 @@ class LocalSGDGroups:
         replica = None  # the shard group is the whole replica unless tensor or pipeline ranks belong to it too
         if dist.get_world_size() > shard.size() * (1 if sync is None else sync.size()):
             replica = dist.group.WORLD if sync is None else _group_of_ranks_sharing(dist.get_rank(sync))
-        sync_exchange = None if sync is None else _group_of_ranks_sharing(tuple(dist.get_process_group_ranks(sync)))
-        return cls(shard=shard, sync=sync, replica=replica, tensor=tensor, sync_exchange=sync_exchange)
+        sync_ranks = None if sync is None else tuple(dist.get_process_group_ranks(sync))
+        sync_exchange, sync_gather = (None, None) if sync is None else (
+            _group_of_ranks_sharing(sync_ranks), _group_of_ranks_sharing(sync_ranks))
+        return cls(shard=shard, sync=sync, replica=replica, tensor=tensor, sync_exchange=sync_exchange,
+                   sync_gather=sync_gather)
 
     def replica_process_groups(self) -> ProcessGroupCollection:
         """megatron-core's groups with data parallelism narrowed to the shard group: DDP and the optimizer

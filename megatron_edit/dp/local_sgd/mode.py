@@ -48,8 +48,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         self.counter.name_group(groups.shard, "shard")
         self.counter.name_group(groups.sync, "sync")
         self.counter.name_group(groups.sync_exchange, "sync")
+        self.counter.name_group(groups.sync_gather, "sync")
         self.counter.name_group(groups.replica, "replica")
-        self.exchange = SyncExchange(ProcessGroupTransport(groups.exchange), local_sgd.sync_dtype,
+        self.exchange = SyncExchange(ProcessGroupTransport(groups.exchange, groups.gather), local_sgd.sync_dtype,
                                      local_sgd.sync_error_feedback)
         self.in_warmup = local_sgd.warmup_iters > 0
         self.local_steps_since_sync = 0  # local (post-warm-up) steps this replica took since the last sync

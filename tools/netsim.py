@@ -170,7 +170,7 @@ def run_rhos(args, network: "ShapedNetwork", output_dir: Path) -> List[dict]:
     for rho in args.rhos:
         rate = rho_rate_bits(rho, parameters, args, step_seconds)
         network.shape(f"{int(rate)}bit")
-        for label, method, extra in RHO_VARIANTS:
+        for label, method, extra in (v for v in RHO_VARIANTS if v[0] in args.rho_methods):
             print(f"rho {rho} ({rate / 1e6:.3f} Mbit/s): {label} ...", flush=True)
             interval = args.local_sgd_sync_interval
             flags = [{"TAU": str(interval - 1), "H/4": str(interval // 4)}.get(flag, flag) for flag in extra]
@@ -194,6 +194,9 @@ def get_args(argv=None):
                         help="instead of --bandwidths: link rates that make an fp32 sync take rho x the compute of "
                              "H steps, and the slow-link methods (see the module docstring)")
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--rho-methods", nargs="+", default=[v[0] for v in RHO_VARIANTS],
+                        choices=[v[0] for v in RHO_VARIANTS], metavar="ROW",
+                        help="with --rhos: the rows to run (quoted labels; default: all of them)")
     parser.add_argument("--nodes", type=int, default=2, help="replicas, one namespace each")
     parser.add_argument("--nproc-per-node", type=int, default=1, help="ranks of a replica (the shard group)")
     add_training_args(parser, num_layers=2, hidden_size=128, seq_length=64, micro_batch_size=4, train_iters=40,

@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-rng", action="store_true", help="load without the RNG states")
     g.add_argument("--finetune", action="store_true",
                    help="load the weights only and start at iteration 0 with a fresh optimizer and schedule")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model's shape (layers, sizes, heads, Llama-style switches) from the newest "
+                        "checkpoint under --load instead of the command line")
     g.add_argument("--exit-interval", type=int, default=None, help="stop after this iteration (saving first)")
     g.add_argument("--keep-last-checkpoints", type=int, default=None, help="delete older checkpoints")
 
@@ -187,6 +190,8 @@ def parse_args(argv, world_size: int, local_world_size: int = None, extra_args_p
     args = parser.parse_args(argv)
     args.world_size = world_size
     args.local_world_size = local_world_size or world_size
+    if args.use_checkpoint_args:
+        _use_checkpoint_args(args)
     if args.ffn_hidden_size is None:
         args.ffn_hidden_size = (int(8 * args.hidden_size / 3 / 64) * 64 or args.hidden_size * 2) if args.swiglu \
             else 4 * args.hidden_size
@@ -201,6 +206,20 @@ def parse_args(argv, world_size: int, local_world_size: int = None, extra_args_p
         args.transformer_impl = "transformer_engine" if args.device_type == "cuda" and _importable("transformer_engine") \
             else "local"
     return args
+
+
+def _use_checkpoint_args(args: argparse.Namespace) -> None:
+    """The model's shape as the newest complete checkpoint under --load records it (Megatron-LM's
+    --use-checkpoint-args): it overrides the command line's."""
+    from megatron_edit.checkpointing import MODEL_KEYS, find_checkpoint
+
+    _require(args.load is not None, "--use-checkpoint-args reads the model's shape from a checkpoint: give --load DIR")
+    found = find_checkpoint(args.load, args)
+    _require(found is not None, f"--use-checkpoint-args: no complete checkpoint under --load {args.load} to read "
+                                "the model's shape from; give the model flags instead")
+    for key in MODEL_KEYS:
+        setattr(args, key, found[1][key])
+    args.group_query_attention = args.num_query_groups != args.num_attention_heads
 
 
 def _importable(module: str) -> bool:

@@ -32,11 +32,13 @@ from megatron_edit.rng_state import rng_state, set_rng_state
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RECORD = {"torch": "metadata.json", "torch_dist": "megatron_edit.json"}  # per format: our record, written last
+# The model's shape as the command line gives it (what --use-checkpoint-args takes from a checkpoint).
+MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+              "max_position_embeddings", "swiglu", "normalization", "position_embedding_type",
+              "untie_embeddings_and_output_weights", "disable_bias_linear")
 # What must match for a checkpoint to load; data parallelism may differ where the mode allows it.
-SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-              "padded_vocab_size", "max_position_embeddings", "swiglu", "normalization", "position_embedding_type",
-              "untie_embeddings_and_output_weights", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-              "bf16", "fp16", "use_distributed_optimizer", "dp_mode")
+SHAPE_KEYS = MODEL_KEYS + ("padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                           "bf16", "fp16", "use_distributed_optimizer", "dp_mode")
 # What torch_dist lets differ (the distributed optimizer's groups do not load into a plain optimizer, nor back).
 LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
 

@@ -69,6 +69,13 @@ def test_sync_fragments_are_edits_and_fit_in_the_sync_interval():
                                 world_size=2).sync_fragments == 4
 
 
+def test_use_checkpoint_args_needs_a_checkpoint(tmp_path):
+    assert "--use-checkpoint-args reads the model's shape from a checkpoint: give --load DIR" in \
+        error_of(["--use-checkpoint-args"], world_size=1)
+    assert f"no complete checkpoint under --load {tmp_path}" in \
+        error_of(["--use-checkpoint-args", "--load", str(tmp_path)], world_size=1)
+
+
 def test_aedit_refuses_exit_interval_and_checks_its_own_flags():
     aedit = ["--dp-mode", "aedit", "--model-shard-group-size", "1"]
     assert "--exit-interval does not apply to --dp-mode aedit" in \

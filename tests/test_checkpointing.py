@@ -43,6 +43,21 @@ def test_resumed_run_reproduces_the_uninterrupted_one_bitwise(tmp_path, nproc, m
     assert first.losses + second.losses == straight
 
 
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_use_checkpoint_args_takes_the_models_shape_from_the_checkpoint(tmp_path, ckpt_format):
+    """Saved with a shape of its own, resumed with TINY_GPT's flags and --use-checkpoint-args: the checkpoint's shape
+    wins, and the resumed iterations are those of a straight run with that shape."""
+    shape = ["--num-layers", "2", "--hidden-size", "96", "--num-attention-heads", "6", "--swiglu",
+             "--disable-bias-linear", "--group-query-attention", "--num-query-groups", "2", "--ckpt-format", ckpt_format]
+    straight = run_training(2, TINY_GPT + STEPS + shape + ["--train-iters", "8"]).check().losses
+    run_training(2, TINY_GPT + STEPS + shape + ["--train-iters", "8", "--save", str(tmp_path), "--exit-interval", "6"]
+                 ).check()
+    resumed = run_training(2, TINY_GPT + STEPS + ["--train-iters", "8", "--load", str(tmp_path),
+                                                  "--use-checkpoint-args", "--ckpt-format", ckpt_format]).check()
+    assert "at iteration 6" in resumed.stdout
+    assert resumed.losses == straight[6:]
+
+
 DISTRIBUTED_OPTIMIZER = ["--use-distributed-optimizer", "--ckpt-format", "torch_dist"]
 
 

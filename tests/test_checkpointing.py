@@ -48,7 +48,8 @@ def test_use_checkpoint_args_takes_the_models_shape_from_the_checkpoint(tmp_path
     """Saved with a shape of its own, resumed with TINY_GPT's flags and --use-checkpoint-args: the checkpoint's shape
     wins, and the resumed iterations are those of a straight run with that shape."""
     shape = ["--num-layers", "2", "--hidden-size", "96", "--num-attention-heads", "6", "--swiglu",
-             "--disable-bias-linear", "--group-query-attention", "--num-query-groups", "2", "--ckpt-format", ckpt_format]
+             "--disable-bias-linear", "--group-query-attention", "--num-query-groups", "2",
+             "--ckpt-format", ckpt_format]
     straight = run_training(2, TINY_GPT + STEPS + shape + ["--train-iters", "8"]).check().losses
     run_training(2, TINY_GPT + STEPS + shape + ["--train-iters", "8", "--save", str(tmp_path), "--exit-interval", "6"]
                  ).check()

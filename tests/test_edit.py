@@ -122,11 +122,13 @@ def test_quantized_delayed_exchange_moves_to_its_all_gather_once_its_all_to_all_
         events = [(iteration, kind, name) for iteration, record in enumerate(dump["iterations"], start=1)
                   for kind, name in record["trace"] if kind in ("issue", "advance", "synced")]
         sync_6 = [e for e in events if 6 <= e[0] <= 8]
-        issued, advanced, synced = ([(i, n) for i, k, n in sync_6 if k == kind] for kind in ("issue", "advance", "synced"))
+        issued, advanced, synced = ([(i, n) for i, k, n in sync_6 if k == kind]
+                                    for kind in ("issue", "advance", "synced"))
         assert [n for _, n in issued] == [n for _, n in advanced] == [n for _, n in synced] == units
         assert {i for i, _ in issued} == {6} and {i for i, _ in synced} == {8}
         for name in units:
-            assert sync_6.index((6, "issue", name)) < next(k for k, e in enumerate(sync_6) if e[1:] == ("advance", name))
+            advance = next(k for k, event in enumerate(sync_6) if event[1:] == ("advance", name))
+            assert sync_6.index((6, "issue", name)) < advance
     for rank in range(nproc):
         for name, value in fp32[rank]["params"].items():
             difference = (int8[rank]["params"][name] - value).abs().max().item()

@@ -22,8 +22,9 @@ Llama-1B replica on an 8-GPU node has rho ~3.5 over 100 Mbit/s and ~0.35 over 1 
 measures the step time of the no-communication run and the model's size, sets the link to the rate that gives each
 rho (an fp32 ring all-reduce of a replica's shard sends 2 (M-1)/M x 4 bytes per owned parameter), and runs ddp,
 diloco, edit fp32, bf16 and int8 with error feedback, fp32 and int8 with a delayed outer step (TAU = H - 1), int8 in
-4 staggered fragments each delayed by H/4 (--sync-fragments 4), and aedit (a sync every H step-times). Throughput is the steady state after the synchronous warm-up (the
-iteration lines after the first --log-interval, which is W); warm-up and all bytes are reported beside it.
+4 staggered fragments each delayed by H/4 or H/4 + 1 (--sync-fragments 4), and aedit (a sync every H step-times);
+--rho-methods picks rows. Throughput is the steady state after the synchronous warm-up (the iteration lines after
+the first --log-interval, which is W, or H without one); warm-up and all bytes are reported beside it.
 """
 import argparse
 import atexit
@@ -130,7 +131,7 @@ def run_on_nodes(network: ShapedNetwork, nproc: int, argv: List[str], log_dir: P
     return logs
 
 
-# (row label, --dp-mode, extra flags) of the rho table; "TAU" becomes H - 1, "H/4" H // 4
+# (row label, --dp-mode, extra flags) of the rho table; "TAU" becomes H - 1, "H/4" H // 4, "H/4+1" one more
 RHO_VARIANTS = [
     ("ddp", "ddp", []),
     ("diloco", "diloco", []),
@@ -141,6 +142,8 @@ RHO_VARIANTS = [
     ("edit int8+ef delayed", "edit", ["--sync-dtype", "int8", "--sync-error-feedback", "--sync-delay-steps", "TAU"]),
     ("edit int8+ef 4 fragments delayed", "edit", ["--sync-dtype", "int8", "--sync-error-feedback", "--sync-fragments",
                                                   "4", "--sync-delay-steps", "H/4"]),
+    ("edit int8+ef 4 fragments delayed+1", "edit", ["--sync-dtype", "int8", "--sync-error-feedback",
+                                                    "--sync-fragments", "4", "--sync-delay-steps", "H/4+1"]),
     ("aedit", "aedit", []),
 ]
 _PARAMETERS = re.compile(r"number of parameters on \(tensor, pipeline\) model parallel rank \(0, 0\): (\d+)")
@@ -173,7 +176,8 @@ def run_rhos(args, network: "ShapedNetwork", output_dir: Path) -> List[dict]:
         for label, method, extra in (v for v in RHO_VARIANTS if v[0] in args.rho_methods):
             print(f"rho {rho} ({rate / 1e6:.3f} Mbit/s): {label} ...", flush=True)
             interval = args.local_sgd_sync_interval
-            flags = [{"TAU": str(interval - 1), "H/4": str(interval // 4)}.get(flag, flag) for flag in extra]
+            delays = {"TAU": interval - 1, "H/4": interval // 4, "H/4+1": interval // 4 + 1}
+            flags = [str(delays[flag]) if flag in delays else flag for flag in extra]
             flags += ["--aedit-sync-seconds", f"{args.local_sgd_sync_interval * step_seconds:.3f}", "--eval-iters", "16"]
             log = run_on_nodes(network, args.nproc_per_node, job_argv(args, method, args.nodes) + flags,
                                output_dir / "logs" / f"rho{rho}" / label.replace(" ", "_"))[-1]

@@ -23,7 +23,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tools.experiment import write_table  # noqa: E402
+from tools.experiment import job_env, torchrun_command, write_table  # noqa: E402
 
 FORMATS = ("torch", "torch_dist")
 
@@ -102,12 +102,11 @@ def worker(args) -> None:
 
 
 def run_job(args, nproc: int, distributed_optimizer: bool) -> list:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", __file__,
-               "--worker", "--checkpoint-dir", args.checkpoint_dir, "--num-layers", str(args.num_layers),
-               "--hidden-size", str(args.hidden_size), "--num-attention-heads", str(args.num_attention_heads),
-               "--vocab-size", str(args.vocab_size)] + (["--distributed-optimizer"] if distributed_optimizer else [])
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
+    worker_argv = ["--worker", "--checkpoint-dir", args.checkpoint_dir, "--num-layers", str(args.num_layers),
+                   "--hidden-size", str(args.hidden_size), "--num-attention-heads", str(args.num_attention_heads),
+                   "--vocab-size", str(args.vocab_size)] + (["--distributed-optimizer"] if distributed_optimizer else [])
+    command = torchrun_command(nproc, worker_argv, script=__file__)
+    result = subprocess.run(command, cwd=REPO, env=job_env(), capture_output=True, text=True)
     lines = [line for line in result.stdout.splitlines() if line.startswith("BENCH_ROWS ")]
     if result.returncode != 0 or not lines:
         raise SystemExit(f"error: the {nproc}-rank job failed ({result.returncode}):\n{result.stderr[-3000:]}")

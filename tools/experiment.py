@@ -147,9 +147,9 @@ class JobFailed(RuntimeError):
 
 
 def torchrun_command(nproc: int, argv: Sequence[str], launcher_args: Sequence[str] = ("--standalone",),
-                     prefix: Sequence[str] = ()) -> List[str]:
+                     prefix: Sequence[str] = (), script: str = str(REPO / "pretrain_gpt.py")) -> List[str]:
     return [*prefix, sys.executable, "-m", "torch.distributed.run", *launcher_args, f"--nproc-per-node={nproc}",
-            str(REPO / "pretrain_gpt.py"), *argv]
+            script, *argv]
 
 
 def job_env(extra: Optional[dict] = None) -> dict:

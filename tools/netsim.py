@@ -144,6 +144,8 @@ RHO_VARIANTS = [
                                                   "4", "--sync-delay-steps", "H/4"]),
     ("edit int8+ef 4 fragments delayed+1", "edit", ["--sync-dtype", "int8", "--sync-error-feedback",
                                                     "--sync-fragments", "4", "--sync-delay-steps", "H/4+1"]),
+    ("edit int8+ef 4 fragments delayed+2", "edit", ["--sync-dtype", "int8", "--sync-error-feedback",
+                                                    "--sync-fragments", "4", "--sync-delay-steps", "H/4+2"]),
     ("aedit", "aedit", []),
 ]
 _PARAMETERS = re.compile(r"number of parameters on \(tensor, pipeline\) model parallel rank \(0, 0\): (\d+)")
@@ -176,7 +178,7 @@ def run_rhos(args, network: "ShapedNetwork", output_dir: Path) -> List[dict]:
         for label, method, extra in (v for v in RHO_VARIANTS if v[0] in args.rho_methods):
             print(f"rho {rho} ({rate / 1e6:.3f} Mbit/s): {label} ...", flush=True)
             interval = args.local_sgd_sync_interval
-            delays = {"TAU": interval - 1, "H/4": interval // 4, "H/4+1": interval // 4 + 1}
+            delays = {"TAU": interval - 1, "H/4": interval // 4, "H/4+1": interval // 4 + 1, "H/4+2": interval // 4 + 2}
             flags = [str(delays[flag]) if flag in delays else flag for flag in extra]
             flags += ["--aedit-sync-seconds", f"{args.local_sgd_sync_interval * step_seconds:.3f}", "--eval-iters", "16"]
             log = run_on_nodes(network, args.nproc_per_node, job_argv(args, method, args.nodes) + flags,

@@ -148,9 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("checkpointing")
     g.add_argument("--save", default=None, help="directory to save checkpoints to")
     g.add_argument("--load", default=None, help="directory to resume from (its newest complete checkpoint)")
-    g.add_argument("--ckpt-format", default="torch", choices=["torch", "torch_dist"],
-                   help="torch: one file per rank, resumes on the layout it was saved on; torch_dist: megatron-core's "
-                        "dist_checkpointing, as Megatron-LM writes it, which reshards to other TP/PP/DP layouts")
+    g.add_argument("--ckpt-format", default=None, choices=["torch", "torch_dist"],
+                   help="torch_dist (default; torch for --dp-mode aedit): megatron-core's dist_checkpointing, as "
+                        "Megatron-LM writes it, which reshards to other TP/PP/DP layouts, shard groups and replica "
+                        "counts; torch: one file per rank, which resumes on the layout it was saved on")
     g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
     g.add_argument("--no-save-optim", action="store_true", help="save without the optimizer and LR schedule")
     g.add_argument("--no-save-rng", action="store_true", help="save without the RNG states")

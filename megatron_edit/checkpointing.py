@@ -7,6 +7,7 @@
     --ckpt-format torch_dist (dist_checkpoint.py: megatron-core's format, which reshards):
     <save>/iter_0000010/megatron_edit.json        the same record (metadata.json is dist_checkpointing's own)
     <save>/iter_0000010/common.pt, __0_0.distcp, ...
+    A torch_dist checkpoint without our record is Megatron-LM's: it loads too (weights, optimizer, iteration).
 
 Each rank's file holds its model, the inner optimizer (the values of the parameters it steps and its state),
 the LR scheduler, its iteration and data positions, every RNG state, and the data-parallel mode's state
@@ -19,7 +20,7 @@ import json
 import os
 import shutil
 import sys
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,8 +40,10 @@ MODEL_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_gro
 # What must match for a checkpoint to load; data parallelism may differ where the mode allows it.
 SHAPE_KEYS = MODEL_KEYS + ("padded_vocab_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                            "bf16", "fp16", "use_distributed_optimizer", "dp_mode")
-# What torch_dist lets differ (the distributed optimizer's groups do not load into a plain optimizer, nor back).
+# What torch_dist lets differ besides the data-parallel mode (whose state then starts from the loaded weights); the
+# distributed optimizer's groups do not load into a plain optimizer, nor back.
 LAYOUT_KEYS = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+OPTIMIZER_KEYS = ("use_distributed_optimizer",)  # what may differ when the optimizer is not loaded
 
 
 def _iteration_dir(root: str, iteration: int) -> str:
@@ -145,18 +148,42 @@ def _remove_old(args) -> None:
 
 
 def _record_path(directory: str) -> Optional[str]:
-    """Our record of the checkpoint in `directory` (in either format), or None if it was never completed."""
+    """Our record of the checkpoint in `directory` (in either format), or None if it was never completed. (A
+    metadata.json beside a common.pt is dist_checkpointing's, not the torch format's record.)"""
     for name in (RECORD["torch_dist"], RECORD["torch"]):
-        if os.path.exists(os.path.join(directory, name)):
+        if os.path.exists(os.path.join(directory, name)) and not (
+                name == RECORD["torch"] and os.path.exists(os.path.join(directory, "common.pt"))):
             return os.path.join(directory, name)
     return None
+
+
+def _is_foreign(directory: str) -> bool:
+    """A torch_dist checkpoint without our record: written by Megatron-LM (dist_checkpointing's metadata.json,
+    the common state, torch DCP's .metadata, all written once the tensors are)."""
+    return _record_path(directory) is None and all(
+        os.path.exists(os.path.join(directory, name)) for name in ("metadata.json", "common.pt", ".metadata"))
+
+
+def _foreign_record(directory: str) -> dict:
+    """Our record of a Megatron-LM checkpoint, from the arguments it pickled (Megatron-LM's names)."""
+    args = torch.load(os.path.join(directory, "common.pt"), map_location="cpu", weights_only=False)["args"]
+    meta = {key: getattr(args, key, None) for key in SHAPE_KEYS}
+    if not getattr(args, "group_query_attention", False):
+        meta["num_query_groups"] = args.num_attention_heads
+    if hasattr(args, "add_bias_linear"):
+        meta["disable_bias_linear"] = not args.add_bias_linear
+    meta.update(dp_mode=getattr(args, "dp_mode", "ddp"), iteration=args.iteration, format="torch_dist",
+                optimizer=not getattr(args, "no_save_optim", False), rng=not getattr(args, "no_save_rng", False),
+                data_parallel_size=args.data_parallel_size, model_shard_group_size=None, files={}, foreign=True)
+    return meta
 
 
 def _complete_iterations(root: str) -> list:
     found = []
     for name in os.listdir(root):
         if name.startswith("iter_") and not name.endswith(".tmp") and name[5:].isdigit():
-            if _record_path(os.path.join(root, name)):
+            directory = os.path.join(root, name)
+            if _record_path(directory) or _is_foreign(directory):
                 found.append(int(name[5:]))
     return found
 
@@ -172,12 +199,13 @@ def _incomplete(directory: str, meta: dict) -> Optional[str]:
     return None
 
 
-def _check_compatible(meta: dict, args) -> None:
+def _check_compatible(meta: dict, args, parts: "LoadParts") -> None:
     from megatron_edit.dp import DP_MODES
 
     resharding = meta.get("format", "torch") == "torch_dist"
+    free = (LAYOUT_KEYS + ("dp_mode",) if resharding else ()) + (() if parts.optimizer else OPTIMIZER_KEYS)
     mismatches = [f"{key} {meta[key]} (checkpoint) vs {getattr(args, key)} (this run)" for key in SHAPE_KEYS
-                  if meta.get(key) != getattr(args, key) and not (resharding and key in LAYOUT_KEYS)]
+                  if meta.get(key) != getattr(args, key) and key not in free]
     if not resharding:
         mismatches += DP_MODES[args.dp_mode].check_resume(meta, args)
     if mismatches:
@@ -207,9 +235,12 @@ def find_checkpoint(root: str, args) -> Optional[tuple]:
     for iteration in candidates:
         directory = _iteration_dir(root, iteration)
         try:
-            with open(_record_path(directory)) as f:
-                meta = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
+            if _is_foreign(directory):
+                meta = _foreign_record(directory)
+            else:
+                with open(_record_path(directory)) as f:
+                    meta = json.load(f)
+        except (OSError, json.JSONDecodeError, EOFError, RuntimeError, AttributeError) as exc:
             _warn(f"skipping {directory}: unreadable metadata ({exc})")
             continue
         problem = _incomplete(directory, meta)
@@ -254,22 +285,24 @@ def load_checkpoint(trainer) -> int:
         _warn(f"no checkpoint under {args.load}; starting from scratch")
         return 0
     directory, meta = found
-    _check_compatible(meta, args)
     parts = LoadParts.from_args(args)
+    _check_compatible(meta, args, parts)
     parts.check_saved(meta)
     if meta.get("format", "torch") == "torch_dist":
-        iteration = dist_checkpoint.load(trainer, directory, parts)
+        iteration, mode_restored = dist_checkpoint.load(trainer, directory, parts)
     else:
-        iteration = _load_rank_file(trainer, directory, meta, parts)
+        iteration, mode_restored = _load_rank_file(trainer, directory, meta, parts)
     if not parts.optimizer:
         trainer.optimizer.reload_model_params()  # fp32 main parameters (bf16, distributed optimizer) from the weights
+    if not mode_restored:
+        trainer.dp_mode.begin_from_loaded_weights()
     if dist.get_rank() == 0:
         start = "" if parts.progress else f" (--finetune: weights of iteration {meta['iteration']})"
         print(f" loaded checkpoint from {directory} at iteration {iteration}{start}", flush=True)
     return iteration
 
 
-def _load_rank_file(trainer, directory: str, meta: dict, parts: LoadParts) -> int:
+def _load_rank_file(trainer, directory: str, meta: dict, parts: LoadParts) -> Tuple[int, bool]:
     args = trainer.args
     path = _this_rank_file(directory, _source_dp_rank(meta, args))
     try:
@@ -284,7 +317,7 @@ def _load_rank_file(trainer, directory: str, meta: dict, parts: LoadParts) -> in
     if parts.rng:
         set_rng_state(state["rng"])
     if not parts.progress:
-        return 0
+        return 0, False
     trainer.dp_mode.load_state_dict(state["dp_mode"], same_replica=meta["data_parallel_size"] == args.data_parallel_size)
     trainer.evaluations = state["evaluations"]
-    return state["iteration"]
+    return state["iteration"], True

@@ -3,27 +3,36 @@ layout, so that a checkpoint reshards across TP/PP/DP at load.
 
 One state dict for all ranks, with Megatron-LM's top-level keys: `args`, `checkpoint_version` (3.0), `iteration`,
 `model` (`model0`, `model1`, ... with virtual pipeline chunks), `optimizer`, `opt_param_scheduler`, `rng_state`,
-and ours under `megatron_edit`: the evaluations run so far (common to all ranks) and each rank's data-parallel mode
-state (a per-rank object: it loads on the layout it was saved on). dist_checkpointing writes the tensors once
-(replicas skip), `common.pt` from rank 0, and its own `metadata.json`.
+and ours under `megatron_edit`: the evaluations run so far (common to all ranks), the data-parallel mode's state
+that reshards, and each rank's remaining mode state (a per-rank object: it loads on the layout it was saved on).
+dist_checkpointing writes the tensors once (replicas skip), `common.pt` from rank 0, and its own `metadata.json`.
 
 What reshards: the model weights, always; the optimizer, saved in the distributed optimizer's `fully_reshardable`
 format (its state gathered on each replica's first rank at save, every rank reading what it needs at load) or per
 parameter without it, so Adam's moments and fp32 main parameters follow the weights to any TP/PP/DP layout.
-RNG states load only on the (TP, PP, DP) layout they were saved on.
+Local-SGD modes (edit, diloco, post-local-sgd) save every replica's model and optimizer, and their outer state in
+model space (dp/local_sgd/sharded_state.py), so they also change shard group and replica count at resume; what
+stays with the layout is error feedback's residuals (dropped, with a warning) and delayed outer steps in flight
+(such a checkpoint resumes on its own layout only). RNG states load only on the layout they were saved on.
+A-EDiT's replicas stand at different iterations: it keeps --ckpt-format torch.
 """
-from typing import Optional
+import sys
+from typing import Optional, Tuple
 
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_edit.dp.local_sgd.sharded_state import entries_by_parameter
+from megatron_edit.errors import UsageError
 from megatron_edit.model import unwrap_model
-from megatron_edit.platform import torch_adam_fixes
+from megatron_edit.platform import checkpoint_writer, torch_adam_fixes
 from megatron_edit.rng_state import rng_state, set_rng_state
 
 CHECKPOINT_VERSION = 3.0
-# How megatron-core builds the sharded state dicts (kept in the checkpoint, used again to load it).
+# How megatron-core builds our sharded state dicts (kept in the checkpoint, used again to load it; one without it,
+# Megatron-LM's, was built with megatron-core's defaults).
 CONTENT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True,
                     "singleton_local_shards": False}
 
@@ -38,7 +47,7 @@ def _coordinates() -> tuple:
             parallel_state.get_data_parallel_rank())
 
 
-def _model_state(trainer, metadata: dict) -> dict:
+def _model_states(trainer, metadata: dict) -> dict:
     return {key: unwrap_model(chunk).sharded_state_dict(metadata=metadata)
             for key, chunk in zip(_model_state_keys(trainer), trainer.model)}
 
@@ -59,62 +68,123 @@ def _rank_object(value) -> ShardedObject:
 
 def sharded_state_dict(trainer, label: int, loading: bool, rank_iteration: Optional[int] = None,
                        same_layout: bool = True, metadata: Optional[dict] = None, optimizer: bool = True,
-                       rng: bool = True, progress: bool = True) -> dict:
+                       rng: bool = True, progress: bool = True, saved_replicas: Optional[int] = None) -> dict:
     """The checkpoint filed under iteration `label`; `rank_iteration` is this rank's own (A-EDiT's replicas differ).
-    optimizer: the inner optimizer and LR schedule; progress: evaluations and each rank's data-parallel mode state."""
+    optimizer: the inner optimizer and LR schedule; progress: evaluations and the data-parallel mode's state;
+    saved_replicas: the model replicas of the checkpoint being loaded (a local-SGD mode keys each replica's model
+    apart, dp/local_sgd/sharded_state.py)."""
     metadata = CONTENT_METADATA if metadata is None else metadata
+    mode = trainer.dp_mode
+    saved_replicas = trainer.args.num_model_replicas if saved_replicas is None else saved_replicas
+    models = _model_states(trainer, metadata)
     state = {"args": trainer.args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": label,
-             "content_metadata": metadata, **_model_state(trainer, metadata)}
+             "content_metadata": metadata,
+             **{key: mode.checkpoint_model_state(model, saved_replicas) for key, model in models.items()}}
     if optimizer:
         state["optimizer"] = trainer.optimizer.sharded_state_dict(state, is_loading=loading, metadata=metadata)
-        state["opt_param_scheduler"] = trainer.scheduler.state_dict()
+        state["opt_param_scheduler"] = _schedule_counts(trainer.scheduler.state_dict(),
+                                                        lambda iterations: iterations * trainer.args.global_batch_size)
     if rng and same_layout:
         state["rng_state"] = _rng_object()
     if progress:
-        state["megatron_edit"] = {"evaluations": trainer.evaluations}
+        state["megatron_edit"] = {"evaluations": trainer.evaluations,
+                                  "dp_mode": mode.sharded_state_dict(entries_by_parameter(list(models.values())),
+                                                                     saved_replicas, loading)}
         if same_layout:
             state["megatron_edit"]["rank_state"] = _rank_object(
                 {"iteration": label if rank_iteration is None else rank_iteration,
-                 "dp_mode": trainer.dp_mode.state_dict()})
+                 "dp_mode": mode.layout_state_dict()})
+        if not loading:
+            in_flight = torch.tensor([mode.outer_steps_in_flight()])
+            dist.all_reduce(in_flight)
+            state["megatron_edit"]["outer_steps_in_flight"] = int(in_flight)
     return state
 
 
 def save(trainer, label: int, rank_iteration: int, directory: str) -> None:
     """Every rank takes part; `directory` exists and is empty."""
+    checkpoint_writer.tie_writer_to_this_process()
     args = trainer.args
     state = sharded_state_dict(trainer, label, loading=False, rank_iteration=rank_iteration,
                                optimizer=not args.no_save_optim, rng=not args.no_save_rng)
     dist_checkpointing.save(state, directory)
 
 
-def load(trainer, directory: str, parts) -> int:
-    """Restore this rank from a torch_dist checkpoint, the `parts` (checkpointing.LoadParts) asked for; returns the
-    iteration to continue from."""
+def load(trainer, directory: str, parts) -> Tuple[int, bool]:
+    """Restore this rank from a torch_dist checkpoint, ours or Megatron-LM's, the `parts` (checkpointing.LoadParts)
+    asked for; returns the iteration to continue from and whether the data-parallel mode's state came back (it
+    does not with --finetune, from Megatron-LM, or from another --dp-mode: the mode then starts from the weights)."""
     common = dist_checkpointing.load_common_state_dict(directory)
     if parts.optimizer:
         torch_adam_fixes.prepare_to_load(trainer.optimizer)
     saved = common["args"]
-    same_layout = (saved.pipeline_model_parallel_size, saved.tensor_model_parallel_size,
-                   saved.data_parallel_size) == _layout()
+    ours = "megatron_edit" in common
+    same_layout = _saved_layout(saved) == _saved_layout(trainer.args)
+    mode_state = parts.progress and ours and getattr(saved, "dp_mode", "ddp") == trainer.args.dp_mode
+    if mode_state and not same_layout:
+        _check_reshardable(common, saved)
     template = sharded_state_dict(trainer, common["iteration"], loading=True, same_layout=same_layout,
-                                  metadata=common.get("content_metadata", CONTENT_METADATA),
-                                  optimizer=parts.optimizer, rng=parts.rng, progress=parts.progress)
+                                  metadata=common.get("content_metadata", {}), optimizer=parts.optimizer,
+                                  rng=parts.rng, progress=mode_state,
+                                  saved_replicas=getattr(saved, "num_model_replicas", 1))
     state = dist_checkpointing.load(template, directory)
     for key, chunk in zip(_model_state_keys(trainer), trainer.model):
         unwrap_model(chunk).load_state_dict(state[key])
     if parts.optimizer:
         trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scheduler.load_state_dict(state["opt_param_scheduler"])
+        _load_schedule(trainer.scheduler, state["opt_param_scheduler"], saved.global_batch_size, ours)
     if "rng_state" in state:
         set_rng_state(state["rng_state"][parallel_state.get_data_parallel_rank()])
     if not parts.progress:
-        return 0
+        return 0, False
+    if not mode_state:
+        if ours:
+            trainer.evaluations = common["megatron_edit"]["evaluations"]
+        return common["iteration"], False
     trainer.evaluations = state["megatron_edit"]["evaluations"]
+    trainer.dp_mode.load_sharded_state_dict(state["megatron_edit"]["dp_mode"])
     if not same_layout:
-        return state["iteration"]
+        return state["iteration"], True
     rank_state = state["megatron_edit"]["rank_state"]
-    trainer.dp_mode.load_state_dict(rank_state["dp_mode"], same_replica=True)
-    return rank_state["iteration"]
+    trainer.dp_mode.load_layout_state_dict(rank_state["dp_mode"])
+    return rank_state["iteration"], True
+
+
+# OptimizerParamScheduler's counts: ours are iterations, Megatron-LM's samples (what checkpoints hold).
+SCHEDULE_STEPS = ("num_steps", "lr_warmup_steps", "lr_decay_steps", "wd_incr_steps")
+
+
+def _schedule_counts(schedule: dict, convert) -> dict:
+    return {key: convert(value) if key in SCHEDULE_STEPS and value is not None else value
+            for key, value in schedule.items()}
+
+
+def _load_schedule(scheduler, schedule: dict, global_batch_size: int, ours: bool) -> None:
+    """Our checkpoint's schedule as saved; Megatron-LM's only as a position: this run's flags give the curve (what
+    Megatron-LM's --override-opt_param-scheduler does), at the iteration the checkpoint reached."""
+    if ours:
+        scheduler.load_state_dict(_schedule_counts(schedule, lambda samples: samples // global_batch_size))
+    else:
+        scheduler.step(increment=schedule["num_steps"] // global_batch_size)
+
+
+def _saved_layout(args) -> tuple:
+    """What the per-rank part of a checkpoint depends on: TP, PP, DP and the local-SGD shard group."""
+    return (args.pipeline_model_parallel_size, args.tensor_model_parallel_size, args.data_parallel_size,
+            getattr(args, "model_shard_group_size", None))
+
+
+def _check_reshardable(common: dict, saved) -> None:
+    """A checkpoint resumed on another layout leaves its per-rank state behind: refuse it where that loses a
+    step, warn where it loses error-feedback residuals (a quantization step of each module, carried no further)."""
+    in_flight = common["megatron_edit"].get("outer_steps_in_flight", 0)
+    if in_flight:
+        raise UsageError(f"checkpoint {common['iteration']} holds {in_flight} delayed outer steps in flight "
+                         "(--sync-delay-steps), which resume only on the TP/PP/DP/shard-group layout they were saved "
+                         "on: resume there, or take a checkpoint where none is in flight")
+    if getattr(saved, "sync_error_feedback", False) and dist.get_rank() == 0:
+        print("WARNING: the layout changed: error-feedback residuals start again from zero", file=sys.stderr,
+              flush=True)
 
 
 def _model_state_keys(trainer) -> list:

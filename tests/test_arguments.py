@@ -81,7 +81,9 @@ def test_aedit_refuses_exit_interval_and_checks_its_own_flags():
     assert "--exit-interval does not apply to --dp-mode aedit" in \
         error_of(aedit + ["--exit-interval", "5"], world_size=2)
     assert "--aedit-step-weight must be in [0, 1]" in error_of(aedit + ["--aedit-step-weight", "2"], world_size=2)
-    assert arguments.parse_args(BASE + aedit + ["--save", "/tmp/x"], world_size=2).num_model_replicas == 2
+    parsed = arguments.parse_args(BASE + aedit + ["--save", "/tmp/x"], world_size=2)
+    assert parsed.num_model_replicas == 2 and parsed.ckpt_format == "torch"  # a file per rank: replicas differ
+    assert arguments.parse_args(BASE + ["--save", "/tmp/x"], world_size=2).ckpt_format == "torch_dist"
 
 
 def test_learning_rate_warmup_longer_than_decay():

@@ -13,9 +13,9 @@ from test_edit import edit, local_sgd, run
 
 STEPS = ["--micro-batch-size", "2", "--global-batch-size", "8", "--log-interval", "1", "--eval-interval", "1000",
          "--eval-iters", "1"]
-EDIT_WITH_PENALTY = ["--dp-mode", "edit", "--model-shard-group-size", "2", *local_sgd(2, 2),
-                     "--edit-anomaly-elimination", "--edit-anomaly-warmup-syncs", "1", "--edit-weighted-average",
-                     "--edit-pseudo-grad-clip", "0.5"]
+PENALTY = ["--edit-anomaly-elimination", "--edit-anomaly-warmup-syncs", "1", "--edit-weighted-average",
+           "--edit-pseudo-grad-clip", "0.5"]
+EDIT_WITH_PENALTY = ["--dp-mode", "edit", "--model-shard-group-size", "2", *local_sgd(2, 2), *PENALTY]
 
 
 # Two staggered fragments over H=4 (syncs issued at 5 and 9, and at 7 and 11), each outer step applied two iterations
@@ -25,12 +25,15 @@ EDIT_FRAGMENTS_DELAYED_INT8 = ["--dp-mode", "edit", "--model-shard-group-size", 
                                "--sync-error-feedback"]
 
 
-TORCH_DIST = ["--ckpt-format", "torch_dist"]
+TORCH_DIST = ["--ckpt-format", "torch_dist"]  # the default, named where a test is about it
+TORCH = ["--ckpt-format", "torch"]
 
 
-@pytest.mark.parametrize("nproc,mode", [(2, []), (4, EDIT_WITH_PENALTY), (4, EDIT_FRAGMENTS_DELAYED_INT8),
-                                        (2, TORCH_DIST)],
-                         ids=["ddp", "edit_with_penalty", "edit_fragments_delayed_int8", "ddp_torch_dist"])
+@pytest.mark.parametrize("nproc,mode", [(2, TORCH), (4, EDIT_WITH_PENALTY + TORCH),
+                                        (4, EDIT_FRAGMENTS_DELAYED_INT8 + TORCH), (2, TORCH_DIST),
+                                        (4, EDIT_FRAGMENTS_DELAYED_INT8 + TORCH_DIST)],
+                         ids=["ddp_torch", "edit_with_penalty_torch", "edit_fragments_delayed_int8_torch",
+                              "ddp_torch_dist", "edit_fragments_delayed_int8_torch_dist"])
 def test_resumed_run_reproduces_the_uninterrupted_one_bitwise(tmp_path, nproc, mode):
     """12 iterations straight vs 6, save, load, 6 more (EDiT: syncs at 5 | 7, 9, 11, penalty on; fragments: issued at
     5 | applied at 7, then 7, 9 and 11 applied at 9, 11 and in the final sync)."""
@@ -76,6 +79,31 @@ def test_torch_dist_checkpoint_reshards_to_another_layout(tmp_path, layout):
     assert resumed.losses[1] == pytest.approx(straight[7], rel=1e-3)  # a step later: reduction order differs
 
 
+@pytest.mark.parametrize("layout,extra,rel", [
+    (["--pipeline-model-parallel-size", "2", "--model-shard-group-size", "1"], [], 1e-5),
+    (["--model-shard-group-size", "2"], [], 1e-5),
+    (["--model-shard-group-size", "1"], [], 1e-5),
+    (["--model-shard-group-size", "2"], ["--use-distributed-optimizer", "--bf16"], 2e-3),  # bf16 matmuls: TP=2 vs 1
+], ids=["tp1_pp2_dp2_m2", "tp1_pp1_dp4_s2_m2", "tp1_pp1_dp4_m4", "tp1_pp1_dp4_s2_m2_distributed_optimizer_bf16"])
+def test_edit_torch_dist_checkpoint_reshards_with_its_outer_state(tmp_path, layout, extra, rel):
+    """EDiT with the penalty, saved at TP=2 x DP=2 (two replicas of one rank: a shard group of 2 would take 8 ranks)
+    after iteration 6, between the syncs of 5 and 7, continues at another layout, shard group or replica count. The
+    first resumed iteration syncs before its forward: its loss is the uninterrupted run's only if every replica's
+    parameters, the anchors and the outer momentum (non-zero since 5) all came back. With the same data per replica
+    (PP=2) the losses after it follow too."""
+    args = TINY_GPT + STEPS + ["--dp-mode", "edit", *local_sgd(2, 2), *PENALTY] + TORCH_DIST + extra + \
+        ["--train-iters", "10"]
+    saved_layout = ["--tensor-model-parallel-size", "2", "--model-shard-group-size", "1"]
+    straight = run_training(4, args + saved_layout).check().losses
+    run_training(4, args + saved_layout + ["--save", str(tmp_path), "--exit-interval", "6"]).check()
+    resumed = run_training(4, args + layout + ["--load", str(tmp_path)]).check()
+    assert "at iteration 6" in resumed.stdout and len(resumed.losses) == 4
+    assert "edit sync at iteration 7" in resumed.stdout
+    assert resumed.losses[0] == pytest.approx(straight[6], rel=rel)
+    if "--pipeline-model-parallel-size" in layout:
+        assert resumed.losses == pytest.approx(straight[6:], rel=1e-4)
+
+
 ELASTIC = ("--micro-batch-size", "1", "--global-batch-size", "6", *local_sgd(2, 2))
 
 
@@ -97,7 +125,7 @@ def test_killed_rank_restarts_from_the_last_checkpoint_and_finishes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
                str(REPO / "pretrain_gpt.py"), *TINY_GPT, "--micro-batch-size", "2", "--train-iters", "300",
                "--log-interval", "50", "--eval-interval", "1000", "--eval-iters", "1",
-               "--save", str(tmp_path), "--load", str(tmp_path), "--save-interval", "10"]
+               "--save", str(tmp_path), "--load", str(tmp_path), "--save-interval", "50"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     tracker = tmp_path / "latest_checkpointed_iteration.txt"
@@ -133,10 +161,10 @@ def test_incompatible_or_missing_checkpoint_is_one_line(tmp_path):
     result = run_training(1, wider + STEPS + ["--train-iters", "4", "--load", str(tmp_path)])
     assert result.returncode != 0
     assert "error: checkpoint 2 does not fit this run: hidden_size 64 (checkpoint) vs 128 (this run)" in result.stderr
-    edit = ["--dp-mode", "edit", "--model-shard-group-size", "1", "--ckpt-format", "torch_dist"]
-    result = run_training(2, TINY_GPT + STEPS + edit + ["--train-iters", "4", "--save", str(tmp_path)])
+    aedit = ["--dp-mode", "aedit", "--model-shard-group-size", "1", "--ckpt-format", "torch_dist"]
+    result = run_training(2, TINY_GPT + STEPS + aedit + ["--train-iters", "4", "--save", str(tmp_path)])
     assert result.returncode != 0
-    assert "error: --ckpt-format torch_dist keeps one copy of the model and optimizer" in result.stderr
+    assert "error: --ckpt-format torch_dist: A-EDiT's replicas stand at different iterations" in result.stderr
     result = run_training(1, TINY_GPT + STEPS + ["--train-iters", "4", "--load", str(tmp_path / "nope")])
     assert result.returncode != 0 and f"error: --load {tmp_path / 'nope'} does not exist" in result.stderr
 
@@ -150,8 +178,45 @@ def test_finetune_and_partial_loads_follow_megatron_lms_flags(tmp_path):
     assert "checkpoint 12 was saved with --no-save-optim: load it with --no-load-optim or --finetune" in result.stderr
     resumed = run_training(2, args + ["--train-iters", "14", "--load", str(tmp_path), "--no-load-optim"]).check()
     assert "at iteration 12" in resumed.stdout and len(resumed.losses) == 2
+    # Without the optimizer, the weights load into the other optimizer too.
+    distributed = run_training(2, args + ["--train-iters", "14", "--load", str(tmp_path), "--no-load-optim",
+                                          "--use-distributed-optimizer"]).check()
+    assert distributed.losses[0] == pytest.approx(resumed.losses[0], rel=1e-6)
     finetuned = run_training(2, args + ["--train-iters", "3", "--load", str(tmp_path), "--finetune"]).check()
     assert "(--finetune: weights of iteration 12)" in finetuned.stdout and len(finetuned.losses) == 3
     # The trained weights carry on through a fresh optimizer's steps (in bf16, through its fp32 main copies, which
     # must be refreshed from the loaded weights), starting again from the first batch.
     assert max(finetuned.losses) < scratch.losses[0] - 0.1
+
+
+def test_megatron_lm_checkpoint_loads_and_trains_on(tmp_path):
+    """A checkpoint as Megatron-LM writes it (tests/megatron_lm_checkpoint.py: megatron-core alone, no record of ours)
+    loads with its exact weights and trains on under DDP and under EDiT, whose anchors start from those weights (its
+    first loss is DDP's, and its syncs keep it near DDP); --finetune restarts at iteration 0. Ours carries the keys
+    and units Megatron-LM reads."""
+    fixture, dump = tmp_path / "megatron_lm", tmp_path / "saved.pt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                    str(REPO / "tests/megatron_lm_checkpoint.py"), "--save", str(fixture), "--dump", str(dump)],
+                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    args = TINY_GPT + STEPS + TORCH_DIST + ["--load", str(fixture)]
+    run_training(1, args + ["--train-iters", "3", "--dump-dir", str(tmp_path)], script="tests/edit_runner.py").check()
+    loaded, saved = torch.load(tmp_path / "rank0.pt")["params"], torch.load(dump)
+    assert loaded.keys() == saved.keys()
+    for name, value in saved.items():
+        assert torch.equal(loaded[name], value), name
+    ddp = run_training(2, args + ["--train-iters", "7"]).check()
+    assert "at iteration 3" in ddp.stdout and len(ddp.losses) == 4
+    edit = run_training(2, args + ["--train-iters", "7", "--dp-mode", "edit", "--model-shard-group-size", "1",
+                                   *local_sgd(0, 2)]).check()
+    assert "edit sync at iteration" in edit.stdout
+    assert edit.losses[0] == pytest.approx(ddp.losses[0], rel=1e-6)
+    assert edit.losses == pytest.approx(ddp.losses, rel=0.02)
+    finetuned = run_training(2, args + ["--train-iters", "2", "--finetune"]).check()
+    assert "(--finetune: weights of iteration 3)" in finetuned.stdout and len(finetuned.losses) == 2
+
+    ours = tmp_path / "ours"
+    run_training(1, TINY_GPT + STEPS + TORCH_DIST + ["--train-iters", "2", "--save", str(ours)]).check()
+    common = torch.load(ours / "iter_0000002" / "common.pt", weights_only=False)
+    assert {"args", "checkpoint_version", "iteration", "opt_param_scheduler"} <= common.keys()
+    assert common["opt_param_scheduler"]["num_steps"] == 2 * 8  # samples, as Megatron-LM counts

@@ -17,12 +17,15 @@ class DataParallelMode(abc.ABC):
     name: str = ""
     fault_kinds: FrozenSet[str] = frozenset()  # the --inject-fault kinds this mode can suffer
     cross_replica_group = "dp"  # the byte counter's name for the group that links replicas (comm_stats)
+    default_ckpt_format = "torch_dist"  # Megatron-LM's; A-EDiT's replicas need a file each
 
     @classmethod
     def validate(cls, args) -> None:
         """Check the mode's flags (one UsageError line each) and fill in what depends on them:
-        `num_model_replicas` (megatron-core's distributed-optimizer instances)."""
+        `num_model_replicas` (megatron-core's distributed-optimizer instances) and the checkpoint format."""
         args.num_model_replicas = 1
+        if args.ckpt_format is None:
+            args.ckpt_format = cls.default_ckpt_format
 
     @classmethod
     def fault_replicas(cls, args) -> int:
@@ -91,6 +94,35 @@ class DataParallelMode(abc.ABC):
 
     def load_state_dict(self, state: dict, same_replica: bool) -> None:
         """Restore `state_dict()`; same_replica is False when the number of replicas changed (elastic resume)."""
+
+    # torch_dist checkpoints (dist_checkpoint.py): one state dict for all ranks, which reshards at load.
+    def checkpoint_model_state(self, model_state: dict, saved_replicas: int) -> dict:
+        """A model chunk's sharded state dict as this rank saves it (or, loading, reads it from a checkpoint of
+        `saved_replicas` replicas): the data-parallel ranks hold one model here."""
+        return model_state
+
+    def sharded_state_dict(self, entries: dict, saved_replicas: int, loading: bool) -> dict:
+        """The part of the mode's state that reshards (sharded tensors and objects); `entries`: id(parameter) ->
+        the parameter's entry in the model's sharded state dict."""
+        return {}
+
+    def load_sharded_state_dict(self, state: dict) -> None:
+        """Restore `sharded_state_dict()` as loaded."""
+
+    def layout_state_dict(self) -> dict:
+        """The rest of the state: it loads only on the layout (TP, PP, DP, shard group) it was saved on."""
+        return self.state_dict()
+
+    def load_layout_state_dict(self, state: dict) -> None:
+        self.load_state_dict(state, same_replica=True)
+
+    def begin_from_loaded_weights(self) -> None:
+        """The weights came from a checkpoint without this mode's state (--finetune, another --dp-mode,
+        Megatron-LM): whatever the mode keeps beside the model starts from them."""
+
+    def outer_steps_in_flight(self) -> int:
+        """Outer steps issued and not yet applied on this rank (a checkpoint holding any resumes on its layout)."""
+        return 0
 
     def metrics(self) -> Dict[str, float]:
         """Extra numbers for the log line and the tracker (e.g. bytes communicated)."""

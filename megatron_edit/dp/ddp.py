@@ -12,6 +12,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 
 from megatron_edit.dp.base import DataParallelMode
 from megatron_edit.dp.faults import FaultInjector
+from megatron_edit.optimizers import describe_sgd_state
 
 
 class SynchronousDataParallel(DataParallelMode):
@@ -50,10 +51,13 @@ class SynchronousDataParallel(DataParallelMode):
 
     def build_optimizer(self, model_chunks, optimizer_config):
         if self.pg_collection is None:
-            return get_megatron_optimizer(optimizer_config, model_chunks)
-        # Gloo side groups only serve megatron's own checkpoint format; with explicit groups megatron refuses them.
-        return get_megatron_optimizer(optimizer_config, model_chunks, use_gloo_process_groups=False,
-                                      pg_collection=self.pg_collection)
+            optimizer = get_megatron_optimizer(optimizer_config, model_chunks)
+        else:
+            # Gloo side groups only serve megatron's own checkpoint format; with explicit groups megatron refuses them.
+            optimizer = get_megatron_optimizer(optimizer_config, model_chunks, use_gloo_process_groups=False,
+                                               pg_collection=self.pg_collection)
+        describe_sgd_state(optimizer)
+        return optimizer
 
     def begin_iteration(self, iteration: int, finished: bool) -> bool:
         self.faults.start_iteration()

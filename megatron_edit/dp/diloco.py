@@ -6,7 +6,7 @@ Nesterov step on the anchor, and theta <- anchor. Unlike EDiT, every rank keeps 
 (anchor and momentum for every parameter of its model chunk), and there is no penalty.
 """
 import math
-from typing import Dict
+from typing import Dict, List
 
 import torch
 
@@ -47,17 +47,8 @@ class DiLoCoDataParallel(PostLocalSGDDataParallel):
     def _consensus_views(self):
         return [(view, view.anchor.to(view.device)) for view in self.views]
 
-    def state_dict(self) -> dict:
-        return {**super().state_dict(), "anchors": [v.anchor.cpu().clone() for v in self.views],
-                "momenta": [v.momentum.cpu().clone() for v in self.views]}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict, same_replica: bool) -> None:
-        """Anchor and momentum are the same in every replica: they carry over whatever the replica count."""
-        for view, anchor, momentum in zip(self.views, state["anchors"], state["momenta"]):
-            view.anchor.copy_(anchor)
-            view.momentum.copy_(momentum)
-        super().load_state_dict(state, same_replica)
+    def _outer_vectors(self) -> Dict[str, List[torch.Tensor]]:
+        return {"anchors": [v.anchor for v in self.views], "momenta": [v.momentum for v in self.views]}
 
     def outer_state_numel(self) -> int:
         return sum(view.outer_state_numel() for view in self.views)

@@ -6,13 +6,14 @@ nothing overlapping it and no outer optimizer. DiLoCo (diloco.py) keeps this sch
 an outer step.
 """
 import time
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
 
 from megatron_edit.dp.local_sgd.params import FlatParams, MainParams
 from megatron_edit.dp.local_sgd.mode import LocalSGDDataParallel
+from megatron_edit.dp.local_sgd.sharded_state import from_model_space, model_space_tensors
 from megatron_edit.logging import print_rank_last
 
 
@@ -25,8 +26,7 @@ class PostLocalSGDDataParallel(LocalSGDDataParallel):
         main_params = MainParams(optimizer)
         self.views = [self._whole_model_view(index, [p for p in chunk.parameters() if p.requires_grad], main_params)
                       for index, chunk in enumerate(model_chunks)]
-        if self.local_sgd.warmup_iters == 0:
-            self._begin_local_steps()
+        self._begin_local_steps()  # until the replicas part, what they agree on is the model itself (reset at W)
         return optimizer
 
     def _begin_local_steps(self) -> None:
@@ -72,12 +72,33 @@ class PostLocalSGDDataParallel(LocalSGDDataParallel):
     def _consensus_views(self):
         return list(zip(self.views, self.averages))
 
+    def _outer_vectors(self) -> Dict[str, List[torch.Tensor]]:
+        """What the mode keeps beside the model, by name: per view, a flat vector, the same in every replica."""
+        return {"averages": self.averages}
+
     def state_dict(self) -> dict:
-        return {**super().state_dict(), "averages": [a.cpu().clone() for a in getattr(self, "averages", [])]}
+        return {**super().state_dict(),
+                **{name: [v.cpu().clone() for v in vectors] for name, vectors in self._outer_vectors().items()}}
 
     @torch.no_grad()
     def load_state_dict(self, state: dict, same_replica: bool) -> None:
-        """The average is the same in every replica: it carries over whatever the replica count."""
+        """The outer vectors are the same in every replica: they carry over whatever the replica count."""
         super().load_state_dict(state, same_replica)
-        if state["averages"]:
-            self.averages = [a.to(view.device) for view, a in zip(self.views, state["averages"])]
+        for name, vectors in self._outer_vectors().items():
+            for vector, saved in zip(vectors, state[name]):
+                vector.copy_(saved)
+
+    def sharded_state_dict(self, entries: dict, saved_replicas: int, loading: bool) -> dict:
+        """The outer vectors in model space (sharded_state.py), besides the step counters."""
+        state = super().sharded_state_dict(entries, saved_replicas, loading)
+        for name, vectors in self._outer_vectors().items():
+            state[name] = [model_space_tensors(name, view, None if loading else vector, entries)
+                           for view, vector in zip(self.views, vectors)]
+        return state
+
+    @torch.no_grad()
+    def load_sharded_state_dict(self, state: dict) -> None:
+        super().load_sharded_state_dict(state)
+        for name, vectors in self._outer_vectors().items():
+            for view, vector, loaded in zip(self.views, vectors, state[name]):
+                vector.copy_(from_model_space(view, loaded))

@@ -40,6 +40,7 @@ class AEditConfig:
 class AsyncEditDataParallel(EditDataParallel):
     name = "aedit"
     syncs_in_fragments = False  # its clock syncs the whole model
+    default_ckpt_format = "torch"  # replicas stand at different iterations: a file per rank
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
                  faults: FaultInjector, penalty: PenaltyConfig, aedit: AEditConfig):
@@ -56,6 +57,9 @@ class AsyncEditDataParallel(EditDataParallel):
         super().validate(args)
         require(0 <= args.aedit_step_weight <= 1, "--aedit-step-weight must be in [0, 1]")
         require(args.aedit_sync_seconds > 0, "--aedit-sync-seconds must be > 0")
+        require(args.ckpt_format == "torch" or not (args.save or args.load),
+                f"--ckpt-format {args.ckpt_format}: A-EDiT's replicas stand at different iterations (learning rate, "
+                "optimizer steps), which one state for all ranks cannot hold: use --ckpt-format torch (a file per rank)")
         require(not args.exit_interval,
                 "--exit-interval does not apply to --dp-mode aedit (replicas reach an iteration at different times); "
                 "stop with --train-iters, or checkpoint with --save-interval")

@@ -11,6 +11,7 @@ from typing import List
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from megatron_edit.dp.local_sgd.config import LocalSGDConfig
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
@@ -18,11 +19,16 @@ from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.dp.edit.fragments import plan_fragments
 from megatron_edit.dp.edit.penalty import PenaltyConfig
 from megatron_edit.dp.local_sgd.params import MainParams, ModuleShard
+from megatron_edit.dp.local_sgd.sharded_state import from_model_space, model_space_tensors, replica_object
 from megatron_edit.dp.edit.sync import LayerwiseSync, ModuleSyncRecord
 from megatron_edit.dp.local_sgd.mode import LocalSGDDataParallel
 from megatron_edit.errors import require
 from megatron_edit.logging import print_rank_last
 from megatron_edit.model import unwrap_model
+
+
+TIED_TO = "embedding.word_embeddings"  # the unit a tied output layer's weight is a copy of
+_OUTER = {"anchors": "anchor", "momenta": "momentum"}  # checkpoint name -> ModuleShard attribute
 
 
 def sync_modules(model: torch.nn.Module) -> List[tuple]:
@@ -87,6 +93,7 @@ class EditDataParallel(LocalSGDDataParallel):
         self.penalty = penalty
         self.sync = None
         self.fragment_units: List[List[int]] = []  # with --sync-fragments: this rank's unit indices per fragment
+        self.tied_units: set = set()  # units holding a second copy of the word embedding (output_layer, PP > 1)
         self._sync_starts = {}  # sync iteration -> sync-group bytes and exposed seconds when that sync began
 
     @classmethod
@@ -120,18 +127,22 @@ class EditDataParallel(LocalSGDDataParallel):
                 modules.append(module)
                 if name == "output_layer" and model.share_embeddings_and_output_weights:  # PP > 1: a second copy
                     tied.append(name)
+        self.tied_units = set(tied)
         self.sync = LayerwiseSync(units, modules, self.groups, self.exchange, self.local_sgd, self.penalty,
                                   self.faults, step_weight=self.step_weight)
         if self.local_sgd.sync_fragments > 1:
             self.fragment_units = self._plan_fragments(units, tied)
         if self.local_sgd.warmup_iters == 0:
-            self.sync.initialize_anchors()
+            self._begin_local_steps()
         return optimizer
+
+    def _begin_local_steps(self) -> None:
+        self.sync.initialize_anchors()
 
     def _plan_fragments(self, units: List[ModuleShard], tied: List[str]) -> List[List[int]]:
         """This rank's unit indices per fragment, from one plan of the whole model (every stage's units, gathered
         over the replica) that every rank of every replica computes alike."""
-        mine = [(u.name, u.numel, "embedding.word_embeddings" if u.name in tied else None) for u in units]
+        mine = [(u.name, u.numel, TIED_TO if u.name in tied else None) for u in units]
         everyone = [None] * dist.get_world_size(self.groups.whole_replica)
         dist.all_gather_object(everyone, mine, group=self.groups.whole_replica)
         plan = plan_fragments(list({name: (name, numel, tie) for rank in everyone
@@ -182,7 +193,7 @@ class EditDataParallel(LocalSGDDataParallel):
         self._report_completed_syncs(iteration)
         self.sync.disarm()
         if iteration == self.local_sgd.warmup_iters:
-            self.sync.initialize_anchors()
+            self._begin_local_steps()
         super().after_optimizer_step(iteration)
 
     def _consensus_views(self):
@@ -219,13 +230,11 @@ class EditDataParallel(LocalSGDDataParallel):
         self._events.append((iteration, values))
 
     def state_dict(self) -> dict:
-        layerwise_sync = self.sync.state_dict()  # first: it completes exchanges in flight, which sets their residuals
         return {
             **super().state_dict(),
             "anchors": [u.anchor.cpu().clone() for u in self.sync.units],
             "momenta": [u.momentum.cpu().clone() for u in self.sync.units],
             "detectors": [d.state_dict() for d in self.sync.detectors],
-            "layerwise_sync": layerwise_sync,
         }
 
     @torch.no_grad()
@@ -238,7 +247,42 @@ class EditDataParallel(LocalSGDDataParallel):
             unit.momentum.copy_(momentum)
         for detector, detector_state in zip(self.sync.detectors, state["detectors"]):
             detector.load_state_dict(detector_state)
+
+    def layout_state_dict(self) -> dict:
+        # The sync's first: it completes exchanges in flight, which sets their error-feedback residuals.
+        return {"layerwise_sync": self.sync.state_dict(), **super().layout_state_dict()}
+
+    def load_layout_state_dict(self, state: dict) -> None:
+        super().load_layout_state_dict(state)
         self.sync.load_state_dict(state["layerwise_sync"])
+
+    def sharded_state_dict(self, entries: dict, saved_replicas: int, loading: bool) -> dict:
+        """Anchors and momenta in model space; each module's anomaly detector as an object of its replica (a tied
+        output layer's copy under the embedding's name, written by the first stage)."""
+        state = super().sharded_state_dict(entries, saved_replicas, loading)
+        units = self.sync.units
+        for name in ("anchors", "momenta"):
+            state[name] = [model_space_tensors(name, unit, None if loading else getattr(unit, _OUTER[name]),
+                                               entries, self.groups.shard) for unit in units]
+        replica = self._saved_replica(saved_replicas)[0]
+        shard_rank = self._rank_among_copies(saved_replicas, self.groups.shard)
+        tensor_rank = parallel_state.get_tensor_model_parallel_rank()
+        state["detectors"] = [
+            replica_object(replica, f"detector.{TIED_TO if unit.name in self.tied_units else unit.name}",
+                           detector.state_dict(), (int(unit.name in self.tied_units), tensor_rank, shard_rank))
+            for unit, detector in zip(units, self.sync.detectors)]
+        return state
+
+    @torch.no_grad()
+    def load_sharded_state_dict(self, state: dict) -> None:
+        super().load_sharded_state_dict(state)
+        for index, unit in enumerate(self.sync.units):
+            for name, attribute in _OUTER.items():
+                getattr(unit, attribute).copy_(from_model_space(unit, state[name][index], unit.owned))
+            self.sync.detectors[index].load_state_dict(state["detectors"][index])
+
+    def outer_steps_in_flight(self) -> int:
+        return len(self.sync.delayed)
 
     def outer_state_numel(self) -> int:
         return sum(unit.outer_state_numel() for unit in self.sync.units)

@@ -10,7 +10,7 @@ with a sync (`_final_sync`), so every replica finishes on the same model.
 import abc
 import collections
 import contextlib
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,6 +21,7 @@ from megatron_edit.dp.ddp import SynchronousDataParallel
 from megatron_edit.dp.local_sgd.config import LocalSGDConfig
 from megatron_edit.dp.local_sgd.exchange import ProcessGroupTransport, SyncExchange
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
+from megatron_edit.dp.local_sgd.sharded_state import replica_entries, replica_object
 from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.errors import require
 
@@ -62,6 +63,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     @classmethod
     def validate(cls, args) -> None:
         """Fills in `model_shard_group_size` and `num_model_replicas` (= sync group size)."""
+        super().validate(args)
         dp = args.data_parallel_size
         if args.model_shard_group_size is None:  # the data-parallel ranks of one node
             args.model_shard_group_size = max(1, min(dp, args.local_world_size // (
@@ -88,9 +90,6 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         require(1 <= args.sync_fragments <= args.local_sgd_sync_interval,
                 f"--sync-fragments {args.sync_fragments} must be in [1, H={args.local_sgd_sync_interval}]: each "
                 "fragment syncs at its own iteration of the H")
-        require(args.ckpt_format == "torch" or not (args.save or args.load),
-                f"--ckpt-format {args.ckpt_format} keeps one copy of the model and optimizer, and {cls.name}'s "
-                "replicas differ between syncs: use --ckpt-format torch (a file per rank)")
         require(not args.sync_error_feedback or args.sync_dtype != "fp32",
                 "--sync-error-feedback carries quantization error: use it with --sync-dtype bf16 or int8")
         penalty = [flag for flag, on in [("--edit-anomaly-elimination", args.edit_anomaly_elimination),
@@ -148,6 +147,14 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         return not finished
 
     @abc.abstractmethod
+    def _begin_local_steps(self) -> None:
+        """The replicas are about to part (end of warm-up) or start over together: keep what they agree on now."""
+
+    def begin_from_loaded_weights(self) -> None:
+        self.local_steps_since_sync = 0
+        self._begin_local_steps()
+
+    @abc.abstractmethod
     def _final_sync(self, iteration: int) -> None:
         """Bring every replica onto one model after the last iteration, `iteration`."""
 
@@ -199,16 +206,49 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         self._iterations_since_log += 1
         super().after_optimizer_step(iteration)
 
+    def _progress(self) -> dict:
+        return {"local_steps_since_sync": self.local_steps_since_sync, "in_warmup": self.in_warmup}
+
+    def _load_progress(self, progress: dict) -> None:
+        self.local_steps_since_sync, self.in_warmup = progress["local_steps_since_sync"], progress["in_warmup"]
+
     def state_dict(self) -> dict:
-        return {"local_steps_since_sync": self.local_steps_since_sync, "in_warmup": self.in_warmup,
-                "exchange": {"replicas": self.groups.num_replicas, **self.exchange.state_dict()}}
+        return {**self._progress(), **self.layout_state_dict()}
 
     def load_state_dict(self, state: dict, same_replica: bool) -> None:
         """Step counters are per replica and come from the replica this one continues; so do error-feedback
         residuals, which are dropped when the replica count (and with it the exchange's chunking) changed."""
-        self.local_steps_since_sync, self.in_warmup = state["local_steps_since_sync"], state["in_warmup"]
+        self._load_progress(state)
+        self.load_layout_state_dict(state)
+
+    def layout_state_dict(self) -> dict:
+        return {"exchange": {"replicas": self.groups.num_replicas, **self.exchange.state_dict()}}
+
+    def load_layout_state_dict(self, state: dict) -> None:
         if state["exchange"]["replicas"] == self.groups.num_replicas:
             self.exchange.load_state_dict(state["exchange"])
+
+    def _saved_replica(self, saved_replicas: int) -> Tuple[int, int]:
+        """(the replica of the checkpoint this one saves as or continues, this replica's place among those that
+        continue it: each key must have one main reader as well as one writer)."""
+        return self.groups.replica_index % saved_replicas, self.groups.replica_index // saved_replicas
+
+    def _rank_among_copies(self, saved_replicas: int, group: dist.ProcessGroup) -> int:
+        copy = self._saved_replica(saved_replicas)[1]
+        return copy * group.size() + dist.get_rank(group)
+
+    def checkpoint_model_state(self, model_state: dict, saved_replicas: int) -> dict:
+        """The replicas differ between syncs: each is saved under keys of its own (sharded_state.py)."""
+        return replica_entries(model_state, self._saved_replica(saved_replicas)[0],
+                               self._rank_among_copies(saved_replicas, self.groups.shard))
+
+    def sharded_state_dict(self, entries: dict, saved_replicas: int, loading: bool) -> dict:
+        """The step counters, one object per replica."""
+        return {"progress": replica_object(self._saved_replica(saved_replicas)[0], "local_sgd", self._progress(),
+                                           self._rank_among_copies(saved_replicas, self.groups.whole_replica))}
+
+    def load_sharded_state_dict(self, state: dict) -> None:
+        self._load_progress(state["progress"])
 
     def wrap_train_batches(self, batches):
         return self.faults.train_batches(batches)

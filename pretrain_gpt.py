@@ -17,7 +17,7 @@ def model_provider(args, config, pre_process=True, post_process=True) -> GPTMode
     """The GPT piece of one pipeline stage: the embedding on the first stage, the output layer on the last."""
     return GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(args),
+        transformer_layer_spec=layer_spec(args, config),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,

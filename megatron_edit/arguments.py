@@ -14,6 +14,8 @@ prints the one line and exits 2 if FLAGS cannot run on N processes, L per node.
 import argparse
 import sys
 
+from megatron.core.transformer.enums import AttnBackend
+
 from megatron_edit import platform
 from megatron_edit.errors import UsageError
 from megatron_edit.errors import require as _require
@@ -55,6 +57,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default=None,
                    help="default: transformer_engine when it is importable on a GPU, else local")
+    g.add_argument("--attention-backend", choices=[b.name for b in AttnBackend], default="auto",
+                   help="megatron-core's attention implementation (flash, fused and unfused need Transformer Engine)")
+
+    g = parser.add_argument_group("activation recomputation")
+    g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="full: whole transformer layers; selective: the core attention only")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with full: uniform recomputes every --recompute-num-layers layers as one chunk; block the "
+                        "first --recompute-num-layers layers of each pipeline stage")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
 
     g = parser.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, required=True)
@@ -84,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="split layer norms and dropout along the sequence over the tensor-parallel ranks")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce gradient buckets during backward (in the shard group under the local-SGD modes)")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g.add_argument("--dp-mode", default="ddp", help="data-parallel mode: ddp, edit, aedit, diloco, post-local-sgd (see megatron_edit/dp/)")
 
     g = parser.add_argument_group("local SGD (edit and the other local-SGD modes)")
@@ -163,6 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the model's shape (layers, sizes, heads, Llama-style switches) from the newest "
                         "checkpoint under --load instead of the command line")
     g.add_argument("--exit-interval", type=int, default=None, help="stop after this iteration (saving first)")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop (saving first) at the first log iteration after this many minutes of wall-clock "
+                        "training (Slurm time limits)")
     g.add_argument("--keep-last-checkpoints", type=int, default=None, help="delete older checkpoints")
 
     g = parser.add_argument_group("logging and evaluation")
@@ -256,6 +277,20 @@ def validate_args(args: argparse.Namespace) -> None:
              "every pipeline stage needs at least one layer")
     _require(args.num_layers % pp == 0,
              f"--num-layers {args.num_layers} is not divisible by --pipeline-model-parallel-size {pp}")
+    if args.sequence_parallel and tp == 1:  # as Megatron-LM: nothing to split the sequence over
+        args.sequence_parallel = False
+    _require(not args.recompute_activations or args.recompute_granularity in (None, "selective"),
+             "--recompute-activations is --recompute-granularity selective; give one of them")
+    if args.recompute_activations:
+        args.recompute_granularity = "selective"
+    _require(args.recompute_granularity != "full" or args.recompute_method is not None,
+             "--recompute-granularity full needs --recompute-method uniform or block")
+    _require(args.recompute_method is None or args.recompute_granularity == "full",
+             "--recompute-method applies to --recompute-granularity full")
+    _require(args.recompute_granularity != "full" or 1 <= args.recompute_num_layers <= args.num_layers // pp,
+             f"--recompute-num-layers {args.recompute_num_layers} must be in [1, {args.num_layers // pp}] "
+             "(the layers of one pipeline stage)")
+    _require(args.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be > 0")
     _require(args.seq_length <= args.max_position_embeddings,
              f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
 

@@ -1,5 +1,6 @@
 """Process start-up: who am I (torchrun, Slurm or a lone process), which device, which groups, which seeds."""
 import dataclasses
+import datetime
 import os
 import random
 import socket
@@ -67,6 +68,7 @@ def initialize_megatron(args) -> torch.device:
         rank=env.rank,
         world_size=env.world_size,
         device_id=device if device_type == "cuda" else None,
+        timeout=datetime.timedelta(minutes=args.distributed_timeout_minutes),
     )
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=args.tensor_model_parallel_size,

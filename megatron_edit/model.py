@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.enums import AttnBackend
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer import TransformerConfig
 
 
@@ -62,16 +64,41 @@ def transformer_config_from_args(args) -> TransformerConfig:
         apply_rope_fusion=fused,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
+        sequence_parallel=args.sequence_parallel,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers if args.recompute_granularity == "full" else None,
+        attention_backend=AttnBackend[args.attention_backend],
     )
 
 
-def layer_spec(args):
-    """Transformer Engine layers when chosen, else megatron-core's local (pure torch) layers."""
+def layer_spec(args, config: TransformerConfig):
+    """Transformer Engine layers when chosen, else megatron-core's local (pure torch) layers; those with
+    --sequence-parallel as a block spec whose norms are SequenceParallelNorm (megatron-core's own refuse it)."""
     if args.transformer_impl == "transformer_engine":
         from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=args.normalization)
+    spec = get_gpt_layer_local_spec(normalization=args.normalization)
+    if not args.sequence_parallel:
+        return spec
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = SequenceParallelNorm
+    return TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config),
+                                      layer_norm=SequenceParallelNorm)
+
+
+class SequenceParallelNorm:
+    """torch's LayerNorm or RMSNorm for sequence-parallel layers without Apex or Transformer Engine: each tensor rank
+    normalizes its part of the sequence, so its weight gradients are partial sums, which megatron-core's
+    finalize_model_grads adds up over the tensor group for parameters marked `sequence_parallel` (as Apex's
+    FusedLayerNorm marks them)."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        norm_class = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_class(hidden_size, eps=eps)
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
 
 
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")

@@ -30,7 +30,7 @@ def ddp_config_from_args(args) -> DistributedDataParallelConfig:
     return DistributedDataParallelConfig(
         # Megatron-LM accumulates and reduces bf16 gradients in fp32.
         grad_reduce_in_fp32=args.bf16,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
 
@@ -246,7 +246,7 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
 
     bytes_at_start = comm_stats.COUNTER.snapshot()
     platform.synchronize()
-    run_start = interval_start = time.perf_counter()
+    run_start = interval_start = started = time.perf_counter()  # run_start leaves out evaluations and saves
     valid_loss, iteration, last_loss = initial_valid_loss, trainer.start_iteration, None
     logged, last_saved, evaluated, exiting = trainer.start_iteration, None, None, False
 
@@ -293,13 +293,18 @@ def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
             interval_start += time.perf_counter() - eval_start
             run_start += time.perf_counter() - eval_start
         exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
+        out_of_time = args.exit_duration_in_mins is not None and iteration % args.log_interval == 0 and \
+            _out_of_time(started, args.exit_duration_in_mins, trainer.device)
+        exiting = exiting or out_of_time
         if args.save:  # the end of training is saved below, after the final sync
             on_interval = bool(args.save_interval) and iteration % args.save_interval == 0
             label = trainer.dp_mode.checkpoint_due(iteration, exiting or (on_interval and iteration < args.train_iters))
             if label is not None:
                 save(iteration, label)
         if exiting:
-            print_rank_last(f" exiting after iteration {iteration} (--exit-interval {args.exit_interval})")
+            reason = f"--exit-duration-in-mins {args.exit_duration_in_mins}" if out_of_time \
+                else f"--exit-interval {args.exit_interval}"
+            print_rank_last(f" exiting after iteration {iteration} ({reason})")
             break
     _track_events(trainer, tracker, reports)  # a mode's final sync happens after the last iteration
     if iteration != logged:  # the last iteration always gets a line (A-EDiT's replicas may stop anywhere)
@@ -389,6 +394,14 @@ def summary_text(args, summary: Dict[str, float]) -> str:
     ])
 
 
+def _out_of_time(started: float, minutes: float, device: torch.device) -> bool:
+    """Whether `minutes` have passed since training started on any rank (one all-reduce, at log iterations only:
+    every rank stops at the same one)."""
+    late = torch.tensor([float(time.perf_counter() - started > 60 * minutes)], device=device)
+    dist.all_reduce(late, op=dist.ReduceOp.MAX)
+    return bool(late.item())
+
+
 def build_trainer(args, device: torch.device, datasets_provider: Callable, model_provider: Callable,
                   forward_step_func: Callable) -> Trainer:
     """Model, data-parallel mode, optimizer, schedule and data streams of this rank, ready to train."""
@@ -403,6 +416,11 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
     scheduler = build_scheduler(args, optimizer)
     config.finalize_model_grads_func = dp_mode.finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
+    if args.overlap_grad_reduce:  # as Megatron-LM: buckets reduce as backward fills them, on the last micro-batch
+        config.no_sync_func = [chunk.no_sync for chunk in model]
+        config.grad_sync_func = [chunk.start_grad_sync for chunk in model]
+        if len(model) == 1:
+            config.no_sync_func, config.grad_sync_func = config.no_sync_func[0], config.grad_sync_func[0]
 
     train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
     trainer = Trainer(args, model, optimizer, scheduler, dp_mode, forward_step_func, train_ds, valid_ds, device)

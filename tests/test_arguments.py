@@ -131,3 +131,12 @@ def test_pretrain_gpt_prints_one_line_and_no_traceback():
     assert result.stderr.strip().splitlines() == [
         "error: world size 1 is not divisible by tensor x pipeline parallel size 2x1=2; "
         "launch a multiple of 2 processes or change the parallel sizes"]
+
+
+def test_recomputation_flags_are_megatron_lms():
+    assert "--recompute-granularity full needs --recompute-method uniform or block" in \
+        error_of(["--recompute-granularity", "full"], world_size=1)
+    assert "--recompute-method applies to --recompute-granularity full" in \
+        error_of(["--recompute-method", "block"], world_size=1)
+    assert arguments.parse_args(BASE + ["--recompute-activations"], world_size=1).recompute_granularity == "selective"
+    assert not arguments.parse_args(BASE + ["--sequence-parallel"], world_size=1).sequence_parallel  # TP=1

@@ -60,6 +60,9 @@ class AsyncEditDataParallel(EditDataParallel):
         require(args.ckpt_format == "torch" or not (args.save or args.load),
                 f"--ckpt-format {args.ckpt_format}: A-EDiT's replicas stand at different iterations (learning rate, "
                 "optimizer steps), which one state for all ranks cannot hold: use --ckpt-format torch (a file per rank)")
+        require(args.exit_duration_in_mins is None,
+                "--exit-duration-in-mins does not apply to --dp-mode aedit (replicas reach an iteration at different "
+                "times); use --train-iters")
         require(not args.exit_interval,
                 "--exit-interval does not apply to --dp-mode aedit (replicas reach an iteration at different times); "
                 "stop with --train-iters, or checkpoint with --save-interval")

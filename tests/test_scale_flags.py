@@ -1,0 +1,49 @@
+"""Megatron-LM's scale and memory flags change where and when work happens, not the numbers: sequence parallelism,
+activation recomputation and overlapped gradient reduction reproduce the loss curves of the runs without them."""
+import functools
+
+import pytest
+
+from launcher import TINY_GPT, run_training
+from test_edit import local_sgd
+
+ARGS = TINY_GPT + ["--micro-batch-size", "1", "--global-batch-size", "8", "--log-interval", "1",
+                   "--eval-interval", "1000", "--eval-iters", "1", "--train-iters", "4"]
+TP2 = ("--tensor-model-parallel-size", "2")
+EDIT_S2_M2 = ("--dp-mode", "edit", "--model-shard-group-size", "2", *local_sgd(1, 1))  # a sync every local step
+EDIT_TP2_M2 = TP2 + ("--dp-mode", "edit", "--model-shard-group-size", "1", *local_sgd(1, 1))
+
+
+@functools.lru_cache(maxsize=None)
+def losses(nproc: int, extra: tuple) -> list:
+    return run_training(nproc, ARGS + list(extra)).check().losses
+
+
+@pytest.mark.parametrize("nproc,layout", [(2, TP2), (4, EDIT_TP2_M2)], ids=["ddp_tp2", "edit_tp2_m2"])
+def test_sequence_parallelism_reproduces_tensor_parallelism(nproc, layout):
+    assert losses(nproc, layout + ("--sequence-parallel",)) == pytest.approx(losses(nproc, layout), rel=1e-5)
+
+
+@pytest.mark.parametrize("recompute", [
+    ("--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "2"),
+    ("--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1"),
+    ("--recompute-activations",),
+], ids=["full_uniform", "full_block", "selective"])
+def test_activation_recomputation_reproduces_the_run_without_it(recompute):
+    assert losses(1, recompute) == pytest.approx(losses(1, ()), rel=1e-6)
+
+
+@pytest.mark.parametrize("nproc,mode", [(2, ()), (2, ("--use-distributed-optimizer",)), (4, EDIT_S2_M2),
+                                        (4, EDIT_S2_M2 + ("--use-distributed-optimizer",))],
+                         ids=["ddp", "ddp_distributed_optimizer", "edit_s2_m2", "edit_s2_m2_distributed_optimizer"])
+def test_overlapped_gradient_reduction_reproduces_the_blocking_one(nproc, mode):
+    """Under EDiT the buckets reduce in the shard group during backward, warm-up still averages over replicas, and
+    the syncs read the same fp32 values."""
+    assert losses(nproc, mode + ("--overlap-grad-reduce",)) == pytest.approx(losses(nproc, mode), rel=1e-6)
+
+
+def test_exit_duration_saves_and_stops_at_a_log_iteration(tmp_path):
+    run = run_training(2, ARGS + ["--train-iters", "50", "--log-interval", "2", "--exit-duration-in-mins", "0.0001",
+                                  "--save", str(tmp_path)]).check()
+    assert " exiting after iteration 2 (--exit-duration-in-mins 0.0001)" in run.stdout
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "2"

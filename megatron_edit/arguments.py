@@ -72,7 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, required=True)
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
-    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--train-iters", type=int, default=None, help="iterations to train; or give --train-samples")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="samples to train; --train-samples // --global-batch-size iterations, the LR schedule in "
+                        "--lr-*-samples")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
@@ -84,7 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"], default="linear")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-decay-samples", type=int, default=None, help="default: --train-samples")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-samples", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warm-up as a fraction of the decay (instead of --lr-warmup-iters/--lr-warmup-samples)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
@@ -221,8 +228,6 @@ def parse_args(argv, world_size: int, local_world_size: int = None, extra_args_p
         args.max_position_embeddings = args.seq_length
     if not args.group_query_attention:
         args.num_query_groups = args.num_attention_heads
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
     validate_args(args)
     if args.transformer_impl is None:
         args.transformer_impl = "transformer_engine" if args.device_type == "cuda" and _importable("transformer_engine") \
@@ -306,11 +311,8 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.bf16:
         _require(platform.bf16_supported(args.device_type),
                  f"--bf16 was requested but this {args.device_type} cannot compute in bfloat16; drop --bf16")
-    _require(args.train_iters > 0, "--train-iters must be positive")
+    _validate_schedule(args)
     _require(args.log_interval > 0 and args.eval_interval > 0, "--log-interval and --eval-interval must be positive")
-    _require(args.lr_warmup_iters < args.lr_decay_iters,
-             f"--lr-warmup-iters {args.lr_warmup_iters} must be below --lr-decay-iters {args.lr_decay_iters} "
-             "(default: --train-iters); shorten the warm-up")
 
     _require(args.save_interval is None or args.save_interval > 0, "--save-interval must be positive")
 
@@ -333,6 +335,39 @@ def validate_args(args: argparse.Namespace) -> None:
     mode = DP_MODES[args.dp_mode]
     mode.validate(args)
     _validate_faults(args, mode)
+
+
+def _validate_schedule(args: argparse.Namespace) -> None:
+    """Megatron-LM's two ways to give the length and LR schedule, iterations or samples, not mixed; fills in
+    `train_iters` and the schedule in samples (`train_samples`, `lr_warmup_samples`, `lr_decay_samples`), which
+    the scheduler counts."""
+    gbs = args.global_batch_size
+    _require((args.train_iters is None) != (args.train_samples is None),
+             "give the training length as one of --train-iters or --train-samples")
+    if args.train_iters is not None:
+        _require(args.lr_decay_samples is None and args.lr_warmup_samples == 0,
+                 "--lr-decay-samples/--lr-warmup-samples go with --train-samples; with --train-iters give "
+                 "--lr-decay-iters/--lr-warmup-iters")
+        _require(args.train_iters > 0, "--train-iters must be positive")
+        args.train_samples = args.train_iters * gbs
+        args.lr_decay_samples = (args.lr_decay_iters or args.train_iters) * gbs
+        warmup, warmup_flag = args.lr_warmup_iters * gbs, "--lr-warmup-iters"
+    else:
+        _require(args.lr_decay_iters is None and args.lr_warmup_iters == 0,
+                 "--lr-decay-iters/--lr-warmup-iters go with --train-iters; with --train-samples give "
+                 "--lr-decay-samples/--lr-warmup-samples")
+        args.train_iters = args.train_samples // gbs
+        _require(args.train_iters > 0, f"--train-samples {args.train_samples} is less than one global batch ({gbs})")
+        args.lr_decay_samples = args.lr_decay_samples or args.train_samples
+        warmup, warmup_flag = args.lr_warmup_samples, "--lr-warmup-samples"
+    if args.lr_warmup_fraction is not None:
+        _require(warmup == 0, f"give one of --lr-warmup-fraction and {warmup_flag}")
+        _require(0.0 <= args.lr_warmup_fraction < 1.0, "--lr-warmup-fraction must be in [0, 1)")
+        warmup, warmup_flag = args.lr_warmup_fraction * args.lr_decay_samples, "--lr-warmup-fraction"
+    args.lr_warmup_samples = warmup
+    _require(warmup < args.lr_decay_samples,
+             f"the LR warm-up ({warmup_flag}) must end before the decay does (--lr-decay-iters/--lr-decay-samples, "
+             "default: the whole run); shorten the warm-up")
 
 
 def _validate_faults(args: argparse.Namespace, mode) -> None:

@@ -82,8 +82,7 @@ def sharded_state_dict(trainer, label: int, loading: bool, rank_iteration: Optio
              **{key: mode.checkpoint_model_state(model, saved_replicas) for key, model in models.items()}}
     if optimizer:
         state["optimizer"] = trainer.optimizer.sharded_state_dict(state, is_loading=loading, metadata=metadata)
-        state["opt_param_scheduler"] = _schedule_counts(trainer.scheduler.state_dict(),
-                                                        lambda iterations: iterations * trainer.args.global_batch_size)
+        state["opt_param_scheduler"] = trainer.scheduler.state_dict()
     if rng and same_layout:
         state["rng_state"] = _rng_object()
     if progress:
@@ -132,7 +131,7 @@ def load(trainer, directory: str, parts) -> Tuple[int, bool]:
         unwrap_model(chunk).load_state_dict(state[key])
     if parts.optimizer:
         trainer.optimizer.load_state_dict(state["optimizer"])
-        _load_schedule(trainer.scheduler, state["opt_param_scheduler"], saved.global_batch_size, ours)
+        _load_schedule(trainer.scheduler, state["opt_param_scheduler"], ours)
     if "rng_state" in state:
         set_rng_state(state["rng_state"][parallel_state.get_data_parallel_rank()])
     if not parts.progress:
@@ -150,22 +149,13 @@ def load(trainer, directory: str, parts) -> Tuple[int, bool]:
     return rank_state["iteration"], True
 
 
-# OptimizerParamScheduler's counts: ours are iterations, Megatron-LM's samples (what checkpoints hold).
-SCHEDULE_STEPS = ("num_steps", "lr_warmup_steps", "lr_decay_steps", "wd_incr_steps")
-
-
-def _schedule_counts(schedule: dict, convert) -> dict:
-    return {key: convert(value) if key in SCHEDULE_STEPS and value is not None else value
-            for key, value in schedule.items()}
-
-
-def _load_schedule(scheduler, schedule: dict, global_batch_size: int, ours: bool) -> None:
+def _load_schedule(scheduler, schedule: dict, ours: bool) -> None:
     """Our checkpoint's schedule as saved; Megatron-LM's only as a position: this run's flags give the curve (what
-    Megatron-LM's --override-opt_param-scheduler does), at the iteration the checkpoint reached."""
+    Megatron-LM's --override-opt_param-scheduler does), at the sample count the checkpoint reached."""
     if ours:
-        scheduler.load_state_dict(_schedule_counts(schedule, lambda samples: samples // global_batch_size))
+        scheduler.load_state_dict(schedule)
     else:
-        scheduler.step(increment=schedule["num_steps"] // global_batch_size)
+        scheduler.step(increment=schedule["num_steps"])
 
 
 def _saved_layout(args) -> tuple:

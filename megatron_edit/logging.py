@@ -74,16 +74,17 @@ class WandbTracker:
 
 
 _ITERATION = re.compile(r" iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+) \| elapsed time per iteration \(ms\): "
-                        r"([0-9.]+) \|.*? lm loss: ([0-9.E+-]+) \|")
+                        r"([0-9.]+) \| learning rate: ([0-9.E+-]+) \|.*? lm loss: ([0-9.E+-]+) \|")
 _VALIDATION = re.compile(r" validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")
 _THROUGHPUT = re.compile(r"   throughput: ([0-9.]+) tokens/s, ([0-9.e+-]+) TFLOP/s per device, ([0-9.]+) s of training")
 _MEMORY = re.compile(r"   peak memory: ([0-9.]+) MiB; communication per rank \(bytes sent\): (.*)")
 
 
 def parse_iteration_lines(text: str) -> List[dict]:
-    """iteration, consumed_samples, ms_per_iteration and lm_loss of every iteration line in a log, in order."""
-    return [{"iteration": int(i), "consumed_samples": int(c), "ms_per_iteration": float(ms), "lm_loss": float(loss)}
-            for i, c, ms, loss in _ITERATION.findall(text)]
+    """iteration, consumed_samples, ms_per_iteration, learning_rate and lm_loss of every iteration line in a log,
+    in order."""
+    return [{"iteration": int(i), "consumed_samples": int(c), "ms_per_iteration": float(ms),
+             "learning_rate": float(lr), "lm_loss": float(loss)} for i, c, ms, lr, loss in _ITERATION.findall(text)]
 
 
 def parse_validation_lines(text: str) -> Dict[int, float]:
@@ -94,7 +95,7 @@ def parse_validation_lines(text: str) -> Dict[int, float]:
 @dataclasses.dataclass
 class TrainingLog:
     """What tools read back from a run's console output (the lines above are the format)."""
-    iterations: List[dict]            # iteration, consumed_samples, ms_per_iteration, lm_loss per log line
+    iterations: List[dict]            # parse_iteration_lines' fields per log line
     validation: Dict[int, float]      # iteration -> validation loss
     tokens_per_second: float
     tflops_per_device: float

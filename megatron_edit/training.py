@@ -55,18 +55,19 @@ def optimizer_config_from_args(args) -> OptimizerConfig:
 
 
 def build_scheduler(args, optimizer) -> OptimizerParamScheduler:
-    """Learning-rate schedule counted in iterations (Megatron-LM counts samples; same curve)."""
+    """Learning-rate schedule counted in samples, as Megatron-LM's (--train-iters runs count iterations x global
+    batch); arguments.py has filled in the counts."""
     return OptimizerParamScheduler(
         optimizer,
         init_lr=0.0,
         max_lr=args.lr,
         min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters,
-        lr_decay_steps=args.lr_decay_iters,
+        lr_warmup_steps=args.lr_warmup_samples,
+        lr_decay_steps=args.lr_decay_samples,
         lr_decay_style=args.lr_decay_style,
         start_wd=args.weight_decay,
         end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters,
+        wd_incr_steps=args.train_samples,
         wd_incr_style="constant",
     )
 
@@ -193,7 +194,7 @@ class Trainer:
         losses = self._run_schedule(self.train_iter, forward_only=False)
         update_successful, grad_norm, _ = self.optimizer.step()
         if update_successful:
-            self.scheduler.step(increment=1)
+            self.scheduler.step(increment=self.args.global_batch_size)
         self.dp_mode.after_optimizer_step(iteration)
         return _sum_loss_reports(losses), grad_norm
 

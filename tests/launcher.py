@@ -30,6 +30,10 @@ class Run:
         return [line["lm_loss"] for line in parse_iteration_lines(self.stdout)]
 
     @property
+    def learning_rates(self) -> List[float]:
+        return [line["learning_rate"] for line in parse_iteration_lines(self.stdout)]
+
+    @property
     def validation_losses(self) -> dict:
         return parse_validation_lines(self.stdout)
 

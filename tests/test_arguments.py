@@ -87,7 +87,23 @@ def test_aedit_refuses_exit_interval_and_checks_its_own_flags():
 
 
 def test_learning_rate_warmup_longer_than_decay():
-    assert "--lr-warmup-iters 5 must be below --lr-decay-iters 2" in error_of(["--lr-warmup-iters", "5"], world_size=1)
+    assert "the LR warm-up (--lr-warmup-iters) must end before the decay does" in \
+        error_of(["--lr-warmup-iters", "5"], world_size=1)
+
+
+def test_iteration_and_sample_schedules_do_not_mix():
+    at = BASE.index("--train-iters")
+    samples = BASE[:at] + BASE[at + 2:] + ["--train-samples", "40"]
+    assert "give the training length as one of --train-iters or --train-samples" in \
+        error_of(["--train-samples", "40"], world_size=1)
+    assert "--lr-decay-iters/--lr-warmup-iters go with --train-iters" in \
+        error_of(["--lr-warmup-iters", "2"], world_size=1, base=samples)
+    assert "--lr-decay-samples/--lr-warmup-samples go with --train-samples" in \
+        error_of(["--lr-warmup-samples", "2"], world_size=1)
+    assert "give one of --lr-warmup-fraction and --lr-warmup-samples" in \
+        error_of(["--lr-warmup-samples", "2", "--lr-warmup-fraction", "0.1"], world_size=1, base=samples)
+    assert "--train-samples 1 is less than one global batch (2)" in \
+        error_of([], world_size=1, base=[arg if arg != "40" else "1" for arg in samples])
 
 
 @pytest.mark.parametrize("split", ["abc", "1,2", "-1,5,0", "1,2,3,4", "1e3,1,0", ""])

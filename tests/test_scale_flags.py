@@ -1,5 +1,6 @@
 """Megatron-LM's scale and memory flags change where and when work happens, not the numbers: sequence parallelism,
-activation recomputation and overlapped gradient reduction reproduce the loss curves of the runs without them."""
+activation recomputation and overlapped gradient reduction reproduce the loss curves of the runs without them, and a
+schedule in samples the one in iterations."""
 import functools
 
 import pytest
@@ -40,6 +41,23 @@ def test_overlapped_gradient_reduction_reproduces_the_blocking_one(nproc, mode):
     """Under EDiT the buckets reduce in the shard group during backward, warm-up still averages over replicas, and
     the syncs read the same fp32 values."""
     assert losses(nproc, mode + ("--overlap-grad-reduce",)) == pytest.approx(losses(nproc, mode), rel=1e-6)
+
+
+def test_sample_based_schedule_matches_the_iteration_based_one():
+    """--train-samples and --lr-*-samples, and --lr-warmup-fraction, at multiples of the global batch of 8 give the
+    length, learning rates and losses of the iteration counts they equal."""
+    at = ARGS.index("--train-iters")
+    without_length = ARGS[:at] + ARGS[at + 2:]
+    cosine = ["--lr-decay-style", "cosine"]
+    by_iterations = run_training(1, ARGS + cosine + ["--lr-warmup-iters", "2", "--lr-decay-iters", "3"]).check()
+    by_samples = run_training(1, without_length + cosine + [
+        "--train-samples", "32", "--lr-warmup-samples", "16", "--lr-decay-samples", "24"]).check()
+    assert by_iterations.learning_rates == pytest.approx([5e-4, 1e-3, 0.0, 0.0], abs=1e-9)  # after each step
+    assert by_samples.learning_rates == pytest.approx(by_iterations.learning_rates, abs=1e-9)
+    assert by_samples.losses == pytest.approx(by_iterations.losses, rel=1e-6)
+
+    by_fraction = run_training(1, ARGS + cosine + ["--lr-warmup-fraction", "0.5", "--lr-decay-iters", "4"]).check()
+    assert by_fraction.learning_rates == pytest.approx([5e-4, 1e-3, 5e-4, 0.0], abs=1e-9)
 
 
 def test_exit_duration_saves_and_stops_at_a_log_iteration(tmp_path):

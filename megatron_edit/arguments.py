@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")
     g.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
+                   help="before each optimizer step, stop (ddp) or skip the step (edit/aedit with "
+                        "--edit-anomaly-elimination) when a loss or gradient is NaN or infinite")
 
     g = parser.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
@@ -158,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("fault injection (tests and demonstrations only)")
     g.add_argument("--simulate-straggler", default=None, metavar="REPLICA:FACTOR")
     g.add_argument("--inject-fault", action="append", default=[], metavar="REPLICA:ITER:KIND",
-                   help="KIND: scale (pseudo-gradients x100), nan, bad-data (random tokens); repeatable")
+                   help="KIND: scale (pseudo-gradients x100), nan, bad-data (random tokens), nan-loss (a NaN loss at "
+                        "ITER); repeatable")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,

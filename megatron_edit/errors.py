@@ -12,3 +12,7 @@ def require(condition: bool, message: str) -> None:
     """Stop with `message` unless `condition` holds."""
     if not condition:
         raise UsageError(message)
+
+
+class TrainingError(UsageError):
+    """A run that cannot go on (a non-finite loss, say): one line, like bad input, naming where it happened."""

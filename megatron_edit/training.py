@@ -191,12 +191,34 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        losses = self._run_schedule(self.train_iter, forward_only=False)
-        update_successful, grad_norm, _ = self.optimizer.step()
-        if update_successful:
-            self.scheduler.step(increment=self.args.global_batch_size)
+        loss_sums = _sum_loss_reports(self._run_schedule(self.train_iter, forward_only=False))
+        grad_norm = None
+        if self.args.check_for_nan_in_loss_and_grad and self._skip_non_finite(iteration, loss_sums):
+            loss_sums.zero_()  # a skipped step's loss counts in no logged loss
+        else:
+            update_successful, grad_norm, _ = self.optimizer.step()
+            if update_successful:
+                self.scheduler.step(increment=self.args.global_batch_size)
         self.dp_mode.after_optimizer_step(iteration)
-        return _sum_loss_reports(losses), grad_norm
+        return loss_sums, grad_norm
+
+    def _skip_non_finite(self, iteration: int, loss_sums: torch.Tensor) -> bool:
+        """Whether this step's loss or gradients are non-finite on any rank of the mode's step group (one small
+        all-reduce), in which case the mode stops training or has the step skipped. fp16's dynamic loss scale
+        handles overflowing gradients itself, so there only the loss is checked."""
+        finite_loss = bool(torch.isfinite(loss_sums).all())
+        check_grads = not (self.args.fp16 and self.args.loss_scale is None)
+        finite_grads = not check_grads or all(
+            bool(torch.isfinite(buffer.grad_data.norm())) for chunk in self.model for buffer in chunk.buffers)
+        kind = 0 if finite_loss and finite_grads else (2 if not finite_loss else 1)
+        worst = torch.tensor([kind * dist.get_world_size() + dist.get_rank()], dtype=torch.float64,
+                             device=self.device)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.dp_mode.step_group())
+        kind, rank = divmod(int(worst.item()), dist.get_world_size())
+        if kind == 0:
+            return False
+        self.dp_mode.on_non_finite_step(iteration, "loss" if kind == 2 else "gradient", rank)
+        return True
 
     def reduce_loss(self, loss_sums: torch.Tensor) -> ReducedLoss:
         """The mean token loss over the global batch (every replica's share, as under ddp), from train_step's sums.

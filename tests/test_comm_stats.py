@@ -11,6 +11,9 @@ DISTRIBUTED_OPTIMIZER = ("--use-distributed-optimizer", "--optimizer", "adam")  
 # even without clipping) over the distributed-optimizer instance. (The logged loss is reduced at log iterations
 # only, outside what tests/edit_runner.py counts per iteration.)
 GRAD_NORM = 4
+# And --check-for-nan-in-loss-and-grad's (on by default) all-reduce of one float64 over the ranks that step together:
+# the world under ddp, one replica under the local-SGD modes; 2 (M-1)/M x 8 bytes for M = 2.
+NAN_CHECK = 8
 
 
 def sent(record) -> dict:
@@ -51,13 +54,13 @@ def test_ddp_with_distributed_optimizer_counts_reduce_scatter_and_all_gather_on_
         assert all(b["grad_bytes"] == 2 * b["param_bytes"] for b in dump["ddp_buckets"])
         expected = distributed_optimizer_bytes(dump)
         assert [sent(record) for record in dump["iterations"]] == \
-            [{"dp": expected, "dist_opt": GRAD_NORM}] * len(dump["iterations"])
+            [{"dp": expected, "dist_opt": GRAD_NORM, "world": NAN_CHECK}] * len(dump["iterations"])
 
 
 def test_edit_local_steps_count_the_distributed_optimizer_on_the_shard_group():
     dumps = run(*edit(2, 2, *local_sgd(2, 3), *DISTRIBUTED_OPTIMIZER))
     for dump in dumps:
-        shard_bytes = distributed_optimizer_bytes(dump) + GRAD_NORM
+        shard_bytes = distributed_optimizer_bytes(dump) + GRAD_NORM + NAN_CHECK
         grad_bytes = sum(b["grad_bytes"] for b in dump["ddp_buckets"])
         for iteration, record in enumerate(dump["iterations"], start=1):
             if iteration <= 2:  # warm-up: the reduced gradient shard is also averaged over the replicas

@@ -7,6 +7,8 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 
+from megatron_edit.errors import TrainingError
+
 
 class DataParallelMode(abc.ABC):
     """Hooks the train loop calls: wrap_model, build_optimizer and wrap_train_batches once; then every iteration
@@ -15,7 +17,7 @@ class DataParallelMode(abc.ABC):
     Before anything starts, `validate(args)` checks the flags that concern the mode."""
 
     name: str = ""
-    fault_kinds: FrozenSet[str] = frozenset()  # the --inject-fault kinds this mode can suffer
+    fault_kinds: FrozenSet[str] = frozenset({"nan-loss"})  # the --inject-fault kinds this mode can suffer
     cross_replica_group = "dp"  # the byte counter's name for the group that links replicas (comm_stats)
     default_ckpt_format = "torch_dist"  # Megatron-LM's; A-EDiT's replicas need a file each
 
@@ -64,7 +66,22 @@ class DataParallelMode(abc.ABC):
         finalize_model_grads(model, num_tokens)
 
     def after_optimizer_step(self, iteration: int) -> None:
-        """Called once the inner optimizer has stepped for `iteration`."""
+        """Called once the inner optimizer has stepped for `iteration` (or skipped it, see on_non_finite_step)."""
+
+    def step_group(self):
+        """The ranks that take one optimizer step together and so agree on whether it is finite."""
+        return torch.distributed.group.WORLD
+
+    non_finite_remedy = "lower --lr or check the data, and resume from the last checkpoint"
+
+    def on_non_finite_step(self, iteration: int, what: str, rank: int) -> None:
+        """Step `iteration` of this rank's step_group() has a non-finite `what` (loss or gradient), first seen on
+        global `rank` (--check-for-nan-in-loss-and-grad). Raising stops training; returning skips the step."""
+        raise TrainingError(f"{self.non_finite_message(iteration, what, rank)}; the step was not taken: "
+                            f"{self.non_finite_remedy}")
+
+    def non_finite_message(self, iteration: int, what: str, rank: int) -> str:
+        return f"non-finite {what} at iteration {iteration} on rank {rank}"
 
     def loss_group(self):
         """The ranks whose losses make up a logged or validation loss: every replica's share of the global batch."""

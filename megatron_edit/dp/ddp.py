@@ -22,7 +22,7 @@ class SynchronousDataParallel(DataParallelMode):
     def __init__(self, ddp_config: DistributedDataParallelConfig, transformer_config, faults: FaultInjector):
         self.ddp_config = ddp_config
         self.transformer_config = transformer_config
-        self.faults = faults  # only --simulate-straggler applies; its REPLICA is the data-parallel rank
+        self.faults = faults  # --simulate-straggler and nan-loss faults; REPLICA is the data-parallel rank
 
     @classmethod
     def check_resume(cls, meta: dict, args):
@@ -58,6 +58,9 @@ class SynchronousDataParallel(DataParallelMode):
                                                pg_collection=self.pg_collection)
         describe_sgd_state(optimizer)
         return optimizer
+
+    def wrap_train_batches(self, batches):
+        return self.faults.train_batches(batches)
 
     def begin_iteration(self, iteration: int, finished: bool) -> bool:
         self.faults.start_iteration()

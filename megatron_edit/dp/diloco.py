@@ -17,7 +17,7 @@ from megatron_edit.dp.post_local_sgd import PostLocalSGDDataParallel
 
 class DiLoCoDataParallel(PostLocalSGDDataParallel):
     name = "diloco"
-    fault_kinds = frozenset({"bad-data", "scale", "nan"})
+    fault_kinds = PostLocalSGDDataParallel.fault_kinds | {"scale", "nan"}
     exchanges_pseudo_gradients = True
 
     def _whole_model_view(self, index: int, params, main_params: MainParams) -> ModuleShard:

@@ -4,6 +4,7 @@
     --inject-fault REPLICA:ITER:KIND       scale: its pseudo-gradients x100 at every sync from ITER on
                                            nan:   a NaN pseudo-gradient at the first sync at or after ITER
                                            bad-data: it trains on random tokens from ITER on
+                                           nan-loss: its loss is NaN at iteration ITER (any mode)
 REPLICA is the replica's position in the sync group, from 0 (under --dp-mode ddp: the data-parallel rank).
 Pseudo-gradient faults apply to the modes that have pseudo-gradients (edit, aedit, diloco).
 """
@@ -15,7 +16,7 @@ import torch
 
 from megatron_edit.errors import UsageError
 
-FAULT_KINDS = ("scale", "nan", "bad-data")
+FAULT_KINDS = ("scale", "nan", "bad-data", "nan-loss")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,9 +90,20 @@ class FaultInjector:
             self._nan_this_sync = None
 
     def train_batches(self, batches: Iterator[dict]) -> Iterator[dict]:
-        """The training stream this replica consumes: with a bad-data fault, random tokens from its iteration on."""
+        """The training stream this replica consumes: with a bad-data fault, random tokens from its iteration on;
+        with a nan-loss fault, a NaN loss at its iteration."""
         starts = [f.iteration for f in self.faults if f.kind == "bad-data"]
-        return self.random_tokens.replace(batches, min(starts)) if starts else batches
+        batches = self.random_tokens.replace(batches, min(starts)) if starts else batches
+        nan_at = {f.iteration for f in self.faults if f.kind == "nan-loss"}
+        return _nan_loss(batches, nan_at, self.random_tokens.micro_batches_per_iteration) if nan_at else batches
+
+
+def _nan_loss(batches: Iterator[dict], iterations: set, micro_batches_per_iteration: int) -> Iterator[dict]:
+    """The same stream, with a NaN loss mask (so a NaN loss) in the micro-batches of `iterations`."""
+    for index, batch in enumerate(batches):
+        if index // micro_batches_per_iteration + 1 in iterations:
+            batch = dict(batch, loss_mask=torch.full_like(batch["loss_mask"], float("nan"), dtype=torch.float32))
+        yield batch
 
 
 @dataclasses.dataclass(frozen=True)

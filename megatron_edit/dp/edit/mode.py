@@ -81,11 +81,13 @@ def sync_summary(iteration: int, records: List[ModuleSyncRecord], units: int) ->
 
 class EditDataParallel(LocalSGDDataParallel):
     name = "edit"
-    fault_kinds = frozenset({"bad-data", "scale", "nan"})
+    fault_kinds = LocalSGDDataParallel.fault_kinds | {"scale", "nan"}
     accepts_penalty = True
     delays_outer_step = True
     syncs_in_fragments = True
     step_weight = 0.0  # A-EDiT may blend replicas' shares of local steps into the weights
+    non_finite_remedy = LocalSGDDataParallel.non_finite_remedy + \
+        "; or --edit-anomaly-elimination to skip such a step and leave the replica out of its next sync"
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
                  faults: FaultInjector, penalty: PenaltyConfig = PenaltyConfig()):
@@ -188,6 +190,17 @@ class EditDataParallel(LocalSGDDataParallel):
         self.sync.sync_now(iteration, self.local_steps_since_sync)
         self.local_steps_since_sync = 0
         self._report_completed_syncs(iteration)
+
+    def on_non_finite_step(self, iteration: int, what: str, rank: int) -> None:
+        """With anomaly elimination a replica's non-finite step is skipped, and what it trained since the last sync
+        is left out of the next one (during warm-up every replica shares the step, and skips it alike)."""
+        if not self.penalty.anomaly_elimination:
+            super().on_non_finite_step(iteration, what, rank)
+        if not self.in_warmup:
+            self.sync.exclude_from_next_sync()
+        if dist.get_rank(self.groups.whole_replica) == 0:
+            print(f" {self.non_finite_message(iteration, what, rank)}: step skipped"
+                  + ("" if self.in_warmup else ", replica left out of its next sync"), flush=True)
 
     def after_optimizer_step(self, iteration: int) -> None:
         self._report_completed_syncs(iteration)

@@ -80,6 +80,7 @@ class LayerwiseSync:
         self.pending: Dict[int, _Pending] = {}  # exchanges the current sync's forward will wait for
         self.delayed: Dict[int, _Pending] = {}  # exchanges whose outer step waits for their apply_at iteration
         self.synced: set = set()
+        self.excluded: set = set()  # modules whose next sync leaves this replica out (a skipped non-finite step)
         self._delaying = False
         self._open: Dict[int, tuple] = {}  # sync iteration -> (modules it covers, records of those applied so far)
         self.completed: List[List[ModuleSyncRecord]] = []  # records of syncs applied to every module, not yet reported
@@ -183,6 +184,10 @@ class LayerwiseSync:
             self._issue(min(following))  # overlaps with this module's forward
         self._finish(index)
 
+    def exclude_from_next_sync(self) -> None:
+        """Leave this replica out of every module's next sync, as an outlier (its local steps went wrong)."""
+        self.excluded = set(range(len(self.units)))
+
     def _norm(self, index: int, owned_values: torch.Tensor) -> float:
         """Norm of a module-wide vector from this rank's slice: over the shard group and the tensor-parallel
         slices, tensor-replicated elements counted once. Every rank of the replica gets the same number."""
@@ -201,7 +206,9 @@ class LayerwiseSync:
         if not (self.penalty.needs_norms or self.step_weight):
             return ModuleSyncRecord(name, [], [False] * replicas, [1.0 / replicas] * replicas)
         norm = self._norm(index, pseudo_grad)
-        outlier = not math.isfinite(norm) or (self.penalty.anomaly_elimination and self.detectors[index].observe(norm))
+        outlier = index in self.excluded or not math.isfinite(norm) or \
+            (self.penalty.anomaly_elimination and self.detectors[index].observe(norm))
+        self.excluded.discard(index)
         mine = torch.tensor([norm if math.isfinite(norm) else math.inf, float(outlier), float(self.local_steps)],
                             dtype=torch.float64, device=pseudo_grad.device)
         everyone = torch.empty(3 * replicas, dtype=torch.float64, device=pseudo_grad.device)

@@ -33,7 +33,7 @@ DEFAULT_WARMUP_FRACTION = 0.25
 class LocalSGDDataParallel(SynchronousDataParallel):
     """Synchronous data parallelism inside each replica (DDP and the optimizer on the replica's groups)."""
     name = ""
-    fault_kinds = frozenset({"bad-data"})
+    fault_kinds = SynchronousDataParallel.fault_kinds | {"bad-data"}
     cross_replica_group = "sync"
     accepts_penalty = False  # EDiT's pseudo-gradient penalty flags
     exchanges_pseudo_gradients = True  # through self.exchange (--sync-dtype); Post-Local-SGD averages parameters
@@ -200,6 +200,12 @@ class LocalSGDDataParallel(SynchronousDataParallel):
                     dist.all_reduce(grads, group=self.groups.sync)
                     grads.div_(self.groups.num_replicas)
 
+    def step_group(self):
+        return self.groups.whole_replica  # replicas step apart: no collective across them
+
+    def non_finite_message(self, iteration: int, what: str, rank: int) -> str:
+        return f"{super().non_finite_message(iteration, what, rank)} (replica {self.groups.replica_index})"
+
     def after_optimizer_step(self, iteration: int) -> None:
         if not self.in_warmup:
             self.local_steps_since_sync += 1
@@ -249,9 +255,6 @@ class LocalSGDDataParallel(SynchronousDataParallel):
 
     def load_sharded_state_dict(self, state: dict) -> None:
         self._load_progress(state["progress"])
-
-    def wrap_train_batches(self, batches):
-        return self.faults.train_batches(batches)
 
     def pop_events(self):
         events, self._events = self._events, []

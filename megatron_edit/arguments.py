@@ -204,6 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-project", default=None, help="log to wandb (offline when WANDB_API_KEY is not set)")
     g.add_argument("--wandb-exp-name", default=None)
     g.add_argument("--wandb-save-dir", default=None, help="where wandb writes its run directory")
+    g.add_argument("--tensorboard-dir", default=None, help="write the same series as TensorBoard scalars here")
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000,
+                   help="TensorBoard events held in memory before they are written")
     return parser
 
 

@@ -73,6 +73,43 @@ class WandbTracker:
         return os.path.dirname(directory)
 
 
+class TensorBoardTracker:
+    """Megatron-LM's --tensorboard-dir: the last rank writes the same series as wandb's as TensorBoard scalars."""
+
+    def __init__(self, args):
+        self.writer = None
+        if not args.tensorboard_dir or not is_last_rank():
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=args.tensorboard_queue_size)
+
+    def log(self, metrics: dict, iteration: int) -> None:
+        if self.writer is not None:
+            for name, value in metrics.items():
+                self.writer.add_scalar(name, value, iteration)
+
+    def finish(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Trackers:
+    """Every tracker the flags ask for (wandb, TensorBoard), logged to alike."""
+
+    def __init__(self, args):
+        self.wandb, self.tensorboard = WandbTracker(args), TensorBoardTracker(args)
+
+    def log(self, metrics: dict, iteration: int) -> None:
+        self.wandb.log(metrics, iteration)
+        self.tensorboard.log(metrics, iteration)
+
+    def finish(self) -> str:
+        """The wandb run's directory, for the summary (empty without one)."""
+        self.tensorboard.finish()
+        return self.wandb.finish()
+
+
 _ITERATION = re.compile(r" iteration\s+(\d+)/\s*\d+ \| consumed samples:\s+(\d+) \| elapsed time per iteration \(ms\): "
                         r"([0-9.]+) \| learning rate: ([0-9.E+-]+) \|.*? lm loss: ([0-9.E+-]+) \|")
 _VALIDATION = re.compile(r" validation loss at iteration (\d+) \| lm loss value: ([0-9.E+-]+)")

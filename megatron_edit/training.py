@@ -22,7 +22,7 @@ from megatron_edit.data.tokenizers import build_tokenizer
 from megatron_edit.dp import build_dp_mode, comm_stats
 from megatron_edit.flops import flops_per_iteration
 from megatron_edit.initialize import destroy, initialize_megatron, launch_env
-from megatron_edit.logging import WandbTracker, iteration_line, perplexity, print_rank_last, validation_line
+from megatron_edit.logging import Trackers, iteration_line, perplexity, print_rank_last, validation_line
 from megatron_edit.model import initialize_weights, params_dtype, transformer_config_from_args
 
 
@@ -246,19 +246,19 @@ class Trainer:
         return ReducedLoss(total, self.dp_mode.loss_group(), self.device).value()
 
 
-def _report_validation(tracker: WandbTracker, iteration: int, loss: float) -> None:
+def _report_validation(tracker: Trackers, iteration: int, loss: float) -> None:
     if math.isnan(loss):  # --eval-iters 0
         return
     print_rank_last(validation_line(f"iteration {iteration}", loss))
     tracker.log({"validation lm loss": loss, "validation lm loss PPL": perplexity(loss)}, iteration)
 
 
-def _track_events(trainer: Trainer, tracker: WandbTracker, reports: OrderedReports) -> None:
+def _track_events(trainer: Trainer, tracker: Trackers, reports: OrderedReports) -> None:
     for iteration, values in trainer.dp_mode.pop_events():
         reports.add(functools.partial(tracker.log, values, iteration))
 
 
-def train(trainer: Trainer, tracker: WandbTracker) -> Dict[str, float]:
+def train(trainer: Trainer, tracker: Trackers) -> Dict[str, float]:
     """Iterate to --train-iters with a log line every --log-interval and validation every --eval-interval."""
     args = trainer.args
     tokens_per_iteration = args.global_batch_size * args.seq_length
@@ -413,6 +413,7 @@ def summary_text(args, summary: Dict[str, float]) -> str:
         *([_across_replicas_line(args, summary)] if args.num_model_replicas > 1 else []),
         *([f"   checkpoint: {args.save}"] if args.save else []),
         *([f"   wandb run: {summary['wandb_dir']}"] if summary.get("wandb_dir") else []),
+        *([f"   tensorboard: {args.tensorboard_dir}"] if args.tensorboard_dir else []),
         "=" * 78,
     ])
 
@@ -461,7 +462,7 @@ def pretrain(datasets_provider: Callable, model_provider: Callable, forward_step
     device = initialize_megatron(args)
     try:
         trainer = build_trainer(args, device, datasets_provider, model_provider, forward_step_func)
-        tracker = WandbTracker(args)
+        tracker = Trackers(args)
         summary = train(trainer, tracker)
         summary["wandb_dir"] = tracker.finish()
         print_rank_last(summary_text(args, summary))

@@ -131,6 +131,7 @@ def load(trainer, directory: str, parts) -> Tuple[int, bool]:
         unwrap_model(chunk).load_state_dict(state[key])
     if parts.optimizer:
         trainer.optimizer.load_state_dict(state["optimizer"])
+        torch_adam_fixes.after_load(trainer.optimizer)
         _load_schedule(trainer.scheduler, state["opt_param_scheduler"], ours)
     if "rng_state" in state:
         set_rng_state(state["rng_state"][parallel_state.get_data_parallel_rank()])

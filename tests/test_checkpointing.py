@@ -27,13 +27,17 @@ EDIT_FRAGMENTS_DELAYED_INT8 = ["--dp-mode", "edit", "--model-shard-group-size", 
 
 TORCH_DIST = ["--ckpt-format", "torch_dist"]  # the default, named where a test is about it
 TORCH = ["--ckpt-format", "torch"]
+DISTRIBUTED_OPTIMIZER = ["--use-distributed-optimizer"]
 
 
 @pytest.mark.parametrize("nproc,mode", [(2, TORCH), (4, EDIT_WITH_PENALTY + TORCH),
                                         (4, EDIT_FRAGMENTS_DELAYED_INT8 + TORCH), (2, TORCH_DIST),
-                                        (4, EDIT_FRAGMENTS_DELAYED_INT8 + TORCH_DIST)],
+                                        (4, EDIT_FRAGMENTS_DELAYED_INT8 + TORCH_DIST),
+                                        (2, DISTRIBUTED_OPTIMIZER + ["--bf16"] + TORCH_DIST),
+                                        (4, EDIT_WITH_PENALTY + DISTRIBUTED_OPTIMIZER + TORCH_DIST)],
                          ids=["ddp_torch", "edit_with_penalty_torch", "edit_fragments_delayed_int8_torch",
-                              "ddp_torch_dist", "edit_fragments_delayed_int8_torch_dist"])
+                              "ddp_torch_dist", "edit_fragments_delayed_int8_torch_dist",
+                              "ddp_distributed_optimizer_bf16_torch_dist", "edit_with_penalty_distributed_optimizer_torch_dist"])
 def test_resumed_run_reproduces_the_uninterrupted_one_bitwise(tmp_path, nproc, mode):
     """12 iterations straight vs 6, save, load, 6 more (EDiT: syncs at 5 | 7, 9, 11, penalty on; fragments: issued at
     5 | applied at 7, then 7, 9 and 11 applied at 9, 11 and in the final sync)."""

@@ -8,6 +8,10 @@ torch's Adam keeps a per-parameter "step" in its state. Loading the distributed 
 checkpoint sets that step from the saved param groups, then copies every per-parameter tensor it loaded into every
 key of the parameter's state, "step" included, which it never loaded: a KeyError. The fix hides "step" from that
 copy and puts it back.
+
+That step, set from the param groups, is one tensor shared by every parameter's state; torch's Adam increments each
+parameter's step in place, so after one step the bias corrections of all but one parameter were off and a resumed
+run drifted from the uninterrupted one from its second step on. `after_load` gives each parameter its own copy.
 """
 import functools
 
@@ -26,6 +30,17 @@ def prepare_to_load(optimizer) -> None:
     for inner in inner_optimizers(optimizer):
         if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
             inner._init_optimizer_states_with_dummy_values()
+
+
+def after_load(optimizer) -> None:
+    """Undo what loading left shared between parameters (see the module's docstring)."""
+    if HAVE_APEX_OR_TE:
+        return
+    for inner in inner_optimizers(optimizer):
+        if isinstance(inner, DistributedOptimizer):
+            for state in inner.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
 
 
 def _install() -> None:

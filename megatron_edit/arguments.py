@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="split layer norms and dropout along the sequence over the tensor-parallel ranks")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="reduce gradient buckets during backward (in the shard group under the local-SGD modes)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="all-gather the distributed optimizer's updated parameters bucket by bucket during the next "
+                        "forward (ddp; with --use-distributed-optimizer and --overlap-grad-reduce)")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
     g.add_argument("--dp-mode", default="ddp", help="data-parallel mode: ddp, edit, aedit, diloco, post-local-sgd (see megatron_edit/dp/)")
 
@@ -302,6 +305,9 @@ def validate_args(args: argparse.Namespace) -> None:
     _require(args.recompute_granularity != "full" or 1 <= args.recompute_num_layers <= args.num_layers // pp,
              f"--recompute-num-layers {args.recompute_num_layers} must be in [1, {args.num_layers // pp}] "
              "(the layers of one pipeline stage)")
+    _require(not args.overlap_param_gather or (args.use_distributed_optimizer and args.overlap_grad_reduce),
+             "--overlap-param-gather overlaps the distributed optimizer's all-gather: it needs "
+             "--use-distributed-optimizer and --overlap-grad-reduce")
     _require(args.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be > 0")
     _require(args.seq_length <= args.max_position_embeddings,
              f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")

@@ -15,6 +15,7 @@ the LR scheduler, its iteration and data positions, every RNG state, and the dat
 under iter_X.tmp and renamed, and the tracker moves, only once every rank's file is in place; loading skips
 a newest checkpoint that is incomplete or unreadable, with a warning, in favour of the previous one.
 """
+import contextlib
 import dataclasses
 import json
 import os
@@ -91,6 +92,22 @@ def _metadata(args, iteration: int) -> dict:
     return meta
 
 
+@contextlib.contextmanager
+def _parameters_gathered(trainer):
+    """With --overlap-param-gather the optimizer's updated parameters reach every rank only in the next forward;
+    a checkpoint needs them now (Megatron-LM likewise turns the forward pre-hooks off around a save)."""
+    if not trainer.args.overlap_param_gather:
+        yield
+        return
+    for chunk in trainer.model:
+        chunk.disable_forward_pre_hook()  # all-gathers now
+    try:
+        yield
+    finally:
+        for chunk in trainer.model:
+            chunk.enable_forward_pre_hook()
+
+
 def save_checkpoint(trainer, iteration: int, label: Optional[int] = None) -> None:
     """Every rank writes its file into iter_X.tmp; rank 0 completes the directory, renames it, moves the tracker.
     `iteration` is this rank's; `label`, the one the checkpoint is filed under, where replicas differ (A-EDiT)."""
@@ -102,10 +119,11 @@ def save_checkpoint(trainer, iteration: int, label: Optional[int] = None) -> Non
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
-    if args.ckpt_format == "torch_dist":
-        dist_checkpoint.save(trainer, label, iteration, staging)
-    else:
-        _save_rank_file(trainer, iteration, staging)
+    with _parameters_gathered(trainer):
+        if args.ckpt_format == "torch_dist":
+            dist_checkpoint.save(trainer, label, iteration, staging)
+        else:
+            _save_rank_file(trainer, iteration, staging)
     dist.barrier()
     if dist.get_rank() == 0:
         meta = _metadata(args, label)

@@ -31,6 +31,7 @@ def ddp_config_from_args(args) -> DistributedDataParallelConfig:
         # Megatron-LM accumulates and reduces bf16 gradients in fp32.
         grad_reduce_in_fp32=args.bf16,
         overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
     )
 

@@ -156,3 +156,12 @@ def test_recomputation_flags_are_megatron_lms():
         error_of(["--recompute-method", "block"], world_size=1)
     assert arguments.parse_args(BASE + ["--recompute-activations"], world_size=1).recompute_granularity == "selective"
     assert not arguments.parse_args(BASE + ["--sequence-parallel"], world_size=1).sequence_parallel  # TP=1
+
+
+def test_overlapped_parameter_gather_needs_the_distributed_optimizer_and_ddp():
+    assert "--overlap-param-gather overlaps the distributed optimizer's all-gather: it needs " \
+           "--use-distributed-optimizer and --overlap-grad-reduce" in \
+        error_of(["--overlap-param-gather", "--use-distributed-optimizer"], world_size=2)
+    assert "--overlap-param-gather applies to --dp-mode ddp: edit's syncs write parameters" in \
+        error_of(["--overlap-param-gather", "--use-distributed-optimizer", "--overlap-grad-reduce", "--dp-mode", "edit",
+                  "--model-shard-group-size", "1"], world_size=2)

@@ -43,6 +43,25 @@ def test_overlapped_gradient_reduction_reproduces_the_blocking_one(nproc, mode):
     assert losses(nproc, mode + ("--overlap-grad-reduce",)) == pytest.approx(losses(nproc, mode), rel=1e-6)
 
 
+@pytest.mark.parametrize("nproc,layout", [(2, ()), (4, ("--pipeline-model-parallel-size", "2"))], ids=["dp2", "pp2_dp2"])
+def test_overlapped_parameter_gather_reproduces_the_blocking_one(nproc, layout):
+    blocking = layout + ("--use-distributed-optimizer", "--overlap-grad-reduce")
+    assert losses(nproc, blocking + ("--overlap-param-gather",)) == pytest.approx(losses(nproc, blocking), rel=1e-6)
+
+
+def test_a_checkpoint_saved_with_overlapped_parameter_gather_holds_the_updated_weights(tmp_path):
+    """After a step the updated parameters reach the other ranks only in the next forward; a save gathers them first.
+    The weights alone (--no-load-optim: not rebuilt from the optimizer's shards) give the next loss, and the whole
+    checkpoint all of them."""
+    flags = ARGS + ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+    uninterrupted = run_training(2, flags).check().losses
+    run_training(2, flags + ["--exit-interval", "2", "--save", str(tmp_path)]).check()
+    weights_only = run_training(2, flags + ["--load", str(tmp_path), "--no-load-optim"]).check().losses
+    assert weights_only[0] == pytest.approx(uninterrupted[2], rel=1e-6)
+    assert run_training(2, flags + ["--load", str(tmp_path)]).check().losses == \
+        pytest.approx(uninterrupted[2:], rel=1e-6)
+
+
 def test_sample_based_schedule_matches_the_iteration_based_one():
     """--train-samples and --lr-*-samples, and --lr-warmup-fraction, at multiples of the global batch of 8 give the
     length, learning rates and losses of the iteration counts they equal."""

@@ -74,6 +74,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
                 f"(world {args.world_size} / TP {args.tensor_model_parallel_size} / PP "
                 f"{args.pipeline_model_parallel_size}); pick a divisor of {dp}")
         require(args.local_sgd_sync_interval >= 1, "--local-sgd-sync-interval must be >= 1")
+        require(not args.overlap_param_gather,
+                f"--overlap-param-gather applies to --dp-mode ddp: {cls.name}'s syncs write parameters the deferred "
+                "all-gather would overwrite; drop the flag (--overlap-grad-reduce still overlaps)")
         cls._resolve_warmup(args)
         require(args.outer_lr > 0 and 0 <= args.outer_momentum < 1,
                 "--outer-lr must be > 0 and --outer-momentum in [0, 1)")

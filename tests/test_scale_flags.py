@@ -13,6 +13,9 @@ ARGS = TINY_GPT + ["--micro-batch-size", "1", "--global-batch-size", "8", "--log
 TP2 = ("--tensor-model-parallel-size", "2")
 EDIT_S2_M2 = ("--dp-mode", "edit", "--model-shard-group-size", "2", *local_sgd(1, 1))  # a sync every local step
 EDIT_TP2_M2 = TP2 + ("--dp-mode", "edit", "--model-shard-group-size", "1", *local_sgd(1, 1))
+PP2 = ("--pipeline-model-parallel-size", "2")
+EDIT_PP2_M2_BF16 = PP2 + ("--dp-mode", "edit", "--model-shard-group-size", "1", *local_sgd(1, 1),
+                          "--use-distributed-optimizer", "--bf16")
 
 
 @functools.lru_cache(maxsize=None)
@@ -20,23 +23,27 @@ def losses(nproc: int, extra: tuple) -> list:
     return run_training(nproc, ARGS + list(extra)).check().losses
 
 
-@pytest.mark.parametrize("nproc,layout", [(2, TP2), (4, EDIT_TP2_M2)], ids=["ddp_tp2", "edit_tp2_m2"])
+@pytest.mark.parametrize("nproc,layout", [(2, TP2), (4, EDIT_TP2_M2), (4, TP2 + PP2 + ("--bf16",))],
+                         ids=["ddp_tp2", "edit_tp2_m2", "ddp_tp2_pp2_bf16"])
 def test_sequence_parallelism_reproduces_tensor_parallelism(nproc, layout):
     assert losses(nproc, layout + ("--sequence-parallel",)) == pytest.approx(losses(nproc, layout), rel=1e-5)
 
 
-@pytest.mark.parametrize("recompute", [
-    ("--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "2"),
-    ("--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1"),
-    ("--recompute-activations",),
-], ids=["full_uniform", "full_block", "selective"])
-def test_activation_recomputation_reproduces_the_run_without_it(recompute):
-    assert losses(1, recompute) == pytest.approx(losses(1, ()), rel=1e-6)
+@pytest.mark.parametrize("nproc,layout,recompute", [
+    (1, (), ("--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "2")),
+    (1, (), ("--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1")),
+    (1, (), ("--recompute-activations",)),
+    (2, PP2 + ("--bf16",), ("--recompute-granularity", "full", "--recompute-method", "block",
+                            "--recompute-num-layers", "1")),
+], ids=["full_uniform", "full_block", "selective", "full_block_pp2_bf16"])
+def test_activation_recomputation_reproduces_the_run_without_it(nproc, layout, recompute):
+    assert losses(nproc, layout + recompute) == pytest.approx(losses(nproc, layout), rel=1e-6)
 
 
 @pytest.mark.parametrize("nproc,mode", [(2, ()), (2, ("--use-distributed-optimizer",)), (4, EDIT_S2_M2),
-                                        (4, EDIT_S2_M2 + ("--use-distributed-optimizer",))],
-                         ids=["ddp", "ddp_distributed_optimizer", "edit_s2_m2", "edit_s2_m2_distributed_optimizer"])
+                                        (4, EDIT_S2_M2 + ("--use-distributed-optimizer",)), (4, EDIT_PP2_M2_BF16)],
+                         ids=["ddp", "ddp_distributed_optimizer", "edit_s2_m2", "edit_s2_m2_distributed_optimizer",
+                              "edit_pp2_m2_distributed_optimizer_bf16"])
 def test_overlapped_gradient_reduction_reproduces_the_blocking_one(nproc, mode):
     """Under EDiT the buckets reduce in the shard group during backward, warm-up still averages over replicas, and
     the syncs read the same fp32 values."""

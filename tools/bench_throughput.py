@@ -1,7 +1,8 @@
 """Training throughput of one model config and parallel layout: tokens/s, TFLOP/s, MFU, peak memory.
 
-Takes pretrain_gpt.py's flags (mock data is used when no data is given), runs
---bench-warmup-iters untimed iterations, then --train-iters timed ones, and prints a table:
+Takes pretrain_gpt.py's flags (mock data is used when no data is given), the scale and memory ones included
+(--recompute-*, --sequence-parallel, --overlap-grad-reduce, ...), runs --bench-warmup-iters untimed iterations, then
+--train-iters timed ones, and prints a table (Transformer Engine layers on a GPU where it is importable):
 
     torchrun --nproc-per-node 1 tools/bench_throughput.py --bf16 --num-layers 24 --hidden-size 1024 \\
         --num-attention-heads 16 --seq-length 2048 --micro-batch-size 4 --train-iters 10 --lr 1e-4 \\
@@ -50,6 +51,20 @@ def detect_peak_tflops(args):
     return None, f"unknown for {name} (pass --peak-tflops)"
 
 
+def scale_flags(args) -> str:
+    """The memory and overlap flags in effect, as the table's row names them."""
+    recompute = args.recompute_granularity
+    if recompute == "full":
+        recompute = f"full {args.recompute_method} x{args.recompute_num_layers}"
+    flags = [f"recompute {recompute}" if recompute else None,
+             "sequence parallel" if args.sequence_parallel else None,
+             "distributed optimizer" if args.use_distributed_optimizer else None,
+             "overlap grad reduce" if args.overlap_grad_reduce else None,
+             "overlap param gather" if args.overlap_param_gather else None,
+             f"attention {args.attention_backend}"]
+    return ", ".join(flag for flag in flags if flag)
+
+
 def main():
     args = parse_args(None, world_size=launch_env().world_size, extra_args_provider=add_bench_args)
     args.train_iters += args.bench_warmup_iters
@@ -81,6 +96,7 @@ def main():
             ("layout", f"TP={args.tensor_model_parallel_size} PP={args.pipeline_model_parallel_size} "
                        f"DP={args.data_parallel_size} on {args.world_size} x {args.device_type}, {precision}, "
                        f"{args.transformer_impl} layers"),
+            ("memory and overlap", scale_flags(args)),
             ("batch", f"global {args.global_batch_size} = micro {args.micro_batch_size} x {args.num_microbatches} "
                       f"x DP {args.data_parallel_size}"),
             ("time per iteration", f"{seconds * 1000:.1f} ms (mean of {timed_iters})"),

@@ -142,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="F: split the modules into F groups (balanced by size) that sync at staggered iterations, "
                         "every H local steps each, so the link carries about 1/F of the model at a time (edit)")
 
+    g = parser.add_argument_group("replicas as independent jobs (torchft; see the README's 'Replicas that come and go')")
+    g.add_argument("--replica-coordinator", choices=["process-group", "torchft"], default="process-group",
+                   help="process-group: every replica in this launch; torchft: this launch is one replica, meeting "
+                        "the others at each sync through the lighthouse at $TORCHFT_LIGHTHOUSE (diloco)")
+    g.add_argument("--replica-id", type=int, default=None, help="torchft: this replica, in [0, --num-replicas)")
+    g.add_argument("--num-replicas", type=int, default=None,
+                   help="torchft: replica ids in use; each reads 1/N of every global batch")
+    g.add_argument("--torchft-min-replicas", type=int, default=1, help="a sync commits only with this many present")
+    g.add_argument("--torchft-timeout-secs", type=float, default=60.0, help="for a sync's collectives and commit")
+    g.add_argument("--torchft-quorum-timeout-secs", type=float, default=1800.0,
+                   help="how long a replica waits for the others at a sync; must exceed a sync interval")
+    g.add_argument("--replica-step-timeout-secs", type=float, default=600.0,
+                   help="torchft: a replica whose iteration takes longer (waits for the quorum excluded) exits")
+
     g = parser.add_argument_group("EDiT pseudo-gradient penalty")
     g.add_argument("--edit-anomaly-elimination", action="store_true",
                    help="drop a replica's pseudo-gradient for a module when its norm's EWMA z-score is too high")
@@ -165,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--simulate-straggler", default=None, metavar="REPLICA:FACTOR")
     g.add_argument("--inject-fault", action="append", default=[], metavar="REPLICA:ITER:KIND",
                    help="KIND: scale (pseudo-gradients x100), nan, bad-data (random tokens), nan-loss (a NaN loss at "
-                        "ITER); repeatable")
+                        "ITER), hang (blocks at ITER); repeatable")
 
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="*", default=None,
@@ -312,12 +326,18 @@ def validate_args(args: argparse.Namespace) -> None:
     _require(args.seq_length <= args.max_position_embeddings,
              f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
 
+    # With replicas as separate launches, a global batch spans all of them, as it does in one launch.
+    args.replica_launches = args.num_replicas if args.replica_coordinator == "torchft" else 1
+    _require(args.replica_launches is not None and args.replica_launches >= 1,
+             "--replica-coordinator torchft needs --num-replicas N (the replica ids in use, 0..N-1)")
+    ranks = dp * args.replica_launches
     if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    _require(args.global_batch_size % (args.micro_batch_size * dp) == 0,
+        args.global_batch_size = args.micro_batch_size * ranks
+    _require(args.global_batch_size % (args.micro_batch_size * ranks) == 0,
              f"--global-batch-size {args.global_batch_size} is not divisible by micro batch x data parallel "
-             f"({args.micro_batch_size}x{dp}={args.micro_batch_size * dp}); use a multiple of it")
-    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * dp)
+             f"({args.micro_batch_size}x{ranks}={args.micro_batch_size * ranks}"
+             f"{' over all replicas' if args.replica_launches > 1 else ''}); use a multiple of it")
+    args.num_microbatches = args.global_batch_size // (args.micro_batch_size * ranks)
 
     _require(not (args.bf16 and args.fp16), "--bf16 and --fp16 are mutually exclusive; pick one")
     args.device_type = platform.resolve_device_type(args.device)

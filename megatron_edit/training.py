@@ -156,8 +156,8 @@ class Trainer:
         """Continue after `iteration` (a resumed run): data streams from where that run had read to."""
         args = self.args
         self.start_iteration = iteration
-        batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=parallel_state.get_data_parallel_rank(),
-                       dp_size=args.data_parallel_size, device=self.device)
+        dp_rank, dp_size = self.dp_mode.train_data_layout()
+        batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, device=self.device)
         train = micro_batches(self.train_ds, iteration * args.global_batch_size, **batches)
         self.train_iter = self.dp_mode.wrap_train_batches(train)
         valid_rank, valid_size = self.dp_mode.validation_layout()
@@ -262,8 +262,9 @@ def _track_events(trainer: Trainer, tracker: Trackers, reports: OrderedReports) 
 def train(trainer: Trainer, tracker: Trackers) -> Dict[str, float]:
     """Iterate to --train-iters with a log line every --log-interval and validation every --eval-interval."""
     args = trainer.args
-    tokens_per_iteration = args.global_batch_size * args.seq_length
-    flops = flops_per_iteration(args)
+    # This launch's share: with replicas as separate launches (torchft) a global batch spans all of them.
+    tokens_per_iteration = args.global_batch_size * args.seq_length // args.replica_launches
+    flops = flops_per_iteration(args) / args.replica_launches
     reports = OrderedReports()
     initial_valid_loss = trainer.evaluate()
     _report_validation(tracker, trainer.start_iteration, initial_valid_loss)
@@ -451,6 +452,10 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
     trainer = Trainer(args, model, optimizer, scheduler, dp_mode, forward_step_func, train_ds, valid_ds, device)
     if args.load:
         trainer.seek(load_checkpoint(trainer))
+    joined_at = dp_mode.join()
+    if joined_at is not None:  # took over a live replica's state: continue where it stands
+        trainer.seek(joined_at)
+        scheduler.step(increment=joined_at * args.global_batch_size - scheduler.num_steps)
     return trainer
 
 

@@ -42,11 +42,17 @@ class Run:
         return self
 
 
-def run_training(nproc: int, args: List[str], script: str = "pretrain_gpt.py", timeout: int = 600) -> Run:
-    """Launch `script` on `nproc` CPU processes and wait for it."""
+def training_command(nproc: int, args: List[str], script: str = "pretrain_gpt.py"):
+    """(command, environment) that launch `script` on `nproc` CPU processes under torchrun."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
                CUDA_DEVICE_MAX_CONNECTIONS="1")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                str(REPO / script), *args]
+    return command, env
+
+
+def run_training(nproc: int, args: List[str], script: str = "pretrain_gpt.py", timeout: int = 600) -> Run:
+    """Launch `script` on `nproc` CPU processes and wait for it."""
+    command, env = training_command(nproc, args, script)
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return Run(result.returncode, result.stdout, result.stderr)

@@ -165,3 +165,22 @@ def test_overlapped_parameter_gather_needs_the_distributed_optimizer_and_ddp():
     assert "--overlap-param-gather applies to --dp-mode ddp: edit's syncs write parameters" in \
         error_of(["--overlap-param-gather", "--use-distributed-optimizer", "--overlap-grad-reduce", "--dp-mode", "edit",
                   "--model-shard-group-size", "1"], world_size=2)
+
+
+def test_replica_jobs_flags(monkeypatch):
+    torchft = ["--replica-coordinator", "torchft"]
+    diloco = ["--dp-mode", "diloco", "--local-sgd-warmup-iters", "0"]
+    monkeypatch.setenv("TORCHFT_LIGHTHOUSE", "http://127.0.0.1:29510")
+    assert "--replica-coordinator torchft needs --num-replicas N" in error_of(torchft, world_size=1)
+    assert "--dp-mode ddp cannot run its replicas as separate jobs yet; use --dp-mode diloco" in \
+        error_of(torchft + ["--num-replicas", "2"], world_size=1)
+    assert "--replica-coordinator torchft needs --replica-id in [0, 2)" in \
+        error_of(torchft + diloco + ["--num-replicas", "2", "--replica-id", "2"], world_size=1)
+    assert "warm-up averages gradients over the replicas at every step" in \
+        error_of(torchft + ["--dp-mode", "diloco", "--num-replicas", "2", "--replica-id", "0",
+                            "--local-sgd-warmup-iters", "3"], world_size=1)
+    parsed = arguments.parse_args(BASE + torchft + diloco + ["--num-replicas", "3", "--replica-id", "1"], world_size=2)
+    assert parsed.model_shard_group_size == 2 and parsed.global_batch_size == 2 * 2 * 3  # spans all replicas
+    monkeypatch.delenv("TORCHFT_LIGHTHOUSE")
+    assert "set TORCHFT_LIGHTHOUSE=http://HOST:PORT to a running lighthouse" in \
+        error_of(torchft + diloco + ["--num-replicas", "2", "--replica-id", "0"], world_size=1)

@@ -7,7 +7,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 
-from megatron_edit.errors import TrainingError
+from megatron_edit.errors import TrainingError, require
 
 
 class DataParallelMode(abc.ABC):
@@ -20,6 +20,7 @@ class DataParallelMode(abc.ABC):
     fault_kinds: FrozenSet[str] = frozenset({"nan-loss"})  # the --inject-fault kinds this mode can suffer
     cross_replica_group = "dp"  # the byte counter's name for the group that links replicas (comm_stats)
     default_ckpt_format = "torch_dist"  # Megatron-LM's; A-EDiT's replicas need a file each
+    replicas_as_jobs = False  # whether --replica-coordinator torchft can connect its replicas
 
     @classmethod
     def validate(cls, args) -> None:
@@ -28,6 +29,9 @@ class DataParallelMode(abc.ABC):
         args.num_model_replicas = 1
         if args.ckpt_format is None:
             args.ckpt_format = cls.default_ckpt_format
+        require(args.replica_coordinator == "process-group" or cls.replicas_as_jobs,
+                f"--replica-coordinator torchft: --dp-mode {args.dp_mode} cannot run its replicas as separate jobs "
+                "yet; use --dp-mode diloco")
 
     @classmethod
     def fault_replicas(cls, args) -> int:
@@ -86,6 +90,16 @@ class DataParallelMode(abc.ABC):
     def loss_group(self):
         """The ranks whose losses make up a logged or validation loss: every replica's share of the global batch."""
         return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+    def train_data_layout(self) -> Tuple[int, int]:
+        """(rank, size) over which each global training batch is split: this rank's place among the ranks reading."""
+        return (parallel_state.get_data_parallel_rank(with_context_parallel=True),
+                parallel_state.get_data_parallel_world_size(with_context_parallel=True))
+
+    def join(self) -> Optional[int]:
+        """Called once before training (after any checkpoint load). A mode whose replicas come and go meets the
+        others here; it returns the iteration to continue after when it took over a live replica's state."""
+        return None
 
     def validation_layout(self) -> Tuple[int, int]:
         """(rank, size) over which one validation batch is split: the data-parallel ranks of loss_group()."""

@@ -71,6 +71,10 @@ class CommunicationCounter:
         if group is not None:
             self._names[group] = name
 
+    def add(self, name: str, nbytes: float) -> None:
+        """Bytes sent by collectives outside torch.distributed's functions (torchft's process group)."""
+        self.bytes[name] += nbytes
+
     def _record(self, group, nbytes: float) -> None:
         if dist.get_world_size(group) == 1:
             return

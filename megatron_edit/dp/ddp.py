@@ -63,7 +63,7 @@ class SynchronousDataParallel(DataParallelMode):
         return self.faults.train_batches(batches)
 
     def begin_iteration(self, iteration: int, finished: bool) -> bool:
-        self.faults.start_iteration()
+        self.faults.start_iteration(iteration)
         return not finished
 
     def after_optimizer_step(self, iteration: int) -> None:

@@ -5,6 +5,7 @@
                                            nan:   a NaN pseudo-gradient at the first sync at or after ITER
                                            bad-data: it trains on random tokens from ITER on
                                            nan-loss: its loss is NaN at iteration ITER (any mode)
+                                           hang:  it blocks (sleeps) at the start of iteration ITER, for good
 REPLICA is the replica's position in the sync group, from 0 (under --dp-mode ddp: the data-parallel rank).
 Pseudo-gradient faults apply to the modes that have pseudo-gradients (edit, aedit, diloco).
 """
@@ -16,7 +17,7 @@ import torch
 
 from megatron_edit.errors import UsageError
 
-FAULT_KINDS = ("scale", "nan", "bad-data", "nan-loss")
+FAULT_KINDS = ("scale", "nan", "bad-data", "nan-loss", "hang")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +68,11 @@ class FaultInjector:
         return cls(replica, parse_straggler(args.simulate_straggler), [parse_fault(s) for s in args.inject_fault],
                    RandomTokens(args.num_microbatches, args.padded_vocab_size, args.seed))
 
-    def start_iteration(self) -> None:
+    def start_iteration(self, iteration: int) -> None:
         self._iteration_started = time.perf_counter()
+        if any(f.kind == "hang" and f.iteration == iteration for f in self.faults):
+            while True:  # a replica stuck in Python: only a watchdog can end it
+                time.sleep(3600)
 
     def straggle(self) -> None:
         """A simulated straggler stretches the iteration begun at start_iteration() by sleeping."""

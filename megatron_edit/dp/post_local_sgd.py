@@ -50,6 +50,7 @@ class PostLocalSGDDataParallel(LocalSGDDataParallel):
         """Synchronize now, after `iteration`: every sync of this schedule, the final one included."""
         start, bytes_before = time.perf_counter(), self.counter.snapshot().get("sync", 0)
         values = self._synchronize(iteration)
+        iteration = self.iteration if self.healed else iteration  # took a live replica's place in this sync
         self.local_steps_since_sync = 0
         seconds = time.perf_counter() - start
         self.blocked_sync_seconds += seconds

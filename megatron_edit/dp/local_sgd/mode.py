@@ -20,6 +20,7 @@ from megatron_edit.dp import comm_stats
 from megatron_edit.dp.ddp import SynchronousDataParallel
 from megatron_edit.dp.local_sgd.config import LocalSGDConfig
 from megatron_edit.dp.local_sgd.exchange import ProcessGroupTransport, SyncExchange
+from megatron_edit.dp.local_sgd import torchft_replicas
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
 from megatron_edit.dp.local_sgd.sharded_state import replica_entries, replica_object
 from megatron_edit.dp.faults import FaultInjector
@@ -33,7 +34,7 @@ DEFAULT_WARMUP_FRACTION = 0.25
 class LocalSGDDataParallel(SynchronousDataParallel):
     """Synchronous data parallelism inside each replica (DDP and the optimizer on the replica's groups)."""
     name = ""
-    fault_kinds = SynchronousDataParallel.fault_kinds | {"bad-data"}
+    fault_kinds = SynchronousDataParallel.fault_kinds | {"bad-data", "hang"}
     cross_replica_group = "sync"
     accepts_penalty = False  # EDiT's pseudo-gradient penalty flags
     exchanges_pseudo_gradients = True  # through self.exchange (--sync-dtype); Post-Local-SGD averages parameters
@@ -59,6 +60,11 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         self._bytes_at_log, self._exposed_at_log = self.counter.snapshot(), 0.0
         self._iterations_since_log = 0
         self._events: List[tuple] = []
+        self.replica_jobs = None  # TorchftReplicas when each replica is its own launch (attach_replica_jobs)
+        self.iteration = 0  # the last iteration this replica completed
+        self.healed = False  # this replica took a live peer's state in the quorum of the sync under way
+        self.meeting: Dict[str, float] = {}  # who met at the sync under way, for its log line
+        self._present_before = None
 
     @classmethod
     def validate(cls, args) -> None:
@@ -73,6 +79,8 @@ class LocalSGDDataParallel(SynchronousDataParallel):
                 f"--model-shard-group-size {shard} does not divide the data-parallel size {dp} "
                 f"(world {args.world_size} / TP {args.tensor_model_parallel_size} / PP "
                 f"{args.pipeline_model_parallel_size}); pick a divisor of {dp}")
+        if args.replica_coordinator == "torchft":
+            torchft_replicas.validate(args)
         require(args.local_sgd_sync_interval >= 1, "--local-sgd-sync-interval must be >= 1")
         require(not args.overlap_param_gather,
                 f"--overlap-param-gather applies to --dp-mode ddp: {cls.name}'s syncs write parameters the deferred "
@@ -115,7 +123,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
 
     @classmethod
     def fault_replicas(cls, args) -> int:
-        return args.num_model_replicas
+        return args.num_replicas if args.replica_coordinator == "torchft" else args.num_model_replicas
 
     @classmethod
     def check_resume(cls, meta: dict, args):
@@ -127,16 +135,85 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
         groups = LocalSGDGroups.from_parallel_state()
-        return cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
-                   FaultInjector.from_args(args, groups.replica_index))
+        jobs = args.replica_coordinator == "torchft"
+        mode = cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
+                   FaultInjector.from_args(args, args.replica_id if jobs else groups.replica_index))
+        if jobs:
+            mode.attach_replica_jobs(args)
+        return mode
+
+    def attach_replica_jobs(self, args) -> None:
+        """This launch is replica `--replica-id`; the sync group is torchft's quorum (torchft_replicas.py)."""
+        device = torch.device("cuda" if args.device_type == "cuda" else "cpu")
+        self.replica_jobs = torchft_replicas.TorchftReplicas(args, device, self.heal_state, self.load_heal_state)
+        self.exchange.transport = torchft_replicas.TorchftTransport(self.replica_jobs)
+        self.data_slot = (args.replica_id, args.num_replicas)
 
     @property
     def has_peers(self) -> bool:
         """A single replica has no one to synchronize with: it trains exactly like plain data parallelism."""
-        return self.groups.sync is not None
+        return self.groups.sync is not None or self.replica_jobs is not None
+
+    def train_data_layout(self):
+        """A replica launched on its own reads its slot's share of every global batch, as its ranks would in one
+        launch of all the replicas."""
+        if self.replica_jobs is None:
+            return super().train_data_layout()
+        replica, replicas = self.data_slot
+        dp_rank, dp_size = super().train_data_layout()
+        return replica * dp_size + dp_rank, replicas * dp_size
+
+    def join(self):
+        """A replica launched on its own meets the others before training: a sync like theirs, in whose quorum it
+        heals from a live peer if it is behind (then it continues at the peer's iteration, returned)."""
+        if self.replica_jobs is None:
+            return None
+        self._final_sync(self.iteration)
+        return self.iteration if self.healed else None
+
+    def heal_state(self) -> dict:
+        """What a replica joining late takes from this one, at the quorum of a sync: the outer state, which every
+        replica holds alike, and where training stands (its own inner optimizer starts afresh)."""
+        return {"iteration": self.iteration,
+                **{name: [v.cpu().clone() for v in vectors] for name, vectors in self._outer_vectors().items()}}
+
+    @torch.no_grad()
+    def load_heal_state(self, state: dict) -> None:
+        for name, vectors in self._outer_vectors().items():
+            for vector, value in zip(vectors, state[name]):
+                vector.copy_(value)
+        for view, values in self._consensus_views():
+            view.write_full(values)
+        self.iteration, self.local_steps_since_sync, self.healed = state["iteration"], 0, True
+        if dist.get_rank() == 0:
+            print(f" replica {self.data_slot[0]} took a live replica's state: continuing after iteration "
+                  f"{self.iteration}", flush=True)
+
+    def _meet(self) -> int:
+        """Start a sync: the replicas taking part (with torchft, once its quorum met)."""
+        self.healed = False
+        present = self.groups.num_replicas if self.replica_jobs is None else self.replica_jobs.quorum()
+        self.meeting = {"sync/replicas": float(present)}
+        if self._present_before is not None and present != self._present_before:  # replicas left or joined
+            self.meeting["sync/replicas change"] = float(present - self._present_before)
+        self._present_before = present
+        return present
+
+    def _contributors(self, device: torch.device) -> int:
+        """How many replicas' pseudo-gradients the sync's sums hold: all of them, except that one healing in this
+        sync's quorum adds none (its parameters are the anchor)."""
+        if self.replica_jobs is None:
+            return self.groups.num_replicas
+        count = torch.tensor([0.0 if self.healed else 1.0], device=device)
+        self.replica_jobs.all_reduce(count).wait()
+        return max(int(count.item()), 1)
+
+    def _commit(self) -> bool:
+        """Whether to apply the sync (with torchft: every replica of the quorum completed its collectives)."""
+        return self.replica_jobs is None or self.replica_jobs.commit()
 
     def begin_iteration(self, iteration: int, finished: bool) -> bool:
-        self.faults.start_iteration()
+        self.faults.start_iteration(iteration)
         self.in_warmup = self.local_sgd.is_warmup(iteration)
         if self.in_warmup or not self.has_peers:
             return not finished
@@ -210,6 +287,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         return f"{super().non_finite_message(iteration, what, rank)} (replica {self.groups.replica_index})"
 
     def after_optimizer_step(self, iteration: int) -> None:
+        self.iteration = iteration
+        if self.replica_jobs is not None:
+            self.replica_jobs.watchdog.beat()
         if not self.in_warmup:
             self.local_steps_since_sync += 1
         self._iterations_since_log += 1

@@ -1,0 +1,147 @@
+"""Replicas as independent jobs (`--replica-coordinator torchft`): the sync group is whichever replicas are alive.
+
+Each replica is its own launch (torchrun, Slurm job, cluster) with `--replica-id`; inside it megatron-core's groups
+are as always. At every sync, torchft's Manager asks the lighthouse (`TORCHFT_LIGHTHOUSE`) for a quorum of the
+replicas present, reconfigures a gloo (or NCCL) process group over them (rank k of every replica exchanges with
+rank k of the others), and after the exchange every replica commits only if the collectives succeeded everywhere. A
+replica that died drops out of the next quorum; a replica that starts (or restarts) behind the others heals in its
+first quorum: it receives a live peer's state (`heal_state`) before it exchanges anything.
+
+A replica that hangs would keep heartbeating to the lighthouse and delay every quorum; `StepWatchdog` ends it when
+no iteration completes within `--replica-step-timeout-secs` (quorum waits excluded).
+"""
+import contextlib
+import os
+import sys
+import threading
+import time
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from megatron_edit.dp import comm_stats
+from megatron_edit.errors import require
+
+
+class TorchftReplicas:
+    """This rank's view of the replica quorum: `quorum()` before a sync, `all_reduce` during it, `commit()` after."""
+
+    def __init__(self, args, device: torch.device, heal_state: Callable[[], dict], load_heal_state: Callable):
+        os.environ.setdefault("RUST_LOG", "warn")  # torchft's manager logs every quorum at INFO; RUST_LOG=info shows it
+        from torchft import Manager, ProcessGroupGloo, ProcessGroupNCCL
+
+        timeout = timedelta(seconds=args.torchft_timeout_secs)
+        group = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
+        self.replica_id = args.replica_id
+        self.manager = Manager(
+            pg=group, state_dict=heal_state, load_state_dict=load_heal_state,
+            min_replica_size=args.torchft_min_replicas, use_async_quorum=False, init_sync=False,
+            timeout=timeout, quorum_timeout=timedelta(seconds=args.torchft_quorum_timeout_secs),
+            rank=dist.get_rank(), world_size=dist.get_world_size(), replica_id=f"replica_{args.replica_id}")
+        self.present = 0  # replicas in the last quorum
+        self.watchdog = StepWatchdog(args.replica_step_timeout_secs, args.replica_id)
+
+    def quorum(self) -> int:
+        """Wait for the replicas present to meet (healing this one first if it is behind); returns how many met."""
+        with self.watchdog.paused():
+            self.manager.start_quorum()
+        self.present = self.manager.num_participants()
+        return self.present
+
+    def all_reduce(self, tensor: torch.Tensor):
+        """Sum over the quorum, in place; the returned work's wait() completes it (after a peer's failure the
+        tensor is left as it was and commit() says False)."""
+        comm_stats.COUNTER.add("sync", tensor.numel() * tensor.element_size()
+                               * comm_stats.wire_fraction("all_reduce", self.manager.num_participants()))
+        return self.manager.allreduce(tensor, reduce_op=dist.ReduceOp.SUM)
+
+    def commit(self) -> bool:
+        """Whether every replica of the quorum completed this sync's collectives (then, and only then, apply it)."""
+        with self.watchdog.paused():
+            return self.manager.should_commit()
+
+    def shutdown(self) -> None:
+        self.watchdog.stop()
+        self.manager.shutdown(wait=False)
+
+
+class TorchftTransport:
+    """SyncExchange's transport over the quorum: sums only (bf16/int8 need all-to-all and all-gather, which
+    torchft's Manager does not carry), of a size known only once the quorum met."""
+
+    def __init__(self, replicas: TorchftReplicas):
+        self.replicas = replicas
+
+    @property
+    def size(self) -> int:
+        return self.replicas.present
+
+    def all_reduce(self, tensor: torch.Tensor):
+        return self.replicas.all_reduce(tensor)
+
+
+class StepWatchdog:
+    """Ends this process, with one line, when no iteration completes within `seconds`, so that a hung replica
+    cannot stall the quorum of the others. `beat()` at every iteration (the first arms it); waits for the quorum do
+    not count."""
+
+    def __init__(self, seconds: float, replica_id: int):
+        self.seconds, self.replica_id = seconds, replica_id
+        self.last, self.pauses = None, 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._watch, name="replica-step-watchdog", daemon=True).start()
+
+    def beat(self) -> None:
+        self.last = time.monotonic()
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.pauses += 1
+        try:
+            yield
+        finally:
+            self.pauses -= 1
+            self.beat()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.seconds / 4)):
+            if self.last is not None and not self.pauses and time.monotonic() - self.last > self.seconds:
+                print(f"error: replica {self.replica_id} completed no iteration in {self.seconds:g} s "
+                      "(--replica-step-timeout-secs); exiting so that the other replicas go on", file=sys.stderr,
+                      flush=True)
+                os._exit(1)
+
+
+def validate(args) -> None:
+    """The flags of a replica launched on its own (one UsageError line each); fills in the shard group (the
+    launch's data-parallel ranks) and warm-up (none: it would average gradients over the replicas every step)."""
+    import importlib.util
+
+    require(importlib.util.find_spec("torchft") is not None,
+            "--replica-coordinator torchft needs the torchft package: pip install torchft")
+    require(os.environ.get("TORCHFT_LIGHTHOUSE"),
+            "--replica-coordinator torchft: set TORCHFT_LIGHTHOUSE=http://HOST:PORT to a running lighthouse "
+            "(start one with: torchft_lighthouse --min_replicas 1 --bind [::]:29510)")
+    require(args.replica_id is not None and 0 <= args.replica_id < args.num_replicas,
+            f"--replica-coordinator torchft needs --replica-id in [0, {args.num_replicas}) (--num-replicas "
+            f"{args.num_replicas})")
+    dp = args.data_parallel_size
+    require(args.model_shard_group_size in (None, dp),
+            f"--model-shard-group-size {args.model_shard_group_size}: with --replica-coordinator torchft a launch is "
+            f"one replica, sharded over all its {dp} data-parallel ranks; drop the flag")
+    args.model_shard_group_size = dp
+    require(not args.local_sgd_warmup_iters and not args.local_sgd_warmup_fraction,
+            "--replica-coordinator torchft: warm-up averages gradients over the replicas at every step, which "
+            "separate jobs do not do; start from a warmed-up checkpoint (--load) with --local-sgd-warmup-iters 0")
+    args.local_sgd_warmup_iters = 0
+    require(args.sync_dtype == "fp32",
+            "--replica-coordinator torchft exchanges in fp32 (torchft's quorum carries all-reduces only); "
+            "drop --sync-dtype")
+    require(args.torchft_min_replicas >= 1 and args.torchft_timeout_secs > 0 and args.torchft_quorum_timeout_secs > 0
+            and args.replica_step_timeout_secs > 0,
+            "--torchft-min-replicas must be >= 1 and the torchft timeouts > 0")

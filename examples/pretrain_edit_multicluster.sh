@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Replicas as independent jobs (DiLoCo through torchft): one replica per Slurm job or per cluster, meeting at every
+# sync through a lighthouse; a replica may die, restart or join late while the others train on.
+#
+#   bash examples/pretrain_edit_multicluster.sh lighthouse            # 1. somewhere every replica can reach:
+#                                                                     #    torchft's lighthouse on LIGHTHOUSE_PORT
+#   export TORCHFT_LIGHTHOUSE=http://LIGHTHOUSE_HOST:29510 NUM_REPLICAS=2
+#   REPLICA_ID=0 sbatch examples/pretrain_edit_multicluster.sh        # 2. one job per replica, on any cluster
+#   REPLICA_ID=1 sbatch examples/pretrain_edit_multicluster.sh
+#
+#   bash examples/pretrain_edit_multicluster.sh local                 # all of it on this machine (CPU: NUM_REPLICAS
+#                                                                     # single-process replicas), logs in RUN_DIR
+#
+# A replica job is examples/pretrain_edit.sh (same knobs: DATA_PATH, TRAIN_ITERS, ...) with --dp-mode diloco and
+# --replica-coordinator torchft; inside it the job's GPUs are one replica (TP/PP and the shard group as usual), and
+# every replica must use the same layout. GLOBAL_BATCH_SIZE spans all NUM_REPLICAS replicas, as in one launch.
+# MIN_REPLICAS (default 1) is the lighthouse's quorum size: with 2, training waits until two replicas are up.
+#SBATCH --job-name=megatron-edit-replica
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --time=04:00:00
+#SBATCH --output=megatron-edit-replica-%j.out
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
+LIGHTHOUSE_BIN=${LIGHTHOUSE_BIN:-$(dirname "$PYTHON_BIN")/torchft_lighthouse}
+LIGHTHOUSE_PORT=${LIGHTHOUSE_PORT:-29510}
+NUM_REPLICAS=${NUM_REPLICAS:-2}
+
+fail() { echo "error: $*" >&2; exit 2; }
+
+start_lighthouse() {
+    [ -x "$LIGHTHOUSE_BIN" ] || fail "$LIGHTHOUSE_BIN not found: pip install torchft (or set LIGHTHOUSE_BIN)"
+    # join timeout: how long a quorum waits for replicas that heartbeat but have not reached the sync yet
+    "$LIGHTHOUSE_BIN" --min_replicas "${MIN_REPLICAS:-1}" --quorum_tick_ms 100 --join_timeout_ms 10000 \
+        --bind "[::]:$LIGHTHOUSE_PORT" "$@"
+}
+
+replica() {  # one replica: this launch (Slurm job or local processes) with --replica-id $1
+    [ -n "${TORCHFT_LIGHTHOUSE:-}" ] || fail "set TORCHFT_LIGHTHOUSE=http://HOST:$LIGHTHOUSE_PORT (start the lighthouse first)"
+    local replica_id=$1; shift
+    DP_MODE=diloco LOCAL_SGD_WARMUP_ITERS=0 exec bash examples/pretrain_edit.sh \
+        --replica-coordinator torchft --replica-id "$replica_id" --num-replicas "$NUM_REPLICAS" "$@"
+}
+
+case "${1:-}" in
+    lighthouse)
+        shift
+        start_lighthouse "$@" ;;
+    local)
+        shift
+        RUN_DIR=${RUN_DIR:-runs/multicluster}
+        mkdir -p "$RUN_DIR"
+        start_lighthouse > "$RUN_DIR/lighthouse.log" 2>&1 &
+        lighthouse_pid=$!
+        trap 'kill $lighthouse_pid 2>/dev/null || true' EXIT
+        export TORCHFT_LIGHTHOUSE=http://127.0.0.1:$LIGHTHOUSE_PORT NPROC=${NPROC:-1}
+        export GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-$((${MICRO_BATCH_SIZE:-8} * NPROC * NUM_REPLICAS))}
+        pids=()
+        for replica_id in $(seq 0 $((NUM_REPLICAS - 1))); do
+            (replica "$replica_id" "$@") > "$RUN_DIR/replica$replica_id.log" 2> "$RUN_DIR/replica$replica_id.err" &
+            pids+=($!)
+            echo "replica $replica_id: pid $!, log $RUN_DIR/replica$replica_id.log"
+        done
+        status=0
+        for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+        grep -h "training summary" -A3 "$RUN_DIR"/replica*.log || true
+        exit $status ;;
+    *)
+        [ -n "${REPLICA_ID:-}" ] || fail "set REPLICA_ID (0..$((NUM_REPLICAS - 1))), or run with 'lighthouse' or 'local'"
+        replica "$REPLICA_ID" "$@" ;;
+esac

@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--replica-coordinator", choices=["process-group", "torchft"], default="process-group",
                    help="process-group: every replica in this launch; torchft: this launch is one replica, meeting "
                         "the others at each sync through the lighthouse at $TORCHFT_LIGHTHOUSE (diloco)")
-    g.add_argument("--replica-id", type=int, default=None, help="torchft: this replica, in [0, --num-replicas)")
+    # dest: an args namespace with `replica_id` would read as a sharded object to megatron-core's checkpointing
+    g.add_argument("--replica-id", dest="replica_index", type=int, default=None,
+                   help="torchft: this replica, in [0, --num-replicas)")
     g.add_argument("--num-replicas", type=int, default=None,
                    help="torchft: replica ids in use; each reads 1/N of every global batch")
     g.add_argument("--torchft-min-replicas", type=int, default=1, help="a sync commits only with this many present")

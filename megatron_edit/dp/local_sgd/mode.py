@@ -137,7 +137,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         groups = LocalSGDGroups.from_parallel_state()
         jobs = args.replica_coordinator == "torchft"
         mode = cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
-                   FaultInjector.from_args(args, args.replica_id if jobs else groups.replica_index))
+                   FaultInjector.from_args(args, args.replica_index if jobs else groups.replica_index))
         if jobs:
             mode.attach_replica_jobs(args)
         return mode
@@ -147,7 +147,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         device = torch.device("cuda" if args.device_type == "cuda" else "cpu")
         self.replica_jobs = torchft_replicas.TorchftReplicas(args, device, self.heal_state, self.load_heal_state)
         self.exchange.transport = torchft_replicas.TorchftTransport(self.replica_jobs)
-        self.data_slot = (args.replica_id, args.num_replicas)
+        self.data_slot = (args.replica_index, args.num_replicas)
 
     @property
     def has_peers(self) -> bool:

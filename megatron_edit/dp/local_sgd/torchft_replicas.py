@@ -34,14 +34,14 @@ class TorchftReplicas:
 
         timeout = timedelta(seconds=args.torchft_timeout_secs)
         group = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
-        self.replica_id = args.replica_id
+        self.replica_id = args.replica_index
         self.manager = Manager(
             pg=group, state_dict=heal_state, load_state_dict=load_heal_state,
             min_replica_size=args.torchft_min_replicas, use_async_quorum=False, init_sync=False,
             timeout=timeout, quorum_timeout=timedelta(seconds=args.torchft_quorum_timeout_secs),
-            rank=dist.get_rank(), world_size=dist.get_world_size(), replica_id=f"replica_{args.replica_id}")
+            rank=dist.get_rank(), world_size=dist.get_world_size(), replica_id=f"replica_{args.replica_index}")
         self.present = 0  # replicas in the last quorum
-        self.watchdog = StepWatchdog(args.replica_step_timeout_secs, args.replica_id)
+        self.watchdog = StepWatchdog(args.replica_step_timeout_secs, args.replica_index)
 
     def quorum(self) -> int:
         """Wait for the replicas present to meet (healing this one first if it is behind); returns how many met."""
@@ -127,7 +127,7 @@ def validate(args) -> None:
     require(os.environ.get("TORCHFT_LIGHTHOUSE"),
             "--replica-coordinator torchft: set TORCHFT_LIGHTHOUSE=http://HOST:PORT to a running lighthouse "
             "(start one with: torchft_lighthouse --min_replicas 1 --bind [::]:29510)")
-    require(args.replica_id is not None and 0 <= args.replica_id < args.num_replicas,
+    require(args.replica_index is not None and 0 <= args.replica_index < args.num_replicas,
             f"--replica-coordinator torchft needs --replica-id in [0, {args.num_replicas}) (--num-replicas "
             f"{args.num_replicas})")
     dp = args.data_parallel_size

@@ -71,7 +71,8 @@ def test_a_killed_replica_drops_out_and_a_restarted_one_heals_and_rejoins(tmp_pa
         assert "training summary: 400 iterations" in run.stdout
     finals = [run.validation_losses[400] for run in runs]
     assert finals == pytest.approx([finals[0]] * 3, rel=1e-6)  # one model: the final sync had all three
-    assert finals[0] < runs[0].validation_losses[0]
+    for run in runs:  # from where each started (a replica starting late also heals and starts later)
+        assert run.validation_losses[400] < run.validation_losses[min(run.validation_losses)]
 
 
 def test_a_hung_replica_is_ended_by_its_watchdog_and_the_others_finish(tmp_path):

@@ -52,10 +52,11 @@ def test_a_killed_replica_drops_out_and_a_restarted_one_heals_and_rejoins(tmp_pa
     flags = DILOCO + ["--train-iters", "400", "--simulate-straggler", "0:4"] + torchft(3)
     with lighthouse(min_replicas=2) as address:
         jobs = [ReplicaJob(r, flags, address, tmp_path) for r in range(3)]
-        jobs[2].wait_for_sync(lambda iteration, rest: iteration >= 20)
+        last_seen = jobs[2].wait_for_sync(lambda iteration, rest: iteration >= 20)[0]
         jobs[2].kill()
         killed_at = time.monotonic()
-        left = jobs[0].wait_for_sync(lambda iteration, rest: present(rest) == 2 and "committed: 0" not in rest)
+        left = jobs[0].wait_for_sync(lambda iteration, rest: iteration > last_seen and present(rest) == 2
+                                     and "committed: 0" not in rest)
         print(f"kill -> the survivors' next committed sync: {time.monotonic() - killed_at:.1f} s")
         restarted_at = time.monotonic()
         rejoined = ReplicaJob(2, flags, address, tmp_path)

@@ -138,10 +138,11 @@ def main(argv=None) -> None:
 
     with lighthouse(min_replicas=args.replicas - 1) as address:
         jobs = [ReplicaJob(r, flags + torchft, address, log_dir) for r in range(args.replicas)]
-        jobs[-1].wait_for_sync(lambda iteration, rest: iteration >= args.kill_after)
+        last_seen = jobs[-1].wait_for_sync(lambda iteration, rest: iteration >= args.kill_after)[0]
         jobs[-1].kill()
         killed = time.monotonic()
-        jobs[0].wait_for_sync(lambda iteration, rest: present(rest) == args.replicas - 1 and "committed: 0" not in rest)
+        jobs[0].wait_for_sync(lambda iteration, rest: iteration > last_seen and present(rest) == args.replicas - 1
+                              and "committed: 0" not in rest)
         kill_to_commit = time.monotonic() - killed
         restarted = time.monotonic()
         rejoined = ReplicaJob(args.replicas - 1, flags + torchft, address, log_dir)

@@ -34,7 +34,6 @@ class TorchftReplicas:
 
         timeout = timedelta(seconds=args.torchft_timeout_secs)
         group = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
-        self.replica_id = args.replica_index
         self.manager = Manager(
             pg=group, state_dict=heal_state, load_state_dict=load_heal_state,
             min_replica_size=args.torchft_min_replicas, use_async_quorum=False, init_sync=False,
@@ -62,10 +61,6 @@ class TorchftReplicas:
         with self.watchdog.paused():
             return self.manager.should_commit()
 
-    def shutdown(self) -> None:
-        self.watchdog.stop()
-        self.manager.shutdown(wait=False)
-
 
 class TorchftTransport:
     """SyncExchange's transport over the quorum: sums only (bf16/int8 need all-to-all and all-gather, which
@@ -90,7 +85,6 @@ class StepWatchdog:
     def __init__(self, seconds: float, replica_id: int):
         self.seconds, self.replica_id = seconds, replica_id
         self.last, self.pauses = None, 0
-        self._stop = threading.Event()
         threading.Thread(target=self._watch, name="replica-step-watchdog", daemon=True).start()
 
     def beat(self) -> None:
@@ -105,11 +99,9 @@ class StepWatchdog:
             self.pauses -= 1
             self.beat()
 
-    def stop(self) -> None:
-        self._stop.set()
-
     def _watch(self) -> None:
-        while not self._stop.wait(min(1.0, self.seconds / 4)):
+        while True:
+            time.sleep(min(1.0, self.seconds / 4))
             if self.last is not None and not self.pauses and time.monotonic() - self.last > self.seconds:
                 print(f"error: replica {self.replica_id} completed no iteration in {self.seconds:g} s "
                       "(--replica-step-timeout-secs); exiting so that the other replicas go on", file=sys.stderr,

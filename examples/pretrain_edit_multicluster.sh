@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Replicas as independent jobs (DiLoCo through torchft): one replica per Slurm job or per cluster, meeting at every
+# Replicas as independent jobs (EDiT through torchft): one replica per Slurm job or per cluster, meeting at every
 # sync through a lighthouse; a replica may die, restart or join late while the others train on.
 #
 #   bash examples/pretrain_edit_multicluster.sh lighthouse            # 1. somewhere every replica can reach:
@@ -11,9 +11,9 @@
 #   bash examples/pretrain_edit_multicluster.sh local                 # all of it on this machine (CPU: NUM_REPLICAS
 #                                                                     # single-process replicas), logs in RUN_DIR
 #
-# A replica job is examples/pretrain_edit.sh (same knobs: DATA_PATH, TRAIN_ITERS, ...) with --dp-mode diloco and
-# --replica-coordinator torchft; inside it the job's GPUs are one replica (TP/PP and the shard group as usual), and
-# every replica must use the same layout. GLOBAL_BATCH_SIZE spans all NUM_REPLICAS replicas, as in one launch.
+# A replica job is examples/pretrain_edit.sh (same knobs: DATA_PATH, TRAIN_ITERS, DP_MODE=edit|aedit|diloco|
+# post-local-sgd, ...) with --replica-coordinator torchft and no warm-up; inside it the job's GPUs are one replica
+# (TP/PP and the shard group as usual), and every replica must use the same layout (one that does not is refused). GLOBAL_BATCH_SIZE spans all NUM_REPLICAS replicas, as in one launch.
 # MIN_REPLICAS (default 1) is the lighthouse's quorum size: with 2, training waits until two replicas are up.
 #SBATCH --job-name=megatron-edit-replica
 #SBATCH --nodes=1
@@ -40,7 +40,7 @@ start_lighthouse() {
 replica() {  # one replica: this launch (Slurm job or local processes) with --replica-id $1
     [ -n "${TORCHFT_LIGHTHOUSE:-}" ] || fail "set TORCHFT_LIGHTHOUSE=http://HOST:$LIGHTHOUSE_PORT (start the lighthouse first)"
     local replica_id=$1; shift
-    DP_MODE=diloco LOCAL_SGD_WARMUP_ITERS=0 exec bash examples/pretrain_edit.sh \
+    DP_MODE=${DP_MODE:-edit} LOCAL_SGD_WARMUP_ITERS=0 exec bash examples/pretrain_edit.sh \
         --replica-coordinator torchft --replica-id "$replica_id" --num-replicas "$NUM_REPLICAS" "$@"
 }
 

@@ -172,13 +172,16 @@ def test_replica_jobs_flags(monkeypatch):
     diloco = ["--dp-mode", "diloco", "--local-sgd-warmup-iters", "0"]
     monkeypatch.setenv("TORCHFT_LIGHTHOUSE", "http://127.0.0.1:29510")
     assert "--replica-coordinator torchft needs --num-replicas N" in error_of(torchft, world_size=1)
-    assert "--dp-mode ddp cannot run its replicas as separate jobs yet; use --dp-mode diloco" in \
+    assert "--dp-mode ddp reduces gradients every step, which separate jobs do not do; use --dp-mode edit" in \
         error_of(torchft + ["--num-replicas", "2"], world_size=1)
     assert "--replica-coordinator torchft needs --replica-id in [0, 2)" in \
         error_of(torchft + diloco + ["--num-replicas", "2", "--replica-id", "2"], world_size=1)
     assert "warm-up averages gradients over the replicas at every step" in \
         error_of(torchft + ["--dp-mode", "diloco", "--num-replicas", "2", "--replica-id", "0",
                             "--local-sgd-warmup-iters", "3"], world_size=1)
+    assert "a sync commits (or is undone) within its iteration, so it cannot be delayed or split" in \
+        error_of(torchft + ["--dp-mode", "edit", "--local-sgd-warmup-iters", "0", "--num-replicas", "2",
+                            "--replica-id", "0", "--sync-delay-steps", "1"], world_size=1)
     parsed = arguments.parse_args(BASE + torchft + diloco + ["--num-replicas", "3", "--replica-id", "1"], world_size=2)
     assert parsed.model_shard_group_size == 2 and parsed.global_batch_size == 2 * 2 * 3  # spans all replicas
     monkeypatch.delenv("TORCHFT_LIGHTHOUSE")

@@ -12,8 +12,12 @@ import torch
 from launcher import TINY_GPT, Run, run_training
 from tools.bench_replica_jobs import ReplicaJob, lighthouse, present
 
-DILOCO = TINY_GPT + ["--dp-mode", "diloco", "--micro-batch-size", "2", "--log-interval", "50", "--eval-iters", "1",
-                     "--eval-interval", "100000", "--local-sgd-sync-interval", "4", "--local-sgd-warmup-iters", "0"]
+COMMON = TINY_GPT + ["--micro-batch-size", "2", "--log-interval", "50", "--eval-iters", "1", "--eval-interval", "100000",
+                     "--local-sgd-sync-interval", "4", "--local-sgd-warmup-iters", "0"]
+DILOCO = COMMON + ["--dp-mode", "diloco"]
+PENALTY = ["--edit-anomaly-elimination", "--edit-weighted-average", "--edit-pseudo-grad-clip", "1.0"]
+EDIT = COMMON + ["--dp-mode", "edit"] + PENALTY
+AEDIT = COMMON + ["--dp-mode", "aedit", "--aedit-sync-seconds", "0.3"] + PENALTY
 
 
 def torchft(replicas: int) -> list:
@@ -25,10 +29,13 @@ def finished(job: ReplicaJob) -> Run:
     return Run(*job.finish())
 
 
-def test_without_failures_the_replica_jobs_train_as_one_launch_of_all_of_them(tmp_path):
+@pytest.mark.parametrize("mode", [DILOCO, EDIT, COMMON + ["--dp-mode", "post-local-sgd"]],
+                         ids=["diloco", "edit-penalty", "post-local-sgd"])
+def test_without_failures_the_replica_jobs_train_as_one_launch_of_all_of_them(tmp_path, mode):
     """Two replica jobs against one launch of the same two replicas: the same parameters after 12 iterations
-    (syncs at 4, 8, 12), each job having read its half of every global batch."""
-    flags = DILOCO + ["--train-iters", "12"]
+    (syncs at 4, 8, 12; EDiT's penalty decided from norms gathered over the quorum), each job having read its half
+    of every global batch."""
+    flags = mode + ["--train-iters", "12"]
     one_launch = tempfile.mkdtemp(dir=tmp_path)
     run_training(2, flags + ["--model-shard-group-size", "1", "--dump-dir", one_launch],
                  script="tests/edit_runner.py").check()
@@ -47,9 +54,11 @@ def test_without_failures_the_replica_jobs_train_as_one_launch_of_all_of_them(tm
             torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_a_killed_replica_drops_out_and_a_restarted_one_heals_and_rejoins(tmp_path):
-    """Replica 0 straggles (4x), so the others wait for it at every sync and training outlasts a restart."""
-    flags = DILOCO + ["--train-iters", "400", "--simulate-straggler", "0:4"] + torchft(3)
+@pytest.mark.parametrize("mode", [DILOCO, AEDIT], ids=["diloco", "aedit-penalty"])
+def test_a_killed_replica_drops_out_and_a_restarted_one_heals_and_rejoins(tmp_path, mode):
+    """Replica 0 straggles (4x): under DiLoCo the others wait for it at every sync, under A-EDiT (syncs every
+    0.3 s) they take more local steps; either way training outlasts a restart."""
+    flags = mode + ["--train-iters", "400", "--simulate-straggler", "0:4"] + torchft(3)
     with lighthouse(min_replicas=2) as address:
         jobs = [ReplicaJob(r, flags, address, tmp_path) for r in range(3)]
         last_seen = jobs[2].wait_for_sync(lambda iteration, rest: iteration >= 20)[0]
@@ -68,12 +77,11 @@ def test_a_killed_replica_drops_out_and_a_restarted_one_heals_and_rejoins(tmp_pa
     assert "replicas change: -1" in left[1] or any("replicas change: -1" in r for _, r in survivors_syncs)
     assert any(present(rest) == 3 and "replicas change: 1" in rest for rest in after_kill)  # the rejoin
     assert " took a live replica's state: continuing after iteration" in rejoined.text
-    for run in runs:
-        assert "training summary: 400 iterations" in run.stdout
-    finals = [run.validation_losses[400] for run in runs]
+    finals = [run.validation_losses[max(run.validation_losses)] for run in runs]  # A-EDiT: at each one's end
     assert finals == pytest.approx([finals[0]] * 3, rel=1e-6)  # one model: the final sync had all three
-    for run in runs:  # from where each started (a replica starting late also heals and starts later)
-        assert run.validation_losses[400] < run.validation_losses[min(run.validation_losses)]
+    for run, final in zip(runs, finals):  # from where each started (a replica starting late also heals)
+        assert final < run.validation_losses[min(run.validation_losses)]
+    assert any("training summary: 400 iterations" in run.stdout for run in runs)  # A-EDiT: the first to get there
 
 
 def test_a_hung_replica_is_ended_by_its_watchdog_and_the_others_finish(tmp_path):
@@ -88,3 +96,18 @@ def test_a_hung_replica_is_ended_by_its_watchdog_and_the_others_finish(tmp_path)
     for run in survivors:
         assert "training summary: 120 iterations" in run.stdout
     assert present(jobs[0].syncs()[-1][1]) == 2
+
+
+def test_a_replica_with_another_layout_is_refused_in_one_line(tmp_path):
+    """Replica 1 splits its two ranks by tensor parallelism where replica 0 shards data: rank k of each would
+    exchange different things. Replica 1 (not the layout of the lowest --replica-id) stops; replica 0 goes on."""
+    flags = EDIT + ["--train-iters", "12"] + torchft(2)
+    with lighthouse(min_replicas=1) as address:
+        jobs = [ReplicaJob(0, flags, address, tmp_path, nproc=2),
+                ReplicaJob(1, flags + ["--tensor-model-parallel-size", "2"], address, tmp_path, nproc=2)]
+        refused = Run(*jobs[1].finish(timeout=300))
+        finished(jobs[0]).check()
+    assert refused.returncode != 0
+    assert "error: this replica's layout differs from the " in refused.stderr
+    assert "(TP 2 vs 1, data-parallel ranks 1 vs 2): every replica of a --replica-coordinator torchft run needs " \
+           "the same parallel sizes and model; relaunch it with theirs" in refused.stderr

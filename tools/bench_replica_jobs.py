@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.experiment import LLAMA_STYLE, REPO, data_args, job_env, run_job, torchrun_command, write_table  # noqa: E402
 
 LIGHTHOUSE = Path(sys.executable).with_name("torchft_lighthouse")
-SYNC = re.compile(r" (?:diloco|edit) sync at iteration (\d+) \|(.*)")
+SYNC = re.compile(r" (?:diloco|edit|post-local-sgd) sync at iteration (\d+) \|(.*)")
 
 
 def free_port() -> int:
@@ -109,6 +109,7 @@ def exposed_ms(sync_lines: List[str]) -> float:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dp-mode", default="diloco", choices=["diloco", "edit", "aedit", "post-local-sgd"])
     parser.add_argument("--replicas", type=int, default=3)
     parser.add_argument("--train-iters", type=int, default=400)
     parser.add_argument("--local-sgd-sync-interval", type=int, default=4)
@@ -122,7 +123,7 @@ def main(argv=None) -> None:
     flags = [*LLAMA_STYLE, "--num-layers", str(args.num_layers), "--hidden-size", str(args.hidden_size),
              "--num-attention-heads", "4", "--seq-length", "64", "--micro-batch-size", "4", "--lr", "1e-3",
              "--train-iters", str(args.train_iters), "--log-interval", "50", "--eval-iters", "1",
-             "--eval-interval", "100000", "--dp-mode", "diloco", "--local-sgd-warmup-iters", "0",
+             "--eval-interval", "100000", "--dp-mode", args.dp_mode, "--local-sgd-warmup-iters", "0",
              "--local-sgd-sync-interval", str(args.local_sgd_sync_interval), *data_args(mock_data=True)]
     torchft = ["--replica-coordinator", "torchft", "--num-replicas", str(args.replicas), "--torchft-timeout-secs",
                "10", "--torchft-quorum-timeout-secs", "300"]

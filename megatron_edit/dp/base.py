@@ -30,8 +30,8 @@ class DataParallelMode(abc.ABC):
         if args.ckpt_format is None:
             args.ckpt_format = cls.default_ckpt_format
         require(args.replica_coordinator == "process-group" or cls.replicas_as_jobs,
-                f"--replica-coordinator torchft: --dp-mode {args.dp_mode} cannot run its replicas as separate jobs "
-                "yet; use --dp-mode diloco")
+                f"--replica-coordinator torchft: --dp-mode {args.dp_mode} reduces gradients every step, which "
+                "separate jobs do not do; use --dp-mode edit, aedit, diloco or post-local-sgd")
 
     @classmethod
     def fault_replicas(cls, args) -> int:

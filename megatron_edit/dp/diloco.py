@@ -19,7 +19,6 @@ class DiLoCoDataParallel(PostLocalSGDDataParallel):
     name = "diloco"
     fault_kinds = PostLocalSGDDataParallel.fault_kinds | {"scale", "nan"}
     exchanges_pseudo_gradients = True
-    replicas_as_jobs = True
 
     def _whole_model_view(self, index: int, params, main_params: MainParams) -> ModuleShard:
         return ModuleShard(f"model chunk {index}", params, 0, 1, main_params, self.local_sgd.offload_outer_state)
@@ -30,27 +29,21 @@ class DiLoCoDataParallel(PostLocalSGDDataParallel):
             view.anchor.copy_(view.read_full(self.groups.shard))
             view.momentum.zero_()
 
-    @torch.no_grad()
-    def _synchronize(self, iteration: int) -> Dict[str, float]:
-        self._meet()
-        pseudo_grads = []
-        for index, view in enumerate(self.views):
-            pseudo_grad = view.anchor.to(view.device) - view.read_full(self.groups.shard)
-            self.faults.corrupt_pseudo_grad(pseudo_grad, iteration)
-            self.exchange.start(index, pseudo_grad, view.tensor_replicated).wait()
-            pseudo_grads.append(pseudo_grad)
-        contributors = self._contributors(pseudo_grads[0].device)
-        self.faults.end_sync()
-        if not self._commit():  # a replica failed during the sync: nothing applied, the next sync tries again
-            return {**self.meeting, "sync/committed": 0.0}
+    def _contribution(self, view: ModuleShard, iteration: int) -> torch.Tensor:
+        """The pseudo-gradient anchor - theta (zero for a replica that healed: its parameters are the anchor)."""
+        pseudo_grad = view.anchor.to(view.device) - view.read_full(self.groups.shard)
+        self.faults.corrupt_pseudo_grad(pseudo_grad, iteration)
+        return pseudo_grad
+
+    def _apply(self, means: List[torch.Tensor]) -> Dict[str, float]:
+        """The outer step on each anchor from the mean pseudo-gradient, then theta <- anchor."""
         squares = 0.0
-        for view, pseudo_grad in zip(self.views, pseudo_grads):
-            pseudo_grad.div_(contributors)
+        for view, pseudo_grad in zip(self.views, means):
             squares += pseudo_grad.double().pow(2).sum().item()
             outer_sgd_step(view.anchor, view.momentum, pseudo_grad.to(view.anchor.device), self.local_sgd.outer_lr,
                            self.local_sgd.outer_momentum, self.local_sgd.outer_nesterov)
             view.write_full(view.anchor.to(view.device))
-        return {"sync/pseudo-grad norm": math.sqrt(squares), **self.meeting}
+        return {"sync/pseudo-grad norm": math.sqrt(squares)}
 
     def _consensus_views(self):
         return [(view, view.anchor.to(view.device)) for view in self.views]

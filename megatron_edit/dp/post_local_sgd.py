@@ -9,7 +9,6 @@ import time
 from typing import Dict, List
 
 import torch
-import torch.distributed as dist
 
 from megatron_edit.dp.local_sgd.params import FlatParams, MainParams
 from megatron_edit.dp.local_sgd.mode import LocalSGDDataParallel
@@ -62,32 +61,38 @@ class PostLocalSGDDataParallel(LocalSGDDataParallel):
 
     @torch.no_grad()
     def _synchronize(self, iteration: int) -> Dict[str, float]:
-        """theta <- the replicas' mean theta. Returns numbers for the log line and tracker ("sync/..." keys)."""
+        """Every view's contribution averaged over the replicas that met, applied once all of them completed the
+        exchange (with torchft a failed sync applies nothing and the next one tries again). Returns numbers for
+        the log line and tracker ("sync/..." keys)."""
+        self._meet()
+        sums = []
         for index, view in enumerate(self.views):
-            theta = view.read_full(self.groups.shard)
-            dist.all_reduce(theta, group=self.groups.sync)
-            self.averages[index] = theta.div_(self.groups.num_replicas)
-            view.write_full(theta)
+            contribution = self._contribution(view, iteration)
+            self.exchange.start(index, contribution, view.tensor_replicated).wait()
+            sums.append(contribution)
+        contributors = self._contributors(sums[0].device)
+        self.faults.end_sync()
+        if not self._commit():
+            return {**self.meeting, "sync/committed": 0.0}
+        return {**self._apply([summed.div_(contributors) for summed in sums]), **self.meeting}
+
+    def _contribution(self, view, iteration: int) -> torch.Tensor:
+        """This replica's share of a view's sum: its parameters (none when it healed: they are the average)."""
+        theta = view.read_full(self.groups.shard)
+        return theta.zero_() if self.healed else theta
+
+    def _apply(self, means: List[torch.Tensor]) -> Dict[str, float]:
+        """theta <- the replicas' mean theta."""
+        for index, (view, mean) in enumerate(zip(self.views, means)):
+            self.averages[index] = mean
+            view.write_full(mean)
         return {}
 
     def _consensus_views(self):
         return list(zip(self.views, self.averages))
 
     def _outer_vectors(self) -> Dict[str, List[torch.Tensor]]:
-        """What the mode keeps beside the model, by name: per view, a flat vector, the same in every replica."""
         return {"averages": self.averages}
-
-    def state_dict(self) -> dict:
-        return {**super().state_dict(),
-                **{name: [v.cpu().clone() for v in vectors] for name, vectors in self._outer_vectors().items()}}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict, same_replica: bool) -> None:
-        """The outer vectors are the same in every replica: they carry over whatever the replica count."""
-        super().load_state_dict(state, same_replica)
-        for name, vectors in self._outer_vectors().items():
-            for vector, saved in zip(vectors, state[name]):
-                vector.copy_(saved)
 
     def sharded_state_dict(self, entries: dict, saved_replicas: int, loading: bool) -> dict:
         """The outer vectors in model space (sharded_state.py), besides the step counters."""

@@ -68,11 +68,8 @@ class AsyncEditDataParallel(EditDataParallel):
                 "stop with --train-iters, or checkpoint with --save-interval")
 
     @classmethod
-    def from_args(cls, args, ddp_config, transformer_config):
-        groups = LocalSGDGroups.from_parallel_state()
-        return cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
-                   FaultInjector.from_args(args, groups.replica_index), PenaltyConfig.from_args(args),
-                   AEditConfig.from_args(args))
+    def mode_configs(cls, args) -> dict:
+        return {**super().mode_configs(args), "aedit": AEditConfig.from_args(args)}
 
     def begin_iteration(self, iteration: int, finished: bool) -> bool:
         if self.last_sync_time is None:
@@ -82,7 +79,7 @@ class AsyncEditDataParallel(EditDataParallel):
     def after_optimizer_step(self, iteration: int) -> None:
         synced = self.sync.armed
         super().after_optimizer_step(iteration)
-        if synced or iteration == self.local_sgd.warmup_iters:
+        if (synced and not self._sync_failed) or iteration == self.local_sgd.warmup_iters:
             self.last_sync_time = time.monotonic()
 
     def _flags(self, values) -> torch.Tensor:
@@ -94,9 +91,9 @@ class AsyncEditDataParallel(EditDataParallel):
         return bool(due.item())
 
     def _start_sync(self, iteration: int, finished: bool) -> bool:
-        exchange = self._flags([finished, self._save_wanted, iteration - 1, self.local_steps_since_sync])
-        dist.all_reduce(exchange, op=dist.ReduceOp.MAX, group=self.groups.sync)
-        stop, save, last_iteration, local_steps = exchange.tolist()
+        rows, _ = self.members.gather(  # every flag and count >= 0: an absent replica's zero row changes no max
+            self._flags([finished, self._save_wanted, iteration - 1, self.local_steps_since_sync]))
+        stop, save, last_iteration, local_steps = rows.amax(dim=0).tolist()
         if save:
             self._save_wanted = False
         if stop:

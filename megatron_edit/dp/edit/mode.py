@@ -7,7 +7,8 @@ last iteration one more sync runs outside a forward. `sync_due` and `_start_sync
 changes.
 """
 import collections
-from typing import List
+import time
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -28,7 +29,6 @@ from megatron_edit.model import unwrap_model
 
 
 TIED_TO = "embedding.word_embeddings"  # the unit a tied output layer's weight is a copy of
-_OUTER = {"anchors": "anchor", "momenta": "momentum"}  # checkpoint name -> ModuleShard attribute
 
 
 def sync_modules(model: torch.nn.Module) -> List[tuple]:
@@ -52,10 +52,10 @@ def sync_modules(model: torch.nn.Module) -> List[tuple]:
     return units
 
 
-def sync_summary(iteration: int, records: List[ModuleSyncRecord], units: int) -> str:
-    """One log line per sync: how many of this rank's `units` modules it covered (with --sync-fragments), outliers
-    by replica and module, mean weights, norms before/after clipping."""
-    parts = [f" edit sync at iteration {iteration}"]
+def sync_summary(iteration: int, records: List[ModuleSyncRecord], units: int, meeting: Dict[str, float]) -> str:
+    """One log line per sync: who met (local_sgd/mode.py's `meeting`), how many of this rank's `units` modules it
+    covered (with --sync-fragments), outliers by replica and module, mean weights, norms before/after clipping."""
+    parts = [f" edit sync at iteration {iteration}"] + [f" {key[5:]}: {value:g}" for key, value in meeting.items()]
     if len(records) < units:
         parts.append(f" modules: {len(records)} of {units}")
     outliers = collections.defaultdict(list)
@@ -97,6 +97,9 @@ class EditDataParallel(LocalSGDDataParallel):
         self.fragment_units: List[List[int]] = []  # with --sync-fragments: this rank's unit indices per fragment
         self.tied_units: set = set()  # units holding a second copy of the word embedding (output_layer, PP > 1)
         self._sync_starts = {}  # sync iteration -> sync-group bytes and exposed seconds when that sync began
+        self._steps_before_sync = 0  # local_steps_since_sync when the sync under way was armed
+        self._sync_failed = False  # the last sync did not commit (replica jobs): the next iteration syncs again
+        self._meet_seconds = 0.0  # how long the last meeting (torchft's quorum) held training up
 
     @classmethod
     def validate(cls, args) -> None:
@@ -110,10 +113,8 @@ class EditDataParallel(LocalSGDDataParallel):
                 "--edit-pseudo-grad-clip must be > 0")
 
     @classmethod
-    def from_args(cls, args, ddp_config, transformer_config):
-        groups = LocalSGDGroups.from_parallel_state()
-        return cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
-                   FaultInjector.from_args(args, groups.replica_index), PenaltyConfig.from_args(args))
+    def mode_configs(cls, args) -> dict:
+        return {"penalty": PenaltyConfig.from_args(args)}
 
     def build_optimizer(self, model_chunks, optimizer_config):
         optimizer = super().build_optimizer(model_chunks, optimizer_config)
@@ -130,8 +131,9 @@ class EditDataParallel(LocalSGDDataParallel):
                 if name == "output_layer" and model.share_embeddings_and_output_weights:  # PP > 1: a second copy
                     tied.append(name)
         self.tied_units = set(tied)
-        self.sync = LayerwiseSync(units, modules, self.groups, self.exchange, self.local_sgd, self.penalty,
-                                  self.faults, step_weight=self.step_weight)
+        self.sync = LayerwiseSync(units, modules, self.groups, self.exchange, self.members, self.local_sgd,
+                                  self.penalty, self.faults, step_weight=self.step_weight,
+                                  undoable=self.replica_jobs is not None)
         if self.local_sgd.sync_fragments > 1:
             self.fragment_units = self._plan_fragments(units, tied)
         if self.local_sgd.warmup_iters == 0:
@@ -152,26 +154,45 @@ class EditDataParallel(LocalSGDDataParallel):
         return [[i for i, u in enumerate(units) if plan[u.name] == f] for f in range(self.local_sgd.sync_fragments)]
 
     def sync_due(self, iteration: int, finished: bool) -> bool:
-        """EDiT syncs on a step count: H local steps after the last sync, and once more when training ends."""
+        """EDiT syncs on a step count: H local steps after the last sync (or the iteration after a sync that did
+        not commit), and once more when training ends."""
         if finished:
             return self.local_steps_since_sync > 0  # none after a resume from the final checkpoint
-        return self.local_sgd.is_sync_iteration(iteration)
+        return self._sync_failed or self.local_sgd.is_sync_iteration(iteration)
 
     def _begin_local_iteration(self, iteration: int, finished: bool) -> bool:
         self.sync.current_iteration = iteration
-        if self.sync_due(iteration, finished):
+        if not self.sync.armed and self.sync_due(iteration, finished):  # armed already: by _join_sync
+            self._meet()
             return self._start_sync(iteration, finished)
         return not finished
 
+    def _meet(self) -> int:
+        """As every mode's, the wait counted as exposed sync time (it is one with torchft: the quorum)."""
+        start = time.perf_counter()
+        present = super()._meet()
+        self._meet_seconds = time.perf_counter() - start
+        self.blocked_sync_seconds += self._meet_seconds
+        return present
+
+    def _commit(self) -> bool:
+        start = time.perf_counter()
+        committed = super()._commit()
+        self.blocked_sync_seconds += time.perf_counter() - start
+        return committed
+
     def _note_sync_start(self, iteration: int) -> None:
-        self._sync_starts[iteration] = (self.counter.snapshot().get("sync", 0), self.sync.exposed_seconds)
+        """The sync-group bytes and exposed time before this sync's meeting."""
+        self._sync_starts[iteration] = (self.counter.snapshot().get("sync", 0),
+                                        self.exposed_sync_seconds() - self._meet_seconds)
 
     def _start_sync(self, iteration: int, finished: bool) -> bool:
-        """A sync is due: arm it for this iteration's forward, or, once training is over, run it now.
-        Returns whether to run the iteration."""
+        """A sync is due and the replicas met: arm it for this iteration's forward, or, once training is over, run
+        it now. Returns whether to run the iteration."""
         if finished:
             self._final_sync(iteration - 1)
             return False
+        self._steps_before_sync = self.local_steps_since_sync
         if not self.fragment_units:
             self._note_sync_start(iteration)
             self.sync.arm(iteration, self.local_steps_since_sync)
@@ -185,11 +206,39 @@ class EditDataParallel(LocalSGDDataParallel):
             self.sync.arm(iteration, self.local_steps_since_sync, units)
         return True
 
+    def _join_sync(self) -> None:
+        """A replica job meets the others at their next sync, and (as theirs) its first iteration's forward runs it."""
+        self._meet()
+        self._start_sync(self.iteration + 1, finished=False)
+
     def _final_sync(self, iteration: int) -> None:
-        self._note_sync_start(iteration)
-        self.sync.sync_now(iteration, self.local_steps_since_sync)
+        """After the last iteration, the replicas having met: every module at once, outside a forward, again until
+        a sync commits."""
+        self._steps_before_sync = self.local_steps_since_sync
+        while True:
+            self._note_sync_start(iteration)
+            start = time.perf_counter()
+            self.sync.sync_now(iteration, self.local_steps_since_sync)  # nothing to overlap: all of it exposed
+            self.blocked_sync_seconds += time.perf_counter() - start
+            if self._conclude_sync(iteration):
+                break
+            self._meet()
         self.local_steps_since_sync = 0
         self._report_completed_syncs(iteration)
+
+    def _conclude_sync(self, iteration: int) -> bool:
+        """Commit the sync just run, or (a replica job failed during it) undo it so the next iteration retries;
+        returns whether it committed."""
+        self._sync_failed = not self._commit()
+        if self._sync_failed:
+            self.sync.undo_sync()
+            self.local_steps_since_sync = self._steps_before_sync
+            values = {**self.meeting, "sync/committed": 0.0}
+            print_rank_last(f" edit sync at iteration {iteration} |"
+                            + "".join(f" {key[5:]}: {value:g} |" for key, value in values.items())
+                            + " a replica failed during the sync: undone, the next iteration syncs again |")
+            self._events.append((iteration, values))
+        return not self._sync_failed
 
     def on_non_finite_step(self, iteration: int, what: str, rank: int) -> None:
         """With anomaly elimination a replica's non-finite step is skipped, and what it trained since the last sync
@@ -203,8 +252,10 @@ class EditDataParallel(LocalSGDDataParallel):
                   + ("" if self.in_warmup else ", replica left out of its next sync"), flush=True)
 
     def after_optimizer_step(self, iteration: int) -> None:
+        if self.sync.armed:
+            self.sync.disarm()
+            self._conclude_sync(iteration)
         self._report_completed_syncs(iteration)
-        self.sync.disarm()
         if iteration == self.local_sgd.warmup_iters:
             self._begin_local_steps()
         super().after_optimizer_step(iteration)
@@ -218,7 +269,7 @@ class EditDataParallel(LocalSGDDataParallel):
         return views
 
     def exposed_sync_seconds(self) -> float:
-        return self.sync.exposed_seconds
+        return self.sync.exposed_seconds + self.blocked_sync_seconds
 
     def _report_completed_syncs(self, iteration: int) -> None:
         for records in self.sync.pop_completed():
@@ -228,10 +279,11 @@ class EditDataParallel(LocalSGDDataParallel):
         """The sync's log line, and its numbers as one tracker event: pseudo-gradient norms, outliers (module x
         replica pairs), each replica's mean weight, exposed time and bytes sent on the sync group (all from the
         sync's start, so with a delayed outer step they cover the iterations it was in flight)."""
-        print_rank_last(sync_summary(iteration, records, len(self.sync.units)))
         bytes_before, exposed_before = self._sync_starts.pop(records[0].sync_iteration, (0, 0.0))  # (0, 0): resumed
-        values = {"sync/exposed ms": 1000 * (self.sync.exposed_seconds - exposed_before),
+        values = {**self.meeting, "sync/exposed ms": 1000 * (self.exposed_sync_seconds() - exposed_before),
                   "sync/bytes": float(self.counter.snapshot().get("sync", 0) - bytes_before)}
+        print_rank_last(sync_summary(iteration, records, len(self.sync.units), self.meeting)
+                        + f" exposed ms: {values['sync/exposed ms']:.4g} | bytes: {values['sync/bytes']:.4g} |")
         norms = [r.averaged_norm for r in records if not r.reset_to_anchor]
         if norms:
             values["sync/pseudo-grad norm mean"] = sum(norms) / len(norms)
@@ -242,22 +294,16 @@ class EditDataParallel(LocalSGDDataParallel):
                 values[f"sync/weight replica {replica}"] = sum(r.weights[replica] for r in records) / len(records)
         self._events.append((iteration, values))
 
-    def state_dict(self) -> dict:
-        return {
-            **super().state_dict(),
-            "anchors": [u.anchor.cpu().clone() for u in self.sync.units],
-            "momenta": [u.momentum.cpu().clone() for u in self.sync.units],
-            "detectors": [d.state_dict() for d in self.sync.detectors],
-        }
+    def _outer_vectors(self):
+        return {"anchors": [u.anchor for u in self.sync.units], "momenta": [u.momentum for u in self.sync.units]}
 
-    @torch.no_grad()
-    def load_state_dict(self, state: dict, same_replica: bool) -> None:
-        """Anchors and momentum are the same in every replica, so they carry over whatever the replica count;
-        detectors and step counters are per replica and come from the replica this one continues."""
-        super().load_state_dict(state, same_replica)
-        for unit, anchor, momentum in zip(self.sync.units, state["anchors"], state["momenta"]):
-            unit.anchor.copy_(anchor)
-            unit.momentum.copy_(momentum)
+    def _outer_state(self) -> dict:
+        """Besides anchors and momenta, each module's anomaly detector (per replica in a checkpoint; a replica
+        that heals takes its peer's)."""
+        return {**super()._outer_state(), "detectors": [d.state_dict() for d in self.sync.detectors]}
+
+    def _load_outer_state(self, state: dict) -> None:
+        super()._load_outer_state(state)
         for detector, detector_state in zip(self.sync.detectors, state["detectors"]):
             detector.load_state_dict(detector_state)
 
@@ -274,9 +320,9 @@ class EditDataParallel(LocalSGDDataParallel):
         output layer's copy under the embedding's name, written by the first stage)."""
         state = super().sharded_state_dict(entries, saved_replicas, loading)
         units = self.sync.units
-        for name in ("anchors", "momenta"):
-            state[name] = [model_space_tensors(name, unit, None if loading else getattr(unit, _OUTER[name]),
-                                               entries, self.groups.shard) for unit in units]
+        for name, vectors in self._outer_vectors().items():
+            state[name] = [model_space_tensors(name, unit, None if loading else vector, entries, self.groups.shard)
+                           for unit, vector in zip(units, vectors)]
         replica = self._saved_replica(saved_replicas)[0]
         shard_rank = self._rank_among_copies(saved_replicas, self.groups.shard)
         tensor_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -289,10 +335,11 @@ class EditDataParallel(LocalSGDDataParallel):
     @torch.no_grad()
     def load_sharded_state_dict(self, state: dict) -> None:
         super().load_sharded_state_dict(state)
-        for index, unit in enumerate(self.sync.units):
-            for name, attribute in _OUTER.items():
-                getattr(unit, attribute).copy_(from_model_space(unit, state[name][index], unit.owned))
-            self.sync.detectors[index].load_state_dict(state["detectors"][index])
+        for name, vectors in self._outer_vectors().items():
+            for unit, vector, loaded in zip(self.sync.units, vectors, state[name]):
+                vector.copy_(from_model_space(unit, loaded, unit.owned))
+        for detector, detector_state in zip(self.sync.detectors, state["detectors"]):
+            detector.load_state_dict(detector_state)
 
     def outer_steps_in_flight(self) -> int:
         return len(self.sync.delayed)

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from megatron_edit.dp.local_sgd.config import LocalSGDConfig
 from megatron_edit.dp.local_sgd.exchange import InFlight, SyncExchange
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
+from megatron_edit.dp.local_sgd.members import ProcessGroupMembers
 from megatron_edit.dp.local_sgd.outer import outer_sgd_step
 from megatron_edit.dp.edit.penalty import (EwmaAnomalyDetector, PenaltyConfig, blend_step_shares, clip_factor,
                                             replica_weights)
@@ -65,12 +66,15 @@ class _Pending:
 
 class LayerwiseSync:
     def __init__(self, units: List[ModuleShard], modules: List[torch.nn.Module], groups: LocalSGDGroups,
-                 exchange: SyncExchange, config: LocalSGDConfig, penalty: PenaltyConfig, faults,
-                 step_weight: float = 0.0):
+                 exchange: SyncExchange, members: ProcessGroupMembers, config: LocalSGDConfig, penalty: PenaltyConfig,
+                 faults, step_weight: float = 0.0, undoable: bool = False):
         self.units, self.groups, self.config, self.penalty, self.faults = units, groups, config, penalty, faults
-        self.exchange = exchange
+        self.exchange, self.members = exchange, members
         self.step_weight = step_weight
-        self.replica = groups.replica_index
+        self.replica = members.slot
+        self.undoable = undoable  # keep what a sync changes until it commits (replica jobs: undo_sync)
+        self._undo: Dict[int, tuple] = {}  # module -> (theta, anchor, momentum) owned values before the sync
+        self._undo_penalty: tuple = ()  # (detector states, excluded modules) when the sync was armed
         self.local_steps = 0  # this replica's local steps since the previous sync, for the step weights
         self.detectors = [EwmaAnomalyDetector.from_config(penalty) for _ in units]
         self.delay = config.sync_delay_steps
@@ -114,6 +118,9 @@ class LayerwiseSync:
         self._delaying = delayed and self.delay > 0
         self.local_steps = local_steps
         self.armed_at = time.time()
+        if self.undoable:
+            self._undo = {}
+            self._undo_penalty = ([d.state_dict() for d in self.detectors], set(self.excluded))
 
     def pop_completed(self) -> List[List[ModuleSyncRecord]]:
         completed, self.completed = self.completed, []
@@ -200,33 +207,34 @@ class LayerwiseSync:
         return math.sqrt((parts[0] + parts[1] / tensor_size).item())
 
     def _weights(self, index: int, pseudo_grad: torch.Tensor) -> ModuleSyncRecord:
-        """Every replica's weight for this module: uniform, or decided from the exchanged norms."""
-        replicas = self.groups.num_replicas
-        name = self.units[index].name
-        if not (self.penalty.needs_norms or self.step_weight):
-            return ModuleSyncRecord(name, [], [False] * replicas, [1.0 / replicas] * replicas)
-        norm = self._norm(index, pseudo_grad)
-        outlier = index in self.excluded or not math.isfinite(norm) or \
-            (self.penalty.anomaly_elimination and self.detectors[index].observe(norm))
+        """Every replica's weight for this module (one per slot, members.py): uniform over the replicas that
+        contribute, or decided from the exchanged norms. A slot that does not contribute (its replica absent, or
+        healing in this sync's quorum) weighs 0 and is no outlier."""
+        slots, name = self.members.slots, self.units[index].name
+        measured = self.penalty.needs_norms or self.step_weight
+        if not measured and self.members.always_all_present:
+            return ModuleSyncRecord(name, [], [False] * slots, [1.0 / slots] * slots)
+        norm = self._norm(index, pseudo_grad) if measured else 0.0
+        outlier = index in self.excluded or not math.isfinite(norm) or (
+            self.members.contributing and self.penalty.anomaly_elimination and self.detectors[index].observe(norm))
         self.excluded.discard(index)
         mine = torch.tensor([norm if math.isfinite(norm) else math.inf, float(outlier), float(self.local_steps)],
                             dtype=torch.float64, device=pseudo_grad.device)
-        everyone = torch.empty(3 * replicas, dtype=torch.float64, device=pseudo_grad.device)
-        if self.groups.sync is None:
-            everyone.copy_(mine)
-        else:
-            dist.all_gather_into_tensor(everyone, mine, group=self.groups.sync)
-        norms, flags, steps = everyone.view(replicas, 3).t().tolist()
-        outliers = [bool(f) for f in flags]
-        weights = replica_weights(norms, outliers, self.penalty.weighted_average, self.penalty.weight_temperature)
-        weights = blend_step_shares(weights, steps, outliers, self.step_weight)
-        return ModuleSyncRecord(name, norms, outliers, weights)
+        rows, contributing = self.members.gather(mine)
+        norms, flags, steps = rows.t().tolist()
+        outliers = [bool(flag) and here for flag, here in zip(flags, contributing)]
+        left_out = [bool(flag) or not here for flag, here in zip(flags, contributing)]
+        weights = replica_weights(norms, left_out, self.penalty.weighted_average, self.penalty.weight_temperature)
+        weights = blend_step_shares(weights, steps, left_out, self.step_weight)
+        return ModuleSyncRecord(name, norms if measured else [], outliers, weights)
 
     def _issue(self, index: int) -> None:
         if index in self.pending or index in self.synced:
             return
         unit = self.units[index]
         theta = unit.read_full(self.groups.shard)[unit.owned]
+        if self.undoable:
+            self._undo[index] = (theta.clone(), unit.anchor.clone(), unit.momentum.clone())
         pseudo_grad = unit.anchor.to(theta.device) - theta
         local = pseudo_grad.to(unit.anchor.device, copy=True) if self._delaying else None
         self.faults.corrupt_pseudo_grad(pseudo_grad, self.iteration)
@@ -277,6 +285,26 @@ class LayerwiseSync:
             del self._open[record.sync_iteration]
             self.completed.append(records)
         self._record("synced", unit.name)
+
+    @torch.no_grad()
+    def undo_sync(self) -> None:
+        """Undo the sync just run (it did not commit: a replica failed during it): each module's anchor, momentum and
+        penalty state as they were, and theta as the local steps left it, plus any inner step taken since."""
+        for index, (theta_before, anchor, momentum) in self._undo.items():
+            unit = self.units[index]
+            theta = unit.read_full(self.groups.shard)[unit.owned]
+            theta += theta_before - unit.anchor.to(theta.device)  # the sync set theta to the anchor
+            unit.anchor.copy_(anchor)
+            unit.momentum.copy_(momentum)
+            full = torch.empty(unit.shard_numel * self.groups.shard_size, dtype=torch.float32, device=unit.device)
+            dist.all_gather_into_tensor(full, theta, group=self.groups.shard)
+            unit.write_full(full)
+        detector_states, self.excluded = self._undo_penalty
+        for detector, state in zip(self.detectors, detector_states):
+            detector.load_state_dict(state)
+        self._open.pop(self.iteration, None)
+        self.completed = [records for records in self.completed if records[0].sync_iteration != self.iteration]
+        self._undo = {}
 
     def state_dict(self) -> dict:
         """Delayed outer steps still to apply: their exchange is completed (waited for) and its sum kept, so a

@@ -22,6 +22,7 @@ from megatron_edit.dp.local_sgd.config import LocalSGDConfig
 from megatron_edit.dp.local_sgd.exchange import ProcessGroupTransport, SyncExchange
 from megatron_edit.dp.local_sgd import torchft_replicas
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
+from megatron_edit.dp.local_sgd.members import ProcessGroupMembers
 from megatron_edit.dp.local_sgd.sharded_state import replica_entries, replica_object
 from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.errors import require
@@ -40,6 +41,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     exchanges_pseudo_gradients = True  # through self.exchange (--sync-dtype); Post-Local-SGD averages parameters
     delays_outer_step = False  # --sync-delay-steps
     syncs_in_fragments = False  # --sync-fragments
+    replicas_as_jobs = True
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
                  faults: FaultInjector):
@@ -54,6 +56,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         self.counter.name_group(groups.replica, "replica")
         self.exchange = SyncExchange(ProcessGroupTransport(groups.exchange, groups.gather), local_sgd.sync_dtype,
                                      local_sgd.sync_error_feedback)
+        self.members = ProcessGroupMembers(groups.sync)
         self.in_warmup = local_sgd.warmup_iters > 0
         self.local_steps_since_sync = 0  # local (post-warm-up) steps this replica took since the last sync
         self.blocked_sync_seconds = 0.0  # training time spent in blocking syncs, in all
@@ -65,6 +68,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         self.healed = False  # this replica took a live peer's state in the quorum of the sync under way
         self.meeting: Dict[str, float] = {}  # who met at the sync under way, for its log line
         self._present_before = None
+        self.layout: Tuple[int, ...] = ()  # what replica jobs must share (attach_replica_jobs)
 
     @classmethod
     def validate(cls, args) -> None:
@@ -137,17 +141,25 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         groups = LocalSGDGroups.from_parallel_state()
         jobs = args.replica_coordinator == "torchft"
         mode = cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
-                   FaultInjector.from_args(args, args.replica_index if jobs else groups.replica_index))
+                   FaultInjector.from_args(args, args.replica_index if jobs else groups.replica_index),
+                   **cls.mode_configs(args))
         if jobs:
             mode.attach_replica_jobs(args)
         return mode
+
+    @classmethod
+    def mode_configs(cls, args) -> dict:
+        """A subclass's own configuration objects, as constructor keywords."""
+        return {}
 
     def attach_replica_jobs(self, args) -> None:
         """This launch is replica `--replica-id`; the sync group is torchft's quorum (torchft_replicas.py)."""
         device = torch.device("cuda" if args.device_type == "cuda" else "cpu")
         self.replica_jobs = torchft_replicas.TorchftReplicas(args, device, self.heal_state, self.load_heal_state)
         self.exchange.transport = torchft_replicas.TorchftTransport(self.replica_jobs)
+        self.members = torchft_replicas.TorchftMembers(self.replica_jobs, args.replica_index, args.num_replicas)
         self.data_slot = (args.replica_index, args.num_replicas)
+        self.layout = torchft_replicas.layout(args)
 
     @property
     def has_peers(self) -> bool:
@@ -164,24 +176,26 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         return replica * dp_size + dp_rank, replicas * dp_size
 
     def join(self):
-        """A replica launched on its own meets the others before training: a sync like theirs, in whose quorum it
-        heals from a live peer if it is behind (then it continues at the peer's iteration, returned)."""
+        """A replica launched on its own meets the others before training: at a sync like theirs, in whose quorum it
+        heals from a live peer if it is behind (then it continues after the peer's iteration, returned)."""
         if self.replica_jobs is None:
             return None
-        self._final_sync(self.iteration)
+        self._join_sync()
         return self.iteration if self.healed else None
+
+    def _join_sync(self) -> None:
+        """Take part in the others' next sync (a mode whose syncs follow an iteration: one now)."""
+        self._final_sync(self.iteration)
 
     def heal_state(self) -> dict:
         """What a replica joining late takes from this one, at the quorum of a sync: the outer state, which every
         replica holds alike, and where training stands (its own inner optimizer starts afresh)."""
-        return {"iteration": self.iteration,
-                **{name: [v.cpu().clone() for v in vectors] for name, vectors in self._outer_vectors().items()}}
+        return {"iteration": self.iteration, "layout": self.layout, **self._outer_state()}
 
     @torch.no_grad()
     def load_heal_state(self, state: dict) -> None:
-        for name, vectors in self._outer_vectors().items():
-            for vector, value in zip(vectors, state[name]):
-                vector.copy_(value)
+        torchft_replicas.require_same_layout(self.layout, state["layout"], "the replica it heals from")
+        self._load_outer_state(state)
         for view, values in self._consensus_views():
             view.write_full(values)
         self.iteration, self.local_steps_since_sync, self.healed = state["iteration"], 0, True
@@ -190,23 +204,35 @@ class LocalSGDDataParallel(SynchronousDataParallel):
                   f"{self.iteration}", flush=True)
 
     def _meet(self) -> int:
-        """Start a sync: the replicas taking part (with torchft, once its quorum met)."""
+        """Start a sync: the replicas taking part (with torchft, once its quorum met, all running one layout)."""
         self.healed = False
-        present = self.groups.num_replicas if self.replica_jobs is None else self.replica_jobs.quorum()
+        if self.replica_jobs is None:
+            present = self.groups.num_replicas
+        else:
+            present = self.replica_jobs.quorum()
+            self.members.contributing = not self.healed
+            self._check_layouts()
         self.meeting = {"sync/replicas": float(present)}
         if self._present_before is not None and present != self._present_before:  # replicas left or joined
             self.meeting["sync/replicas change"] = float(present - self._present_before)
         self._present_before = present
         return present
 
+    def _check_layouts(self) -> None:
+        """Replica jobs exchange rank k's shard with rank k's: this one refuses to go on when its layout is not the
+        one most replicas present run (on a tie, the lowest --replica-id's)."""
+        rows, present = self.members.gather(torch.tensor(self.layout, dtype=torch.float64))
+        layouts = [tuple(int(v) for v in row) for row, here in zip(rows.tolist(), present) if here]
+        if layouts:
+            reference = max(layouts, key=layouts.count)  # max keeps the first of equal counts
+            torchft_replicas.require_same_layout(self.layout, reference, "the other replicas")
+
     def _contributors(self, device: torch.device) -> int:
         """How many replicas' pseudo-gradients the sync's sums hold: all of them, except that one healing in this
         sync's quorum adds none (its parameters are the anchor)."""
-        if self.replica_jobs is None:
-            return self.groups.num_replicas
-        count = torch.tensor([0.0 if self.healed else 1.0], device=device)
-        self.replica_jobs.all_reduce(count).wait()
-        return max(int(count.item()), 1)
+        if self.members.always_all_present:
+            return self.members.slots
+        return max(sum(self.members.gather(torch.zeros(0, device=device))[1]), 1)
 
     def _commit(self) -> bool:
         """Whether to apply the sync (with torchft: every replica of the quorum completed its collectives)."""
@@ -237,6 +263,20 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     @abc.abstractmethod
     def _final_sync(self, iteration: int) -> None:
         """Bring every replica onto one model after the last iteration, `iteration`."""
+
+    @abc.abstractmethod
+    def _outer_vectors(self) -> Dict[str, List[torch.Tensor]]:
+        """What the mode keeps beside the model, by name: flat vectors (one per view or module shard), the same in
+        every replica."""
+
+    def _outer_state(self) -> dict:
+        """What every replica holds alike: the outer vectors (and what a subclass adds)."""
+        return {name: [v.cpu().clone() for v in vectors] for name, vectors in self._outer_vectors().items()}
+
+    def _load_outer_state(self, state: dict) -> None:
+        for name, vectors in self._outer_vectors().items():
+            for vector, saved in zip(vectors, state[name]):
+                vector.copy_(saved)
 
     @abc.abstractmethod
     def _consensus_views(self) -> List[tuple]:
@@ -302,13 +342,16 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         self.local_steps_since_sync, self.in_warmup = progress["local_steps_since_sync"], progress["in_warmup"]
 
     def state_dict(self) -> dict:
-        return {**self._progress(), **self.layout_state_dict()}
+        return {**self._progress(), **self.layout_state_dict(), **self._outer_state()}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict, same_replica: bool) -> None:
         """Step counters are per replica and come from the replica this one continues; so do error-feedback
-        residuals, which are dropped when the replica count (and with it the exchange's chunking) changed."""
+        residuals, which are dropped when the replica count (and with it the exchange's chunking) changed. The
+        outer state is the same in every replica: it carries over whatever the replica count."""
         self._load_progress(state)
         self.load_layout_state_dict(state)
+        self._load_outer_state(state)
 
     def layout_state_dict(self) -> dict:
         return {"exchange": {"replicas": self.groups.num_replicas, **self.exchange.state_dict()}}

@@ -46,6 +46,7 @@ class FlatParams:
         self.numel = sum(p.numel() for p in params)
         self.padded_numel = max(padded_numel, self.numel)
         self.device = params[0].device
+        self.tensor_replicated = _replicated_ranges(params, slice(0, self.padded_numel))  # of the flat vector
 
     @torch.no_grad()
     def read_full(self, shard_group) -> torch.Tensor:
@@ -100,7 +101,7 @@ class ModuleShard(FlatParams):
         self.name = name
         start = shard_rank * self.shard_numel
         self.owned = slice(start, start + self.shard_numel)  # of the padded flat vector
-        self.tensor_replicated = _replicated_ranges(params, self.owned)
+        self.tensor_replicated = _replicated_ranges(params, self.owned)  # of the owned slice
         state_device = torch.device("cpu") if offload else self.device
         pin = offload and torch.cuda.is_available() and self.device.type == "cuda"
         self.anchor = torch.zeros(self.shard_numel, dtype=torch.float32, device=state_device, pin_memory=pin)

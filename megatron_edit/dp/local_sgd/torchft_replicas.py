@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from typing import Callable
+from typing import Callable, List, Tuple
 
 import torch
 import torch.distributed as dist
@@ -39,15 +39,13 @@ class TorchftReplicas:
             min_replica_size=args.torchft_min_replicas, use_async_quorum=False, init_sync=False,
             timeout=timeout, quorum_timeout=timedelta(seconds=args.torchft_quorum_timeout_secs),
             rank=dist.get_rank(), world_size=dist.get_world_size(), replica_id=f"replica_{args.replica_index}")
-        self.present = 0  # replicas in the last quorum
         self.watchdog = StepWatchdog(args.replica_step_timeout_secs, args.replica_index)
 
     def quorum(self) -> int:
         """Wait for the replicas present to meet (healing this one first if it is behind); returns how many met."""
         with self.watchdog.paused():
             self.manager.start_quorum()
-        self.present = self.manager.num_participants()
-        return self.present
+        return self.manager.num_participants()
 
     def all_reduce(self, tensor: torch.Tensor):
         """Sum over the quorum, in place; the returned work's wait() completes it (after a peer's failure the
@@ -71,10 +69,29 @@ class TorchftTransport:
 
     @property
     def size(self) -> int:
-        return self.replicas.present
+        return self.replicas.manager.num_participants()
 
     def all_reduce(self, tensor: torch.Tensor):
         return self.replicas.all_reduce(tensor)
+
+
+class TorchftMembers:
+    """members.py's gather over the quorum, slots by --replica-id: torchft carries sums only, so each replica
+    writes its row into its own slot of a zero table (plus a contributes flag) and the table is summed. A slot whose
+    replica is absent stays zero, as does the flag of one that heals in this quorum (its parameters are the
+    consensus, so it has nothing to add)."""
+    always_all_present = False
+
+    def __init__(self, replicas: TorchftReplicas, slot: int, slots: int):
+        self.replicas, self.slot, self.slots = replicas, slot, slots
+        self.contributing = True  # set by the mode once the quorum met
+
+    def gather(self, mine: torch.Tensor) -> Tuple[torch.Tensor, List[bool]]:
+        table = torch.zeros(self.slots, mine.numel() + 1, dtype=torch.float64, device=mine.device)
+        table[self.slot, :-1] = mine
+        table[self.slot, -1] = float(self.contributing)
+        self.replicas.all_reduce(table).wait()
+        return table[:, :-1].to(mine.dtype), [flag > 0.5 for flag in table[:, -1].tolist()]
 
 
 class StepWatchdog:
@@ -109,6 +126,22 @@ class StepWatchdog:
                 os._exit(1)
 
 
+LAYOUT = ("TP", "PP", "data-parallel ranks", "layers", "hidden size", "FFN hidden size", "attention heads")
+
+
+def layout(args) -> tuple:
+    """What every replica job must run alike: its parallel sizes (rank k of each exchanges shard k with the others'
+    rank k) and the model's shape, in LAYOUT's order."""
+    return (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.data_parallel_size,
+            args.num_layers, args.hidden_size, args.ffn_hidden_size, args.num_attention_heads)
+
+
+def require_same_layout(mine: tuple, theirs: tuple, whom: str) -> None:
+    differences = ", ".join(f"{name} {a} vs {b}" for name, a, b in zip(LAYOUT, mine, theirs) if a != b)
+    require(not differences, f"this replica's layout differs from {whom}'s ({differences}): every replica of a "
+            "--replica-coordinator torchft run needs the same parallel sizes and model; relaunch it with theirs")
+
+
 def validate(args) -> None:
     """The flags of a replica launched on its own (one UsageError line each); fills in the shard group (the
     launch's data-parallel ranks) and warm-up (none: it would average gradients over the replicas every step)."""
@@ -134,6 +167,9 @@ def validate(args) -> None:
     require(args.sync_dtype == "fp32",
             "--replica-coordinator torchft exchanges in fp32 (torchft's quorum carries all-reduces only); "
             "drop --sync-dtype")
+    require(args.sync_delay_steps == 0 and args.sync_fragments == 1,
+            "--replica-coordinator torchft: a sync commits (or is undone) within its iteration, so it cannot be "
+            "delayed or split; drop --sync-delay-steps and --sync-fragments")
     require(args.torchft_min_replicas >= 1 and args.torchft_timeout_secs > 0 and args.torchft_quorum_timeout_secs > 0
             and args.replica_step_timeout_secs > 0,
             "--torchft-min-replicas must be >= 1 and the torchft timeouts > 0")

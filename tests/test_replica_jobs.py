@@ -29,29 +29,43 @@ def finished(job: ReplicaJob) -> Run:
     return Run(*job.finish())
 
 
-@pytest.mark.parametrize("mode", [DILOCO, EDIT, COMMON + ["--dp-mode", "post-local-sgd"]],
-                         ids=["diloco", "edit-penalty", "post-local-sgd"])
-def test_without_failures_the_replica_jobs_train_as_one_launch_of_all_of_them(tmp_path, mode):
+# (mode flags, ranks per replica job, one launch's flags for the same replicas, (replica, rank) -> its rank there)
+ONE_LAUNCH_OF_THE_REPLICA_JOBS = {
+    "edit-penalty": (EDIT, 1, ["--model-shard-group-size", "1"], lambda replica, rank: replica),
+    "post-local-sgd": (COMMON + ["--dp-mode", "post-local-sgd"], 1, ["--model-shard-group-size", "1"],
+                       lambda replica, rank: replica),
+    "edit-shard2-distopt-bf16": (EDIT + ["--use-distributed-optimizer", "--bf16"], 2,
+                                 ["--model-shard-group-size", "2"], lambda replica, rank: 2 * replica + rank),
+    "diloco-pp2": (DILOCO + ["--pipeline-model-parallel-size", "2"], 2, ["--model-shard-group-size", "1"],
+                   lambda replica, rank: 2 * rank + replica),  # megatron-core orders ranks TP, DP, PP
+}
+
+
+@pytest.mark.parametrize("case", ONE_LAUNCH_OF_THE_REPLICA_JOBS)
+def test_without_failures_the_replica_jobs_train_as_one_launch_of_all_of_them(tmp_path, case):
     """Two replica jobs against one launch of the same two replicas: the same parameters after 12 iterations
-    (syncs at 4, 8, 12; EDiT's penalty decided from norms gathered over the quorum), each job having read its half
-    of every global batch."""
+    (syncs at 4, 8, 12; EDiT's penalty decided from norms gathered over the quorum; with two ranks per job, rank k
+    of each exchanges its shard or pipeline stage with rank k of the other), each job having read its half of
+    every global batch."""
+    mode, ranks, one_launch_flags, rank_in_one_launch = ONE_LAUNCH_OF_THE_REPLICA_JOBS[case]
     flags = mode + ["--train-iters", "12"]
-    one_launch = tempfile.mkdtemp(dir=tmp_path)
-    run_training(2, flags + ["--model-shard-group-size", "1", "--dump-dir", one_launch],
+    one_launch = Path(tempfile.mkdtemp(dir=tmp_path))
+    run_training(2 * ranks, flags + one_launch_flags + ["--dump-dir", str(one_launch)],
                  script="tests/edit_runner.py").check()
     dumps = [Path(tempfile.mkdtemp(dir=tmp_path)) for _ in range(2)]
     jobs_flags = flags + torchft(2)
     with lighthouse(min_replicas=2) as address:
-        jobs = [ReplicaJob(r, jobs_flags + ["--dump-dir", str(dumps[r])], address, tmp_path,
+        jobs = [ReplicaJob(r, jobs_flags + ["--dump-dir", str(dumps[r])], address, tmp_path, nproc=ranks,
                            script="tests/edit_runner.py") for r in range(2)]
         for job in jobs:
             finished(job).check()
     for replica in range(2):
-        expected = torch.load(Path(one_launch) / f"rank{replica}.pt")["params"]
-        actual = torch.load(dumps[replica] / "rank0.pt")["params"]
-        assert actual.keys() == expected.keys()
-        for name in expected:
-            torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
+        for rank in range(ranks):
+            expected = torch.load(one_launch / f"rank{rank_in_one_launch(replica, rank)}.pt")["params"]
+            actual = torch.load(dumps[replica] / f"rank{rank}.pt")["params"]
+            assert actual.keys() == expected.keys()
+            for name in expected:
+                torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("mode", [DILOCO, AEDIT], ids=["diloco", "aedit-penalty"])

@@ -8,10 +8,14 @@ This equals Megatron-LM's `num_floating_point_operations` for dense models.
 """
 
 
-def flops_per_iteration(args) -> float:
-    h, s, layers = args.hidden_size, args.seq_length, args.num_layers
+def layer_flops_per_token(args) -> float:
+    """Forward matmul FLOPs of one transformer layer for one token."""
+    h, s = args.hidden_size, args.seq_length
     kv_ratio = args.num_query_groups / args.num_attention_heads
     mlp = (6 if args.swiglu else 4) * h * args.ffn_hidden_size
-    per_layer = 2 * h * (h + 2 * h * kv_ratio) + 4 * s * h + 2 * h * h + mlp
-    per_token = layers * per_layer + 2 * h * args.padded_vocab_size
-    return 3.0 * per_token * s * args.global_batch_size
+    return 2 * h * (h + 2 * h * kv_ratio) + 4 * s * h + 2 * h * h + mlp
+
+
+def flops_per_iteration(args) -> float:
+    per_token = args.num_layers * layer_flops_per_token(args) + 2 * args.hidden_size * args.padded_vocab_size
+    return 3.0 * per_token * args.seq_length * args.global_batch_size

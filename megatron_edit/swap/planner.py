@@ -7,7 +7,8 @@ included; weights come in over one host-to-device stream, gradients go out over 
 layer's backward ends (its slot is free once they are out). A fetch starts no earlier than `prefetch` layers
 ahead of the one computing (0: only when the layer is needed), and when a slot must be freed the layer needed
 again farthest in the future leaves (Belady's rule: the order is known; among equals the one whose slot frees
-first). In the steady state the first `resident` layers of a forward are still there from the previous backward.
+first). Every forward fetches every layer (the optimizer step changed them all); the backward starts with the last
+layers the forward left on the device.
 
 `simulate` gives the time one iteration's transfers add to its compute; `plan` picks the plan with the least
 exposed time the budget allows, the fewest resident layers and then the shortest prefetch among equals. For a
@@ -69,8 +70,7 @@ def simulate(costs: LayerCosts, resident: int, prefetch: int) -> float:
         later = uses[layer][bisect.bisect_right(uses[layer], after):]
         return later[0] if later else len(order)
 
-    # resident layer -> (time its weights are on the device, time its slot could be given up)
-    on_device = {i: (0.0, 0.0) for i in range(min(resident, layers))}
+    on_device = {}  # resident layer -> (time its weights are on the device, time its slot could be given up)
     starts, ends = [0.0] * len(order), [0.0] * len(order)
     h2d_free = d2h_free = 0.0
     for a, (layer, backward) in enumerate(order):

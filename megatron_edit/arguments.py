@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "first --recompute-num-layers layers of each pipeline stage")
     g.add_argument("--recompute-num-layers", type=int, default=1)
 
+    g = parser.add_argument_group("layer swapping (one whole replica on one modest GPU; see the README)")
+    g.add_argument("--swap-layers", action="store_true",
+                   help="keep the transformer layers' weights, fp32 main parameters and Adam state in host memory; "
+                        "each layer's weights come to the device for its forward and backward, the next ones "
+                        "prefetched, and its gradients go back as its backward ends")
+    g.add_argument("--swap-resident-layers", type=int, default=2,
+                   help="at most this many layers' weights on the device at once, the computing one included; "
+                        "after the first iteration the planner picks how many of them to use and how far to prefetch")
+
     g = parser.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, required=True)
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
@@ -370,6 +379,9 @@ def validate_args(args: argparse.Namespace) -> None:
     mode = DP_MODES[args.dp_mode]
     mode.validate(args)
     _validate_faults(args, mode)
+    if args.swap_layers:
+        from megatron_edit.swap.layers import validate as validate_swapping
+        validate_swapping(args)
 
 
 def _validate_schedule(args: argparse.Namespace) -> None:

@@ -23,7 +23,8 @@ from megatron_edit.dp import build_dp_mode, comm_stats
 from megatron_edit.flops import flops_per_iteration
 from megatron_edit.initialize import destroy, initialize_megatron, launch_env
 from megatron_edit.logging import Trackers, iteration_line, perplexity, print_rank_last, validation_line
-from megatron_edit.model import initialize_weights, params_dtype, transformer_config_from_args
+from megatron_edit.model import initialize_weights, params_dtype, transformer_config_from_args, unwrap_model
+from megatron_edit.swap.layers import LayerSwapper, detached_from_ddp
 
 
 def ddp_config_from_args(args) -> DistributedDataParallelConfig:
@@ -144,9 +145,11 @@ class Trainer:
     """Holds what one run trains. The iteration protocol lives here: `iterations()` asks the data-parallel mode
     whether and how each iteration runs, `train_step` runs one, `evaluate` evaluates what the replicas agree on."""
 
-    def __init__(self, args, model, optimizer, scheduler, dp_mode, forward_step_func, train_ds, valid_ds, device):
+    def __init__(self, args, model, optimizer, scheduler, dp_mode, forward_step_func, train_ds, valid_ds, device,
+                 swapper=None):
         self.args, self.model, self.optimizer, self.scheduler = args, model, optimizer, scheduler
         self.dp_mode, self.forward_step_func = dp_mode, forward_step_func
+        self.swapper = swapper  # LayerSwapper with --swap-layers
         self.train_ds, self.valid_ds, self.device = train_ds, valid_ds, device
         self.forward_backward = get_forward_backward_func()
         self.start_iteration, self.evaluations = 0, 0
@@ -192,7 +195,16 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        loss_sums = _sum_loss_reports(self._run_schedule(self.train_iter, forward_only=False))
+        swapper, first = self.swapper, iteration == self.start_iteration + 1
+        if swapper is None:
+            loss_sums = _sum_loss_reports(self._run_schedule(self.train_iter, forward_only=False))
+        else:
+            swapper.begin_step()
+            with swapper.running(measure=first):
+                loss_sums = _sum_loss_reports(self._run_schedule(self.train_iter, forward_only=False))
+            plan_line = swapper.before_optimizer_step(plan_now=first)
+            if plan_line:
+                print_rank_last(plan_line)
         grad_norm = None
         if self.args.check_for_nan_in_loss_and_grad and self._skip_non_finite(iteration, loss_sums):
             loss_sums.zero_()  # a skipped step's loss counts in no logged loss
@@ -437,8 +449,14 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
     model = build_model(model_provider, args, config, device)
     comm_stats.install()  # every mode's bytes on the wire, for the log and the summary
     dp_mode = build_dp_mode(args, ddp_config_from_args(args), config)
-    model = dp_mode.wrap_model(model)
+    swapper = None
+    if args.swap_layers:
+        swapper = LayerSwapper(list(unwrap_model(model[0]).decoder.layers), device, args.swap_resident_layers)
+    with detached_from_ddp(swapper.swapped_params if swapper else []):
+        model = dp_mode.wrap_model(model)
     optimizer = dp_mode.build_optimizer(model, optimizer_config_from_args(args))
+    if swapper:
+        swapper.install_hooks()
     scheduler = build_scheduler(args, optimizer)
     config.finalize_model_grads_func = dp_mode.finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
@@ -449,7 +467,8 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
             config.no_sync_func, config.grad_sync_func = config.no_sync_func[0], config.grad_sync_func[0]
 
     train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
-    trainer = Trainer(args, model, optimizer, scheduler, dp_mode, forward_step_func, train_ds, valid_ds, device)
+    trainer = Trainer(args, model, optimizer, scheduler, dp_mode, forward_step_func, train_ds, valid_ds, device,
+                      swapper)
     if args.load:
         trainer.seek(load_checkpoint(trainer))
     joined_at = dp_mode.join()

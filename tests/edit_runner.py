@@ -1,6 +1,7 @@
 """Runs pretrain_gpt.py's pieces for --train-iters under torchrun and dumps, per rank, what EDiT tests inspect:
-parameters by global name, the sync trace, bytes per group per iteration, the outer state's size and place, and the
-bytes of megatron-core's DDP buckets (gradient and parameter buffers)."""
+parameters by global name, the sync trace, bytes per group per iteration, the outer state's size and place, the
+bytes of megatron-core's DDP buckets (gradient and parameter buffers), and with --swap-layers what the swapper saw
+at every layer boundary."""
 import argparse
 import dataclasses
 import os
@@ -44,6 +45,17 @@ def main():
     def named_params(model):
         return {global_parameter_name(n, model): p.detach().float().cpu().clone() for n, p in model.named_parameters()}
 
+    swap_events = []
+    swapper = trainer.swapper
+    if swapper is not None:
+        def record_boundary(event, layer):
+            swap_events.append({
+                "event": event, "layer": layer, "resident": sorted(swapper.copies), "bound": sorted(swapper.bound),
+                "limit": swapper.resident, "resident_bytes": swapper.resident_bytes,
+                "on_copy": layer in swapper.copies and all(
+                    p.data.data_ptr() == c.data_ptr() for p, c in zip(swapper.params[layer], swapper.copies[layer]))})
+
+        swapper.boundary_hooks.append(record_boundary)
     counter = comm_stats.install()
     iterations, losses, syncs, history = [], [], [], []
     if hasattr(mode, "sync"):
@@ -73,6 +85,8 @@ def main():
         "param_history": history,
         "iterations": iterations,
         "losses": losses,
+        "swap_events": swap_events,
+        "swap_layer_bytes": swapper.layer_bytes if swapper is not None else [],
         "syncs": syncs,
         "replica": mode.groups.replica_index if hasattr(mode, "groups") else 0,
         "tensor_rank": parallel_state.get_tensor_model_parallel_rank(),

@@ -187,3 +187,22 @@ def test_replica_jobs_flags(monkeypatch):
     monkeypatch.delenv("TORCHFT_LIGHTHOUSE")
     assert "set TORCHFT_LIGHTHOUSE=http://HOST:PORT to a running lighthouse" in \
         error_of(torchft + diloco + ["--num-replicas", "2", "--replica-id", "0"], world_size=1)
+
+
+def test_layer_swapping_refuses_what_it_cannot_hold_in_one_line():
+    swap = ["--swap-layers"]
+    assert "--swap-resident-layers 0: the computing layer must be on the device" in \
+        error_of(swap + ["--swap-resident-layers", "0"], world_size=1)
+    assert "--swap-layers keeps a whole replica on one device: use --tensor-model-parallel-size 1" in \
+        error_of(swap + ["--tensor-model-parallel-size", "2"], world_size=2)
+    assert "so a replica is one rank: run --dp-mode ddp on one rank" in error_of(swap, world_size=2)
+    assert "so a replica is one rank" in \
+        error_of(swap + ["--dp-mode", "edit", "--model-shard-group-size", "2"], world_size=4)
+    assert "use --local-sgd-warmup-iters 0" in \
+        error_of(swap + ["--dp-mode", "edit", "--model-shard-group-size", "1", "--local-sgd-warmup-iters", "1"],
+                 world_size=2)
+    assert "drop --use-distributed-optimizer" in error_of(swap + ["--use-distributed-optimizer"], world_size=1)
+    assert "checkpoints of a swapped run are not supported yet" in error_of(swap + ["--save", "/tmp/x"], world_size=1)
+    parsed = arguments.parse_args(BASE + swap + ["--dp-mode", "aedit", "--model-shard-group-size", "1",
+                                                 "--local-sgd-warmup-iters", "0", "--bf16"], world_size=2)
+    assert parsed.swap_layers and parsed.swap_resident_layers == 2

@@ -45,7 +45,7 @@ class FlatParams:
         self.params, self.main_params = params, main_params
         self.numel = sum(p.numel() for p in params)
         self.padded_numel = max(padded_numel, self.numel)
-        self.device = params[0].device
+        self.device = getattr(params[0], "compute_device", params[0].device)  # a swapped layer's data is on the host
         self.tensor_replicated = _replicated_ranges(params, slice(0, self.padded_numel))  # of the flat vector
 
     @torch.no_grad()
@@ -69,10 +69,11 @@ class FlatParams:
 
     @torch.no_grad()
     def write_model_params(self, flat: torch.Tensor) -> None:
-        """Set the model parameters (in their dtype) from a flat fp32 vector, leaving the optimizer's values alone."""
+        """Set the model parameters (in their dtype) from a flat fp32 vector, leaving the optimizer's values alone.
+        Through `detach()`, so the write counts in the parameter's version (a swapped layer's copy is then stale)."""
         offset = 0
         for param in self.params:
-            param.data.copy_(flat[offset:offset + param.numel()].view_as(param))
+            param.detach().copy_(flat[offset:offset + param.numel()].view_as(param))
             offset += param.numel()
 
     @torch.no_grad()

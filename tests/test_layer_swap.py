@@ -59,3 +59,15 @@ def test_residency_stays_within_the_bound_and_each_layer_computes_on_its_copy(tm
     assert ends == one_pass * 2 * 6  # two micro-batches in each of six iterations
     fetches = [e["layer"] for e in events if e["event"] == "fetch"]
     assert len(fetches) > layers * 6  # every forward fetches every layer again (the optimizer changed them)
+
+
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_a_swapped_run_resumes_exactly(tmp_path, ckpt_format):
+    """8 iterations straight vs 4, save, load, 4 more, in bf16: the host-held layers' weights, fp32 main parameters
+    and Adam state go into the checkpoint and come back."""
+    args = COMMON + MODES["ddp"][1] + ["--bf16", "--swap-layers", "--ckpt-format", ckpt_format, "--train-iters", "8"]
+    straight = run_training(1, args).check().losses
+    run_training(1, args + ["--save", str(tmp_path), "--exit-interval", "4"]).check()
+    resumed = run_training(1, args + ["--load", str(tmp_path)]).check()
+    assert "at iteration 4" in resumed.stdout
+    assert resumed.losses == straight[4:]

@@ -327,8 +327,6 @@ def validate(args) -> None:
     require(not args.fp16, "--swap-layers: use --bf16 (or fp32); fp16's loss scaling is not supported with it")
     require(args.recompute_granularity is None,
             "--swap-layers: activation recomputation would fetch each layer once more; drop --recompute-*")
-    require(not (args.save or args.load),
-            "--swap-layers: checkpoints of a swapped run are not supported yet; drop --save and --load")
     from megatron.core import optimizer
 
     require(optimizer.Adam.__module__.startswith("torch."),

@@ -53,3 +53,24 @@ def test_local_run_with_two_edit_replicas_lowers_validation_loss():
     before = float(result.stdout.split("validation loss at iteration 0: ")[1].split()[0])
     after = float(result.stdout.split("validation loss at iteration 40: ")[1].split()[0])
     assert after < before - 1.0
+
+
+def test_multicluster_script_runs_two_replica_jobs_and_a_lighthouse_locally(tmp_path):
+    """examples/pretrain_edit_multicluster.sh local: a lighthouse and two EDiT replica jobs (one process each),
+    meeting at every sync; both finish on one model."""
+    from tools.bench_replica_jobs import free_port
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHON_BIN=str(REPO / ".venv/bin/python"), RUN_DIR=str(tmp_path),
+               LIGHTHOUSE_PORT=str(free_port()), MIN_REPLICAS="2", TRAIN_ITERS="8", NUM_LAYERS="2",
+               HIDDEN_SIZE="64", SEQ_LENGTH="64", MICRO_BATCH_SIZE="4", LOCAL_SGD_SYNC_INTERVAL="4")
+    env.pop("SLURM_JOB_ID", None)
+    result = subprocess.run(["bash", "examples/pretrain_edit_multicluster.sh", "local", "--eval-iters", "1",
+                             "--eval-interval", "8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    logs = [(tmp_path / f"replica{r}.log").read_text() for r in range(2)]
+    finals = []
+    for log in logs:
+        assert " training summary: 8 iterations," in log
+        assert "edit sync at iteration 5 | replicas: 2 |" in log
+        finals.append(log.split("validation loss at iteration 8: ")[1].split()[0])
+    assert finals[0] == finals[1]

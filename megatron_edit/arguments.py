@@ -238,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def default_ffn_hidden_size(hidden_size: int, swiglu: bool) -> int:
+    """Megatron-LM's: 4h, or with SwiGLU 8h/3 rounded down to a multiple of 64."""
+    return (int(8 * hidden_size / 3 / 64) * 64 or hidden_size * 2) if swiglu else 4 * hidden_size
+
+
 def padded_vocab_size(vocab_size: int, args) -> int:
     """Megatron-LM pads the vocabulary to a multiple of --make-vocab-size-divisible-by x TP."""
     multiple = args.make_vocab_size_divisible_by * args.tensor_model_parallel_size
@@ -257,8 +262,7 @@ def parse_args(argv, world_size: int, local_world_size: int = None, extra_args_p
     if args.use_checkpoint_args:
         _use_checkpoint_args(args)
     if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = (int(8 * args.hidden_size / 3 / 64) * 64 or args.hidden_size * 2) if args.swiglu \
-            else 4 * args.hidden_size
+        args.ffn_hidden_size = default_ffn_hidden_size(args.hidden_size, args.swiglu)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     if not args.group_query_attention:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_edit.arguments import default_ffn_hidden_size  # noqa: E402
 from megatron_edit.flops import layer_flops_per_token  # noqa: E402
 from megatron_edit.swap.planner import LayerCosts, plan, simulate  # noqa: E402
 from tools.experiment import write_table  # noqa: E402
@@ -59,8 +60,7 @@ def main(argv=None) -> None:
     parser.add_argument("--output-dir", default="runs/plan_layer_swap")
     args = parser.parse_args(argv)
     if args.ffn_hidden_size is None:
-        args.ffn_hidden_size = (int(8 * args.hidden_size / 3 / 64) * 64 or 2 * args.hidden_size) if args.swiglu \
-            else 4 * args.hidden_size
+        args.ffn_hidden_size = default_ffn_hidden_size(args.hidden_size, args.swiglu)
     args.num_query_groups = args.num_query_groups or args.num_attention_heads
     args.device_to_host_gbps = args.device_to_host_gbps or args.host_to_device_gbps
     costs = estimated_costs(args)

@@ -11,6 +11,11 @@ chosen in one place.
   sum again, and an all-gather gives everyone every summed chunk. On the wire: per rank 2 (M-1)/M of the vector
   in the codec's width, as a ring all-reduce of fp32 moves 2 (M-1)/M of it in fp32, so 1/2 (bf16) and about
   1/4 (int8, plus one fp32 scale per block of `INT8_BLOCK` values).
+- int4: the int8 scheme with 15 levels per block, two values to a byte: about 1/8 of fp32's bytes.
+- topk: a sparse exchange (SparseLoCo, DeMo): each rank all-gathers its largest --sync-topk-fraction of values
+  (bf16) with their int32 indices, and every rank adds the M sparse vectors. Per rank (M-1) x k x 6 bytes, against
+  the fp32 all-reduce's 2 (M-1)/M x 4 n: 1.5 x the fraction at M=2, 3 x at M=4 (all-gathers grow with M). Only with
+  error feedback (the rest of each vector waits for the next exchange), as in those papers.
 - Tensor parallelism: a module's vector on one tensor rank mixes its own slices with elements every tensor rank
   holds alike (layer norms, some biases). Those `replicated` ranges are quantized in blocks of their own, so every
   tensor rank computes the same blocks, scales and sums for them, and their copies stay bit-identical.
@@ -18,13 +23,15 @@ chosen in one place.
   same key: each rank's residual of its own vector, and each chunk owner's residual of re-quantizing the sum. Over
   many exchanges the sums delivered then add up to the sums sent, up to the last residuals.
 """
+import math
 from typing import Callable, Dict, Hashable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
-SYNC_DTYPES = ("fp32", "bf16", "int8")
-INT8_BLOCK = 256  # values sharing one fp32 scale
+SYNC_DTYPES = ("fp32", "bf16", "int8", "int4", "topk")
+INT8_BLOCK = 256  # values sharing one fp32 scale (int8 and int4)
+TOPK_FRACTION = 0.01  # top-k's share of a vector's values sent per exchange (--sync-topk-fraction)
 
 
 class ProcessGroupTransport:
@@ -76,7 +83,27 @@ class Int8Quantizer:
         return (quantized.view(-1, INT8_BLOCK).float() * scales[:, None]).view(-1)
 
 
-QUANTIZERS = {"bf16": Bf16Quantizer, "int8": Int8Quantizer}
+class Int4Quantizer:
+    """Symmetric int4 per block of INT8_BLOCK values (levels -7..7, each block scaled by its largest magnitude / 7),
+    two values to a byte."""
+    block = INT8_BLOCK
+
+    @staticmethod
+    def encode(values: torch.Tensor) -> List[torch.Tensor]:
+        blocks = values.view(-1, INT8_BLOCK)
+        scales = blocks.abs().amax(dim=1) / 7.0
+        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
+        levels = (torch.round(blocks / safe[:, None]).clamp_(-7, 7) + 8).to(torch.uint8).view(-1, 2)
+        return [levels[:, 0] * 16 + levels[:, 1], scales]
+
+    @staticmethod
+    def decode(payload: List[torch.Tensor]) -> torch.Tensor:
+        packed, scales = payload
+        levels = torch.stack([packed // 16, packed % 16], dim=1).view(-1, INT8_BLOCK).float() - 8
+        return (levels * scales[:, None]).view(-1)
+
+
+QUANTIZERS = {"bf16": Bf16Quantizer, "int8": Int8Quantizer, "int4": Int4Quantizer}
 
 
 class InFlight:
@@ -155,9 +182,10 @@ class SyncExchange:
     """Sums a vector over the replicas in the codec `dtype`; `key` names the vector (a module, a model chunk) whose
     error-feedback residuals carry from one exchange to the next."""
 
-    def __init__(self, transport: ProcessGroupTransport, dtype: str = "fp32", error_feedback: bool = False):
+    def __init__(self, transport: ProcessGroupTransport, dtype: str = "fp32", error_feedback: bool = False,
+                 topk_fraction: float = TOPK_FRACTION):
         assert dtype in SYNC_DTYPES, dtype
-        self.transport, self.dtype = transport, dtype
+        self.transport, self.dtype, self.topk_fraction = transport, dtype, topk_fraction
         self.error_feedback = error_feedback and dtype != "fp32"
         self.residuals: Dict[Hashable, torch.Tensor] = {}  # this rank's quantization residual, per key
         self.sum_residuals: Dict[Hashable, torch.Tensor] = {}  # of re-quantizing the summed chunk this rank owns
@@ -171,7 +199,49 @@ class SyncExchange:
             return InFlight([], lambda: values)
         if self.dtype == "fp32":
             return InFlight([self.transport.all_reduce(values)], lambda: values)
+        if self.dtype == "topk":
+            return self._start_sparse(key, values, replicated)
         return self._start_quantized(key, values, QUANTIZERS[self.dtype], replicated)
+
+    def _layout(self, key: Hashable, values: torch.Tensor, replicated: Sequence[slice], block: int) -> "_BlockLayout":
+        if key not in self._layouts:  # a key's vector keeps its size and ranges: its layout is made once
+            self._layouts[key] = _BlockLayout(values.numel(), replicated, block, values.device)
+        return self._layouts[key]
+
+    def _start_sparse(self, key: Hashable, values: torch.Tensor, replicated: Sequence[slice]) -> InFlight:
+        """Top-k: each rank sends its largest `topk_fraction` of values (as bf16, with int32 indices; chosen apart in
+        the tensor-replicated ranges, so every tensor rank picks the same ones there) to every other (all-gather),
+        and every rank adds up the M sparse vectors in rank order. With error feedback what was not sent (and the
+        bf16 rounding of what was) joins the key's next exchange."""
+        replicas = self.transport.size
+        layout = self._layout(key, values, replicated, block=1)
+        if self.error_feedback and key in self.residuals:
+            values.add_(self.residuals[key].to(values.device))
+        chosen = []
+        for part in ([layout.replicated, layout.sliced] if layout.mixed else [None]):
+            magnitudes = values.abs() if part is None else values[part].abs()
+            top = magnitudes.topk(max(1, math.ceil(self.topk_fraction * magnitudes.numel())), sorted=False).indices
+            chosen.append(top if part is None else part[top])
+        indices = torch.cat(chosen)
+        sent = values[indices].to(torch.bfloat16)
+        if self.error_feedback:
+            residual = values.clone()
+            residual[indices] -= sent.float()
+            self.residuals[key] = residual
+        count = indices.numel()  # the same on every rank: the vectors of one key have one size and ranges
+        gathered_values = torch.empty(replicas * count, dtype=torch.bfloat16, device=values.device)
+        gathered_indices = torch.empty(replicas * count, dtype=torch.int32, device=values.device)
+        works = [self.transport.all_gather(gathered_values, sent),
+                 self.transport.all_gather(gathered_indices, indices.to(torch.int32))]
+
+        def finish() -> torch.Tensor:
+            values.zero_()
+            for rank in range(replicas):  # no index repeats within a rank's part: each add is exact and ordered
+                part = slice(rank * count, (rank + 1) * count)
+                values.index_add_(0, gathered_indices[part].long(), gathered_values[part].float())
+            return values
+
+        return InFlight(works, finish)
 
     def _carry(self, store: Dict[Hashable, torch.Tensor], key: Hashable, values: torch.Tensor,
                sent: torch.Tensor) -> None:
@@ -180,9 +250,7 @@ class SyncExchange:
 
     def _start_quantized(self, key: Hashable, values: torch.Tensor, quantizer, replicated: Sequence[slice]) -> InFlight:
         replicas = self.transport.size
-        if key not in self._layouts:  # a key's vector keeps its size and ranges: its layout is made once
-            self._layouts[key] = _BlockLayout(values.numel(), replicated, quantizer.block, values.device)
-        layout = self._layouts[key]
+        layout = self._layout(key, values, replicated, quantizer.block)
         chunk = -(-layout.numel // (replicas * quantizer.block)) * quantizer.block
         padded = torch.zeros(replicas * chunk, dtype=torch.float32, device=values.device)
         layout.pack(values, padded)

@@ -316,8 +316,12 @@ def train(trainer: Trainer, tracker: Trackers) -> Dict[str, float]:
         interval_start += time.perf_counter() - pause
         run_start += time.perf_counter() - pause
 
+    warmup_end, warmup_totals = trainer.dp_mode.synchronous_warmup_iters(), None
     for iteration in trainer.iterations():
         loss_sums, grad_norm = trainer.train_step(iteration)
+        if iteration == warmup_end:  # where communication went: the synchronous warm-up's bytes and time
+            platform.synchronize()
+            warmup_totals = (dict(comm_stats.COUNTER.snapshot() - bytes_at_start), time.perf_counter() - run_start)
         _track_events(trainer, tracker, reports)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             log_iteration(iteration, trainer.reduce_loss(loss_sums), grad_norm)
@@ -372,6 +376,8 @@ def train(trainer: Trainer, tracker: Trackers) -> Dict[str, float]:
         "tflops_per_device": flops * iterations_run / train_seconds / args.world_size / 1e12,
         "bytes_per_group": bytes_per_group,
         "ddp_bytes_per_rank": ddp_bytes_per_rank(args, trainer.model, iteration - trainer.start_iteration),
+        "warmup": None if warmup_totals is None else {"iterations": warmup_end, "bytes_per_group": warmup_totals[0],
+                                                      "seconds": warmup_totals[1]},
         "peak_memory_bytes": platform.max_memory_allocated_bytes(),
     }
 
@@ -400,8 +406,15 @@ def _across_replicas_line(args, summary: Dict[str, float]) -> str:
     ddp = summary["ddp_bytes_per_rank"]
     verb = "reduce-scattered and all-gathered" if args.use_distributed_optimizer else "all-reduced"
     ratio = f" ({ddp / synced:.{1 if ddp < 10 * synced else 0}f}x more)" if synced else ""
-    return (f"   across replicas: sync group {synced / 1e6:.2f} MB per rank; DDP would have {verb} "
+    line = (f"   across replicas: sync group {synced / 1e6:.2f} MB per rank; DDP would have {verb} "
             f"{ddp / 1e6:.2f} MB{ratio}")
+    warmup = summary.get("warmup")
+    if warmup and synced:
+        warmup_bytes = warmup["bytes_per_group"].get(DP_MODES[args.dp_mode].cross_replica_group, 0)
+        line += (f"\n   warm-up (iterations 1-{warmup['iterations']}): {warmup_bytes / 1e6:.2f} MB "
+                 f"({100 * warmup_bytes / synced:.0f}% of those bytes), {warmup['seconds']:.1f} s "
+                 f"({100 * warmup['seconds'] / summary['train_seconds']:.0f}% of the training time)")
+    return line
 
 
 def _validation_summary(iteration: int, loss: float) -> str:

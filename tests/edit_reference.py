@@ -7,7 +7,9 @@ the anchor, theta <- anchor. With --sync-delay-steps tau, a sync only records ea
 tau iterations later, at the start of the iteration: anchor' = outer(anchor, d), theta_r <- anchor' + (theta_r -
 (anchor - d_r)). The last sync is never delayed (an outstanding one is applied first). With --sync-fragments F, the
 parameters of each fragment's modules (the plan of megatron_edit/dp/edit/fragments.py) do all of this on their own
-schedule: fragment f's first sync after f x H / F local steps (f=0: H), then every H.
+schedule: fragment f's first sync after f x H / F local steps (f=0: H), then every H. With
+--local-sgd-initial-sync-interval H0 the whole model first syncs after H0, 2 H0, 4 H0, ... more local steps while
+that interval is below H, then every H.
 Same model, initialization and data as pretrain_gpt.py; no process groups, no sharding, no megatron optimizer.
 
     python tests/edit_reference.py <pretrain flags> --replicas M --shard-size S --dump PATH
@@ -91,14 +93,24 @@ def main():
             for p, theta_issued in zip(params, issued_at):
                 p.copy_(a + (p - theta_issued) if carry_progress else a)
 
+    ramp_syncs = set()  # with --local-sgd-initial-sync-interval H0: the whole model after H0, 2 H0, 4 H0, ... more
+    done, step = 0, args.local_sgd_initial_sync_interval or interval
+    while step < interval:
+        done += step
+        ramp_syncs.add(done)
+        step *= 2
+    ramp_end = done
+
     for iteration in range(1, args.train_iters + 1):
         local_steps_done = iteration - 1 - warmup
         for pending in [d for d in delayed if d[0] == iteration]:
             apply(*pending[1:], carry_progress=True)
             delayed.remove(pending)
         for fragment in range(fragments):
-            since_first = local_steps_done - fragment * interval // fragments
-            if local_steps_done > 0 and since_first >= 0 and since_first % interval == 0:
+            since_first = local_steps_done - ramp_end - fragment * interval // fragments
+            in_ramp = 0 < local_steps_done <= ramp_end
+            if (local_steps_done in ramp_syncs) if in_ramp else (
+                    local_steps_done > 0 and since_first >= 0 and since_first % interval == 0):
                 if args.sync_delay_steps:
                     delayed.append((iteration + args.sync_delay_steps, *issue(fragment_params[fragment])))
                 else:

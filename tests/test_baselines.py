@@ -70,3 +70,13 @@ def test_diloco_int8_sync_on_tensor_parallel_sends_a_quarter_and_tracks_fp32():
     assert all(0.25 <= b / f <= 0.27 for b, f in zip(int8_syncs, fp32_syncs))
     torch.testing.assert_close(int8[-1]["losses"], fp32[-1]["losses"], rtol=0, atol=1e-3)
     assert int8[-1]["losses"] != fp32[-1]["losses"]  # int8 rounding did reach the model
+
+
+def test_diloco_ramps_its_sync_intervals_as_edit_does():
+    """W=0 and H0=1 up to H=4: DiLoCo syncs after iterations 1, 3 and 7 (and at the end), landing where EDiT does."""
+    ramp = tuple(local_sgd(0, (1, 4)))
+    edit_dumps = run(*edit(2, 2, *ramp))
+    diloco_dumps = run(*mode("diloco", 2, 2, *ramp))
+    for rank in range(4):
+        assert_params_close(diloco_dumps[rank]["params"], edit_dumps[rank]["params"])
+    assert [i + 1 for i, b in enumerate(sync_bytes(diloco_dumps[0])) if b] == [1, 3, 7]

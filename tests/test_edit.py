@@ -21,6 +21,9 @@ TRAINING = TINY_GPT + ["--optimizer", "sgd", "--sgd-momentum", "0.9", "--lr", "0
 
 
 def local_sgd(warmup, interval):
+    """W and H, or W and (H0, H): a ramp of sync intervals from H0 up to H."""
+    if isinstance(interval, tuple):
+        return local_sgd(warmup, interval[1]) + ["--local-sgd-initial-sync-interval", str(interval[0])]
     return ["--local-sgd-warmup-iters", str(warmup), "--local-sgd-sync-interval", str(interval)]
 
 
@@ -57,11 +60,17 @@ def assert_params_close(actual: dict, expected: dict):
     (2, 2, 2, 3),   # each replica sharded over two ranks
     (1, 2, 2, 1),   # H=1: a sync before every local step
     (2, 2, 0, 2),   # W=0: local steps from the first iteration
-])
+    (2, 2, 0, (1, 4)),  # W=0 and a ramp of intervals: syncs after 1, 3 and 7 local steps, then every 4
+    (1, 2, 1, (2, 8)),  # after warm-up: syncs after 2 and 6 local steps (the next, after 14, is past the end)
+], ids=["M2", "S2", "H1", "W0", "ramp", "ramp-after-warmup"])
 def test_edit_matches_reference_implementation(shard, replicas, warmup, interval):
     nproc, args = edit(shard, replicas, *local_sgd(warmup, interval))
     dumps = run(nproc, args)
     expected = reference(replicas, shard, tuple(local_sgd(warmup, interval)))
+    if isinstance(interval, tuple):
+        initial, interval = interval
+        ramp = [sync["iteration"] for sync in dumps[0]["syncs"]]
+        assert ramp == ([2, 4, 8, 10] if initial == 1 else [4, 8, 10])  # the iteration after each sync point; final
     for replica in range(replicas):
         for rank in range(replica * shard, (replica + 1) * shard):
             assert_params_close(dumps[rank]["params"], expected[replica])

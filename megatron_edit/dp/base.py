@@ -96,6 +96,11 @@ class DataParallelMode(abc.ABC):
         return (parallel_state.get_data_parallel_rank(with_context_parallel=True),
                 parallel_state.get_data_parallel_world_size(with_context_parallel=True))
 
+    def synchronous_warmup_iters(self) -> int:
+        """The iterations (from the first) in which replicas average gradients every step before they train apart
+        (0: none, or every iteration is synchronous); the training summary reports their share of bytes and time."""
+        return 0
+
     def join(self) -> Optional[int]:
         """Called once before training (after any checkpoint load). A mode whose replicas come and go meets the
         others here; it returns the iteration to continue after when it took over a live replica's state."""

@@ -40,6 +40,7 @@ class AEditConfig:
 class AsyncEditDataParallel(EditDataParallel):
     name = "aedit"
     syncs_in_fragments = False  # its clock syncs the whole model
+    syncs_on_step_count = False
     default_ckpt_format = "torch"  # replicas stand at different iterations: a file per rank
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,

@@ -104,9 +104,11 @@ class EditDataParallel(LocalSGDDataParallel):
     @classmethod
     def validate(cls, args) -> None:
         super().validate(args)
-        require(0 <= args.sync_delay_steps < args.local_sgd_sync_interval,
-                f"--sync-delay-steps {args.sync_delay_steps} must be in [0, H={args.local_sgd_sync_interval}): "
-                "a sync's outer step is applied before the next sync")
+        shortest = min(args.local_sgd_initial_sync_interval or args.local_sgd_sync_interval,
+                       args.local_sgd_sync_interval)
+        require(0 <= args.sync_delay_steps < shortest,
+                f"--sync-delay-steps {args.sync_delay_steps} must be in [0, {shortest}) (the shortest sync interval, "
+                "H or --local-sgd-initial-sync-interval): a sync's outer step is applied before the next sync")
         require(args.edit_anomaly_max_consecutive >= 1, "--edit-anomaly-max-consecutive must be >= 1")
         require(args.edit_weight_temperature > 0, "--edit-weight-temperature must be > 0")
         require(args.edit_pseudo_grad_clip is None or args.edit_pseudo_grad_clip > 0,

@@ -32,6 +32,29 @@ from megatron_edit.errors import require
 DEFAULT_WARMUP_FRACTION = 0.25
 
 
+def _gradient_segments(buffer, bucket, start: int, numel: int) -> List[Tuple[slice, List[slice]]]:
+    """[start, start + numel) of a gradient bucket cut into the vectors a codec exchanges: a word embedding tied to
+    the output layer on another pipeline stage alone (its copies sit among other parameters on the two stages, and
+    must be quantized alike), the rest between. Each with its tensor-replicated ranges: gradients of parameters
+    every tensor rank holds whole (megatron-core leaves them unmarked by `tensor_model_parallel`), which a codec
+    quantizes in blocks of their own so their copies stay the same on every tensor rank."""
+    spans = []  # (begin, end, tied, tensor-replicated) of each parameter inside the range, by position
+    for param in bucket.params:
+        first, last, _ = buffer.param_index_map[param]  # in the whole buffer; the bucket starts at its offset
+        begin, end = max(first - bucket.offset, start), min(last - bucket.offset, start + numel)
+        if begin < end:
+            spans.append((begin, end, getattr(param, "shared_embedding", False),
+                          not getattr(param, "tensor_model_parallel", False)))
+    spans.sort()
+    cuts = sorted({start, start + numel} | {edge for begin, end, tied, _ in spans if tied for edge in (begin, end)})
+    segments = []
+    for low, high in zip(cuts, cuts[1:]):
+        replicated = [slice(max(b, low) - low, min(e, high) - low) for b, e, _, rep in spans
+                      if rep and max(b, low) < min(e, high)]
+        segments.append((slice(low - start, high - start), replicated))
+    return segments
+
+
 class LocalSGDDataParallel(SynchronousDataParallel):
     """Synchronous data parallelism inside each replica (DDP and the optimizer on the replica's groups)."""
     name = ""
@@ -42,6 +65,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     delays_outer_step = False  # --sync-delay-steps
     syncs_in_fragments = False  # --sync-fragments
     replicas_as_jobs = True
+    syncs_on_step_count = True  # A-EDiT's trigger is the clock: it takes no ramp of intervals
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
                  faults: FaultInjector):
@@ -55,7 +79,10 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         self.counter.name_group(groups.sync_gather, "sync")
         self.counter.name_group(groups.replica, "replica")
         self.exchange = SyncExchange(ProcessGroupTransport(groups.exchange, groups.gather), local_sgd.sync_dtype,
-                                     local_sgd.sync_error_feedback)
+                                     local_sgd.sync_error_feedback, local_sgd.topk_fraction)
+        # A compressed warm-up always carries its error: gradients compressed step after step drift without it.
+        self.warmup_exchange = SyncExchange(ProcessGroupTransport(groups.exchange, groups.gather),
+                                            local_sgd.warmup_grad_dtype, True, local_sgd.topk_fraction)
         self.members = ProcessGroupMembers(groups.sync)
         self.in_warmup = local_sgd.warmup_iters > 0
         self.local_steps_since_sync = 0  # local (post-warm-up) steps this replica took since the last sync
@@ -86,6 +113,17 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         if args.replica_coordinator == "torchft":
             torchft_replicas.validate(args)
         require(args.local_sgd_sync_interval >= 1, "--local-sgd-sync-interval must be >= 1")
+        initial = args.local_sgd_initial_sync_interval
+        require(initial is None or 1 <= initial <= args.local_sgd_sync_interval,
+                f"--local-sgd-initial-sync-interval {initial} must be in [1, H={args.local_sgd_sync_interval}]")
+        require(initial is None or args.sync_fragments == 1,
+                "--local-sgd-initial-sync-interval ramps whole-model syncs; staggered --sync-fragments start at a "
+                "fixed H: drop one of the two")
+        require(initial is None or cls.syncs_on_step_count,
+                f"--local-sgd-initial-sync-interval: {cls.name} syncs on a clock (--aedit-sync-seconds), not on a "
+                "step count; use --dp-mode edit, diloco or post-local-sgd")
+        require(args.local_sgd_warmup_grad_dtype == "fp32" or args.replica_coordinator != "torchft",
+                "--local-sgd-warmup-grad-dtype: replica jobs (--replica-coordinator torchft) have no warm-up")
         require(not args.overlap_param_gather,
                 f"--overlap-param-gather applies to --dp-mode ddp: {cls.name}'s syncs write parameters the deferred "
                 "all-gather would overwrite; drop the flag (--overlap-grad-reduce still overlaps)")
@@ -106,7 +144,11 @@ class LocalSGDDataParallel(SynchronousDataParallel):
                 f"--sync-fragments {args.sync_fragments} must be in [1, H={args.local_sgd_sync_interval}]: each "
                 "fragment syncs at its own iteration of the H")
         require(not args.sync_error_feedback or args.sync_dtype != "fp32",
-                "--sync-error-feedback carries quantization error: use it with --sync-dtype bf16 or int8")
+                "--sync-error-feedback carries what a codec drops: use it with --sync-dtype bf16, int8, int4 or topk")
+        require(args.sync_dtype != "topk" or args.sync_error_feedback,
+                "--sync-dtype topk sends a few %% of each pseudo-gradient: add --sync-error-feedback so the rest is "
+                "carried into the next syncs, not dropped")
+        require(0 < args.sync_topk_fraction <= 1, "--sync-topk-fraction must be in (0, 1]")
         penalty = [flag for flag, on in [("--edit-anomaly-elimination", args.edit_anomaly_elimination),
                                          ("--edit-weighted-average", args.edit_weighted_average),
                                          ("--edit-pseudo-grad-clip", args.edit_pseudo_grad_clip is not None)] if on]
@@ -238,6 +280,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         """Whether to apply the sync (with torchft: every replica of the quorum completed its collectives)."""
         return self.replica_jobs is None or self.replica_jobs.commit()
 
+    def synchronous_warmup_iters(self) -> int:
+        return self.local_sgd.warmup_iters if self.has_peers else 0
+
     def begin_iteration(self, iteration: int, finished: bool) -> bool:
         self.faults.start_iteration(iteration)
         self.in_warmup = self.local_sgd.is_warmup(iteration)
@@ -308,17 +353,25 @@ class LocalSGDDataParallel(SynchronousDataParallel):
 
     @torch.no_grad()
     def _average_gradients_over_replicas(self, model) -> None:
-        """Warm-up: each rank averages, over the sync group, the gradient shard its optimizer reads."""
+        """Warm-up: each rank averages, over the sync group, the gradient shard its optimizer reads, through the
+        warm-up's exchange (an fp32 all-reduce, or a codec with error feedback: --local-sgd-warmup-grad-dtype)."""
         shard_rank, shard_size = dist.get_rank(self.groups.shard), self.groups.shard_size
-        for chunk in model:
-            for buffer in chunk.buffers:
-                for bucket in buffer.buckets:
-                    grads = bucket.grad_data
+        in_flight = []
+        for c, chunk in enumerate(model):
+            for b, buffer in enumerate(chunk.buffers):
+                for k, bucket in enumerate(buffer.buckets):
+                    grads, start = bucket.grad_data, 0
                     if self.ddp_config.use_distributed_optimizer:
                         size = grads.numel() // shard_size
-                        grads = grads[shard_rank * size:(shard_rank + 1) * size]
-                    dist.all_reduce(grads, group=self.groups.sync)
-                    grads.div_(self.groups.num_replicas)
+                        start = shard_rank * size
+                        grads = grads[start:start + size]
+                    for segment, replicated in _gradient_segments(buffer, bucket, start, grads.numel()):
+                        part = grads[segment]
+                        values = part if part.dtype == torch.float32 else part.float()
+                        key = ("grads", c, b, k, segment.start)
+                        in_flight.append((part, self.warmup_exchange.start(key, values, replicated)))
+        for part, exchange in in_flight:
+            part.copy_(exchange.wait().div_(self.groups.num_replicas))
 
     def step_group(self):
         return self.groups.whole_replica  # replicas step apart: no collective across them
@@ -354,11 +407,15 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         self._load_outer_state(state)
 
     def layout_state_dict(self) -> dict:
-        return {"exchange": {"replicas": self.groups.num_replicas, **self.exchange.state_dict()}}
+        return {"exchange": {"replicas": self.groups.num_replicas, **self.exchange.state_dict(),
+                             "warmup": self.warmup_exchange.state_dict()}}
 
     def load_layout_state_dict(self, state: dict) -> None:
-        if state["exchange"]["replicas"] == self.groups.num_replicas:
-            self.exchange.load_state_dict(state["exchange"])
+        saved = state["exchange"]
+        if saved["replicas"] == self.groups.num_replicas:
+            self.exchange.load_state_dict(saved)
+            if "warmup" in saved:  # checkpoints written before the warm-up had a codec hold no residuals for it
+                self.warmup_exchange.load_state_dict(saved["warmup"])
 
     def _saved_replica(self, saved_replicas: int) -> Tuple[int, int]:
         """(the replica of the checkpoint this one saves as or continues, this replica's place among those that

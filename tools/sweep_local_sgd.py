@@ -14,20 +14,28 @@ The model, schedule and data flags are tools/compare_methods.py's.
 import argparse
 import itertools
 import json
+import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.compare_methods import common_argv, final_validation  # noqa: E402
-from tools.experiment import (add_data_args, add_training_args, default_local_sgd_warmup, run_job, seeds,  # noqa: E402
-                              spread, write_table)
+from tools.experiment import (add_data_args, add_training_args, cross_replica_bytes, default_local_sgd_warmup,  # noqa
+                              new_figure, run_job, save_figure, seeds, spread, write_table)
 
 LOCAL_SGD_METHODS = ["edit", "diloco", "post-local-sgd"]
 # (column, flag of pretrain_gpt.py, list flag of this tool)
 KNOBS = [("lr", "--lr", "lrs"), ("H", "--local-sgd-sync-interval", "sync_intervals"),
-         ("W", "--local-sgd-warmup-iters", "warmup_iters"), ("outer lr", "--outer-lr", "outer_lrs"),
+         ("H0", "--local-sgd-initial-sync-interval", "initial_sync_intervals"),
+         ("W", "--local-sgd-warmup-iters", "warmup_iters"), ("warm-up codec", None, "warmup_codecs"),
+         ("sync codec", None, "sync_codecs"), ("outer lr", "--outer-lr", "outer_lrs"),
          ("outer momentum", "--outer-momentum", "outer_momentums"), ("nesterov", None, "nesterov")]
+# What the sync exchange sends (--sync-dtype), "+ef" with error feedback; the warm-up's codecs always carry it.
+SYNC_CODECS = {"fp32": [], "bf16": ["--sync-dtype", "bf16"], "int8": ["--sync-dtype", "int8"],
+               **{f"{dtype}+ef": ["--sync-dtype", dtype, "--sync-error-feedback"]
+                  for dtype in ("bf16", "int8", "int4", "topk")}}
+WARMUP_CODECS = ["fp32", "bf16", "int8", "int4", "topk"]
 
 
 def get_args(argv=None):
@@ -48,6 +56,12 @@ def get_args(argv=None):
     g.add_argument("--ddp-lrs", type=float, nargs="*", default=[2e-3], help="DDP's inner LRs (none: no DDP runs)")
     g.add_argument("--lrs", type=float, nargs="+", default=[2e-3], help="inner (Adam) peak LR of the local steps")
     g.add_argument("--sync-intervals", type=int, nargs="+", default=[16], help="H")
+    g.add_argument("--initial-sync-intervals", type=int, nargs="+", default=[0],
+                   help="H0 of a ramp H0, 2 H0, ... up to H (0: no ramp)")
+    g.add_argument("--warmup-codecs", nargs="+", default=["fp32"], choices=WARMUP_CODECS,
+                   help="what the warm-up's gradient average sends (--local-sgd-warmup-grad-dtype)")
+    g.add_argument("--sync-codecs", nargs="+", default=["fp32"], choices=list(SYNC_CODECS),
+                   help="what a sync sends (--sync-dtype; +ef: --sync-error-feedback)")
     g.add_argument("--warmup-iters", type=int, nargs="+", default=None,
                    help="W: synchronous iterations first; default: a quarter of --train-iters, as pretrain_gpt.py")
     g.add_argument("--outer-lrs", type=float, nargs="+", default=[0.7])
@@ -76,6 +90,10 @@ def job_argv(args, config: dict, seed: int) -> list:
     job.local_sgd_warmup_iters = config.get("W", 0)
     job.outer_lr, job.outer_momentum = config.get("outer lr", 0.7), config.get("outer momentum", 0.8)
     argv = common_argv(job) + ["--dp-mode", config["method"], "--seed", str(seed)]
+    if config.get("H0"):
+        argv += ["--local-sgd-initial-sync-interval", str(config["H0"])]
+    argv += ["--local-sgd-warmup-grad-dtype", config.get("warm-up codec", "fp32")]
+    argv += SYNC_CODECS[config.get("sync codec", "fp32")]
     return argv + (["--no-outer-nesterov"] if config.get("nesterov") == "off" else [])
 
 
@@ -89,31 +107,71 @@ def run_key(config: dict, seed: int, args) -> str:
 
 
 def load_done(path: Path) -> dict:
+    """run key -> its record: validation loss, train loss and the bytes one rank sent to other replicas."""
     if not path.exists():
         return {}
-    return {record["key"]: record["validation loss"] for record in map(json.loads, path.read_text().splitlines())}
+    return {record["key"]: record for record in map(json.loads, path.read_text().splitlines())}
+
+
+def _ddp_runs(args, results: dict, configs) -> dict:
+    """DDP's inner lr -> its runs' records, from this invocation or an earlier one (same budget and seeds)."""
+    lrs = {config["lr"] for config in configs if config["method"] == "ddp"}
+    lrs |= {json.loads(key)["lr"] for key in results if json.loads(key)["method"] == "ddp"}
+    runs = {lr: [results.get(run_key({"method": "ddp", "lr": lr}, seed, args)) for seed in seeds(args)] for lr in lrs}
+    return {lr: records for lr, records in runs.items() if all(records)}
 
 
 def table_rows(args, results: dict) -> list:
-    """One row per configuration with its seeds' spread, best first, each against DDP."""
-    summaries = []
-    for config in configurations(args):
-        losses = [results[run_key(config, seed, args)] for seed in seeds(args)]
-        summaries.append((config, spread(losses)))
-    ddp = {config["lr"]: s["mean"] for config, s in summaries if config["method"] == "ddp"}
-    for lr in {json.loads(key)["lr"] for key in results if json.loads(key)["method"] == "ddp"} - set(ddp):
-        keys = [run_key({"method": "ddp", "lr": lr}, seed, args) for seed in seeds(args)]
-        if all(key in results for key in keys):  # DDP of an earlier invocation, same budget and seeds
-            ddp[lr] = spread([results[key] for key in keys])["mean"]
-    best_ddp = min(ddp.values()) if ddp else None
+    """One row per configuration with its seeds' spread, best first, each against DDP: the loss gap, and how many
+    times fewer bytes than the best DDP it sent to other replicas over the whole run (warm-up included)."""
+    configs = list(configurations(args))
+    summaries = [(config, [results[run_key(config, seed, args)] for seed in seeds(args)]) for config in configs]
+    ddp = {lr: spread([r["validation loss"] for r in records])["mean"]
+           for lr, records in _ddp_runs(args, results, configs).items()}
+    best_lr = min(ddp, key=ddp.get) if ddp else None
+    ddp_bytes = None
+    if best_lr is not None:
+        ddp_bytes = statistics.fmean(r.get("bytes") or 0.0 for r in _ddp_runs(args, results, configs)[best_lr])
     rows = []
-    for config, s in sorted(summaries, key=lambda item: item[1]["mean"]):
+    for config, records in sorted(summaries, key=lambda item: spread([r["validation loss"] for r in item[1]])["mean"]):
+        s = spread([r["validation loss"] for r in records])
         gap = lambda reference: "" if reference is None else f"{100 * (s['mean'] / reference - 1):+.2f}%"  # noqa
+        sent = [r.get("bytes") for r in records]
+        mean_bytes = statistics.fmean(sent) if None not in sent else None
+        fewer = "" if not (ddp_bytes and mean_bytes) else round(ddp_bytes / mean_bytes, 1)
         rows.append({"method": config["method"], **{column: config.get(column, "") for column, _, _ in KNOBS},
                      "seeds": len(seeds(args)), "validation loss": round(s["mean"], 4), "std": round(s["std"], 4),
                      "min": round(s["min"], 4), "max": round(s["max"], 4),
-                     "vs best ddp": gap(best_ddp), "vs ddp same lr": gap(ddp.get(config["lr"]))})
+                     "vs best ddp": gap(ddp.get(best_lr)), "vs ddp same lr": gap(ddp.get(config["lr"])),
+                     "MB per rank": "" if mean_bytes is None else round(mean_bytes / 1e6, 2),
+                     "x fewer bytes than ddp": fewer})
     return rows
+
+
+def plot_front(rows: list, path: Path) -> None:
+    """Loss gap to the best DDP against how many times fewer bytes were sent, one point per configuration (error
+    bars: the seeds' std), the Pareto front (no other point both closer to DDP and cheaper) joined by a line."""
+    points = [(row["x fewer bytes than ddp"], float(row["vs best ddp"].rstrip("%")),
+               100 * row["std"] / row["validation loss"], row) for row in rows
+              if row["method"] != "ddp" and row["x fewer bytes than ddp"] != "" and row["vs best ddp"]]
+    if not points:
+        return
+    figure, axes = new_figure()
+    axis = axes[0, 0]
+    axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], fmt="o", capsize=3,
+                  label="a configuration (mean, std over seeds)")
+    front = [p for p in points if not any(q[0] >= p[0] and q[1] < p[1] or q[0] > p[0] and q[1] <= p[1]
+                                          for q in points)]
+    front.sort(key=lambda p: p[0])
+    axis.plot([p[0] for p in front], [p[1] for p in front], "-", color="tab:red", label="Pareto front")
+    for ratio, gap_pct, _, row in front:
+        label = ", ".join(f"{column} {row[column]}" for column, _, _ in KNOBS[1:] if row[column] not in ("", 0))
+        axis.annotate(label, (ratio, gap_pct), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    axis.axhline(0, color="gray", linewidth=0.8)
+    axis.set_xscale("log")
+    axis.set_xlabel("x fewer bytes than DDP to other replicas, whole run")
+    axis.set_ylabel("validation loss vs best DDP (%)")
+    save_figure(figure, path)
 
 
 def main(argv=None):
@@ -130,14 +188,17 @@ def main(argv=None):
                 continue
             print(f"running {config}, seed {seed} ...", flush=True)
             log = run_job(nproc, job_argv(args, config, seed))
-            results[key] = final_validation(log)
+            results[key] = {"key": key, "validation loss": final_validation(log),
+                            "train loss": log.iterations[-1]["lm_loss"],
+                            "bytes": cross_replica_bytes(config["method"], log)}
             with open(done_path, "a") as f:
-                f.write(json.dumps({"key": key, "validation loss": results[key],
-                                    "train loss": log.iterations[-1]["lm_loss"]}) + "\n")
-            print(f"  validation loss {results[key]:.4f}", flush=True)
-    table = write_table(table_rows(args, results), output_dir, args.table_name)
-    print(table)
-    print(f"written to {output_dir}/: {args.table_name}.md, {args.table_name}.csv, runs.jsonl")
+                f.write(json.dumps(results[key]) + "\n")
+            print(f"  validation loss {results[key]['validation loss']:.4f}", flush=True)
+    rows = table_rows(args, results)
+    print(write_table(rows, output_dir, args.table_name))
+    plot_front(rows, output_dir / f"{args.table_name}_front.png")
+    print(f"written to {output_dir}/: {args.table_name}.md, {args.table_name}.csv, {args.table_name}_front.png, "
+          "runs.jsonl")
 
 
 if __name__ == "__main__":

@@ -138,20 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local-sgd-initial-sync-interval", type=int, default=None,
                    help="H0: a ramp of sync intervals from the first local step: H0, 2 H0, 4 H0, ... up to H "
                         "(default: every interval is H)")
-    g.add_argument("--local-sgd-warmup-grad-dtype", choices=SYNC_DTYPES, default="fp32",
-                   help="what the warm-up's gradient average over the replicas sends: fp32 (DDP's), or bf16/int8/int4 "
-                        "with error feedback (the sync group's codecs, see --sync-dtype)")
+    g.add_argument("--local-sgd-warmup-grad-dtype", choices=SYNC_DTYPES, default=None,
+                   help="what the warm-up's gradient average over the replicas sends: fp32 (DDP's), or a codec of "
+                        "--sync-dtype's, always with error feedback; default int2 (see the README's 'Choosing H, the "
+                        "outer optimizer and warm-up')")
     g.add_argument("--outer-lr", type=float, default=0.7)
     g.add_argument("--outer-momentum", type=float, default=0.8)
     g.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=True)
     g.add_argument("--offload-outer-state", action="store_true", help="keep anchor and momentum in CPU memory")
-    g.add_argument("--sync-dtype", choices=SYNC_DTYPES, default="fp32",
-                   help="what the pseudo-gradient exchange sends: fp32, bf16 (1/2 the bytes), int8 or int4 with a "
-                        "scale per block (about 1/4, 1/8), or topk (--sync-topk-fraction of the values, with their "
-                        "indices); edit, aedit and diloco")
-    g.add_argument("--sync-error-feedback", action="store_true",
-                   help="carry what the codec dropped (bf16/int8/int4 rounding, top-k's unsent values) into the next "
-                        "sync")
+    g.add_argument("--sync-dtype", choices=SYNC_DTYPES, default=None,
+                   help="what the pseudo-gradient exchange sends: fp32, bf16 (1/2 the bytes), int8, int4 or int2 "
+                        "with a scale per block (about 1/4, 1/8, 1/16), or topk (--sync-topk-fraction of the values, "
+                        "with their indices); edit, aedit and diloco; default int4 (fp32 for post-local-sgd, which "
+                        "averages parameters, and for replica jobs over torchft)")
+    g.add_argument("--sync-error-feedback", action=argparse.BooleanOptionalAction, default=None,
+                   help="carry what the codec dropped (bf16/int8/int4/int2 rounding, top-k's unsent values) into "
+                        "the next sync; default: on with any codec but fp32")
     g.add_argument("--sync-topk-fraction", type=float, default=0.01,
                    help="--sync-dtype topk: the share of each module's pseudo-gradient values sent per sync")
     g.add_argument("--sync-delay-steps", type=int, default=0,

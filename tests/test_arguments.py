@@ -205,3 +205,42 @@ def test_layer_swapping_refuses_what_it_cannot_hold_in_one_line():
     parsed = arguments.parse_args(BASE + swap + ["--dp-mode", "aedit", "--model-shard-group-size", "1",
                                                  "--local-sgd-warmup-iters", "0", "--bf16"], world_size=2)
     assert parsed.swap_layers and parsed.swap_resident_layers == 2
+
+
+def test_codecs_default_to_int4_syncs_and_int2_warmup_with_error_feedback(monkeypatch):
+    local = ["--model-shard-group-size", "1"]
+    for mode in ("edit", "aedit", "diloco"):
+        parsed = arguments.parse_args(BASE + ["--dp-mode", mode] + local, world_size=2)
+        assert (parsed.sync_dtype, parsed.sync_error_feedback, parsed.local_sgd_warmup_grad_dtype) == \
+            ("int4", True, "int2"), mode
+    averaged = arguments.parse_args(BASE + ["--dp-mode", "post-local-sgd"] + local, world_size=2)
+    assert (averaged.sync_dtype, averaged.sync_error_feedback, averaged.local_sgd_warmup_grad_dtype) == \
+        ("fp32", False, "int2")  # it averages parameters; its warm-up averages gradients as the others' do
+    plain = arguments.parse_args(BASE + ["--dp-mode", "edit", "--sync-dtype", "int8", "--no-sync-error-feedback"]
+                                 + local, world_size=2)
+    assert (plain.sync_dtype, plain.sync_error_feedback) == ("int8", False)
+    monkeypatch.setenv("TORCHFT_LIGHTHOUSE", "http://127.0.0.1:29510")
+    jobs = arguments.parse_args(BASE + ["--dp-mode", "edit", "--replica-coordinator", "torchft", "--num-replicas", "2",
+                                        "--replica-id", "0", "--local-sgd-warmup-iters", "0"], world_size=1)
+    assert (jobs.sync_dtype, jobs.sync_error_feedback, jobs.local_sgd_warmup_grad_dtype) == ("fp32", False, "fp32")
+
+
+def test_sync_interval_ramp_and_codec_refusals():
+    local = ["--model-shard-group-size", "1", "--local-sgd-sync-interval", "8"]
+    assert "--local-sgd-initial-sync-interval 9 must be in [1, H=8]" in \
+        error_of(["--dp-mode", "edit", "--local-sgd-initial-sync-interval", "9"] + local, world_size=2)
+    assert "--local-sgd-initial-sync-interval: aedit syncs on a clock" in \
+        error_of(["--dp-mode", "aedit", "--local-sgd-initial-sync-interval", "2"] + local, world_size=2)
+    assert "staggered --sync-fragments start at a fixed H" in \
+        error_of(["--dp-mode", "edit", "--local-sgd-initial-sync-interval", "2", "--sync-fragments", "2"] + local,
+                 world_size=2)
+    assert "--sync-delay-steps 2 must be in [0, 2) (the shortest sync interval" in \
+        error_of(["--dp-mode", "edit", "--local-sgd-initial-sync-interval", "2", "--sync-delay-steps", "2"] + local,
+                 world_size=2)
+    assert "--sync-dtype topk sends a few % of each pseudo-gradient: add --sync-error-feedback" in \
+        error_of(["--dp-mode", "edit", "--sync-dtype", "topk", "--no-sync-error-feedback"] + local, world_size=2)
+    assert "--sync-dtype int4: post-local-sgd averages parameters" in \
+        error_of(["--dp-mode", "post-local-sgd", "--sync-dtype", "int4"] + local, world_size=2)
+    ramp = arguments.parse_args(BASE + ["--dp-mode", "diloco", "--local-sgd-initial-sync-interval", "2"] + local,
+                                world_size=2)
+    assert ramp.local_sgd_initial_sync_interval == 2

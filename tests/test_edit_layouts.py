@@ -156,34 +156,30 @@ def test_aedit_saves_at_a_sync_and_the_resumed_run_continues_and_syncs(tmp_path)
     assert " training summary: " in second.stdout
 
 
-def assert_replicas_identical(dumps: list) -> None:
-    """Every replica holds the very same parameters (what synchronous steps leave)."""
-    replicas = by_replica(dumps)
-    for ranks in zip(*replicas.values()):
-        first = ranks[0]
-        for other in ranks[1:]:
-            assert first["params"].keys() == other["params"].keys()
-            for name in first["params"]:
-                assert torch.equal(first["params"][name], other["params"][name]), name
-
-
 @pytest.mark.parametrize("layout,shard", [
     (TENSOR_PARALLEL, 1), (PIPELINE_PARALLEL, 1),
     (("--use-distributed-optimizer", "--bf16", "--optimizer", "adam", "--lr", "3e-3"), 2)],
     ids=["tp2", "pp2", "shard2-distopt-bf16"])
-def test_compressed_warmup_tracks_the_fp32_warmup_on_every_layout(layout, shard):
-    """--local-sgd-warmup-grad-dtype int8 over a warm-up as long as training: the replicas stay one model, copies that
-    several ranks of a replica hold stay bit-identical, each step's average sends about a quarter of fp32's bytes,
-    and the losses follow the fp32 warm-up's within int8's rounding."""
-    nproc, args = edit(shard, 2, *local_sgd(10, 3), *layout)
-    fp32 = run(2 * nproc if shard == 1 else nproc, args)
-    int8 = run(2 * nproc if shard == 1 else nproc, args + ("--local-sgd-warmup-grad-dtype", "int8"))
-    assert_replicas_identical(int8)
-    assert assert_replicated_copies_identical(int8) > 0 or layout == PIPELINE_PARALLEL
-    for dump_fp32, dump_int8 in zip(fp32, int8):
+def test_shipped_codecs_track_fp32_on_every_layout(layout, shard):
+    """The default codecs (with error feedback: int2 for the warm-up's gradients, int4 for syncs; W=4 of 10, H=3):
+    copies that several ranks of a replica hold stay bit-identical (tensor-replicated ones, the tied embedding on
+    two stages), every warm-up iteration sends about a sixteenth of fp32's bytes and the sync an eighth, every rank
+    ends on one model, and the losses follow the fp32 run's within the rounding."""
+    nproc, args = edit(shard, 2, *local_sgd(4, 3), *layout)
+    nproc = 2 * nproc if shard == 1 else nproc
+    fp32 = run(nproc, args)
+    shipped = run(nproc, args + ("--sync-dtype", "int4", "--local-sgd-warmup-grad-dtype", "int2"))
+    assert assert_replicated_copies_identical(shipped) > 0 or layout == PIPELINE_PARALLEL
+    for dump_fp32, dump_shipped in zip(fp32, shipped):
         sent = [(a["bytes"].get("sync", 0), b["bytes"].get("sync", 0))
-                for a, b in zip(dump_fp32["iterations"], dump_int8["iterations"])]
-        assert all(0.25 <= q / f <= 0.3 for f, q in sent), sent  # int8 plus scales and the padding of small buckets
-    last = [dump["losses"] for dump in int8 if dump["losses"][0] > 0]
-    torch.testing.assert_close(last[0], [d for d in fp32 if d["losses"][0] > 0][0]["losses"], rtol=0, atol=0.02)
-    assert last[0] != [d for d in fp32 if d["losses"][0] > 0][0]["losses"]  # the rounding did reach the model
+                for a, b in zip(dump_fp32["iterations"], dump_shipped["iterations"])]
+        assert [i + 1 for i, (f, _) in enumerate(sent) if f] == [1, 2, 3, 4, 8]  # warm-up, the sync after 3 steps
+        assert all(0.0625 <= q / f <= 0.11 for f, q in sent[:4]), sent  # 2 bits, scales, small buckets' padding
+        assert 0.125 <= sent[7][1] / sent[7][0] <= 0.2, sent  # 4 bits and the same
+    for first, other in zip(*by_replica(shipped).values()):  # rank k of each replica: one model at the end
+        assert first["params"].keys() == other["params"].keys()
+        for name in first["params"]:
+            assert torch.equal(first["params"][name], other["params"][name]), name
+    losses = [(a["losses"], b["losses"]) for a, b in zip(fp32, shipped) if a["losses"][0] > 0][0]
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0.05)
+    assert losses[1] != losses[0]  # the rounding did reach the model

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from megatron_edit.dp import comm_stats
-from megatron_edit.dp.local_sgd.exchange import INT8_BLOCK, ProcessGroupTransport, SyncExchange
+from megatron_edit.dp.local_sgd.exchange import INT8_BLOCK, QUANTIZERS, ProcessGroupTransport, SyncExchange
 
 NUMEL = 64 * INT8_BLOCK + 37  # not a multiple of the block or of the replica count: padding is exercised
 
@@ -37,7 +37,7 @@ def _worker(rank: int, replicas: int, port: int, out_dir: str) -> None:
     values = rank_values(rank)
     results = {}
     for dtype, feedback in [("fp32", False), ("bf16", False), ("int8", False), ("bf16", True), ("int8", True),
-                            ("int4", False), ("int4", True), ("topk", True)]:
+                            ("int4", False), ("int4", True), ("int2", True), ("topk", True)]:
         exchange = SyncExchange(ProcessGroupTransport(group), dtype, error_feedback=feedback)
         before = counter.snapshot()["sync"]
         first, second = _exchange_twice(exchange, values)
@@ -106,7 +106,8 @@ def test_fp32_is_a_plain_all_reduce(exchanged):
 
 def test_every_rank_gets_the_same_sum(exchanged):
     replicas, results, _ = exchanged
-    for key in [("bf16", False), ("int8", False), ("int8", True), ("int4", False), ("int4", True), ("topk", True)]:
+    for key in [("bf16", False), ("int8", False), ("int8", True), ("int4", False), ("int4", True), ("int2", True),
+                ("topk", True)]:
         for result in results[1:]:
             assert torch.equal(result[key]["first"], results[0][key]["first"]), key
 
@@ -130,25 +131,30 @@ def test_bf16_and_int8_send_a_half_and_about_a_quarter_of_fp32s_bytes(exchanged)
     assert 0.25 <= results[0]["int8", False]["bytes"] / fp32 <= 0.27  # int8 values + one fp32 scale per block
 
 
-def test_int4_is_a_plain_blockwise_rounding_within_its_error(exchanged):
+def test_int4_is_a_plain_blockwise_rounding_and_int2_within_its_error(exchanged):
     """Each rank's vector rounds as plain_int4 does, and the delivered sum is within half a step of every block."""
-    from megatron_edit.dp.local_sgd.exchange import Int4Quantizer
-
+    int4 = QUANTIZERS["int4"]
     replicas, results, exact = exchanged
     values = rank_values(0)
     padded = torch.zeros(-(-NUMEL // INT8_BLOCK) * INT8_BLOCK)
     padded[:NUMEL] = values
-    torch.testing.assert_close(Int4Quantizer.decode(Int4Quantizer.encode(padded))[:NUMEL], plain_int4(values),
+    torch.testing.assert_close(int4.decode(int4.encode(padded))[:NUMEL], plain_int4(values),
                                rtol=0, atol=1e-6)
     int4_error = (results[0]["int4", False]["first"].double() - exact).abs()
     assert (int4_error <= int8_error_bound(replicas, exact, levels=7)).all()
     assert int4_error.max() > (results[0]["int8", False]["first"].double() - exact).abs().max()  # coarser
+    int2_error = (results[0]["int2", True]["first"].double() - exact).abs()
+    assert (int2_error <= int8_error_bound(replicas, exact, levels=1)).all()
+    int2 = QUANTIZERS["int2"]  # three levels: -, 0 and + the block's largest magnitude
+    assert set(int2.decode(int2.encode(padded)).view(-1, INT8_BLOCK)[0].div(padded[:INT8_BLOCK].abs().max())
+               .round().tolist()) <= {-1.0, 0.0, 1.0}
 
 
-def test_int4_sends_about_an_eighth_and_topk_its_fraction_with_indices(exchanged):
+def test_int4_and_int2_send_an_eighth_and_a_sixteenth_and_topk_its_fraction_with_indices(exchanged):
     replicas, results, _ = exchanged
     fp32 = results[0]["fp32", False]["bytes"]
     assert 0.125 <= results[0]["int4", False]["bytes"] / fp32 <= 0.14  # 4 bits + one fp32 scale per 256 values
+    assert 0.0625 <= results[0]["int2", True]["bytes"] / fp32 <= 0.075  # 2 bits + the scales
     k = -(-NUMEL // 100)  # 1% of the values, each 2 bytes of bf16 and 4 of index, to the M-1 others
     assert results[0]["topk", True]["bytes"] == pytest.approx((replicas - 1) * k * 6)
 

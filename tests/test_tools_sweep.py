@@ -22,6 +22,9 @@ def test_sweep_runs_the_grid_against_ddp_and_does_not_repeat_finished_runs(tmp_p
     ddp = next(r for r in rows if r["method"] == "ddp")
     assert ddp["vs best ddp"] == "+0.00%" and all(r["vs ddp same lr"].endswith("%") for r in rows)
     assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3
+    assert ddp["x fewer bytes than ddp"] == "1.0"
+    assert all(float(r["x fewer bytes than ddp"]) > 1 for r in rows if r["method"] == "edit")  # whole run
+    assert (tmp_path / "sweep_front.png").stat().st_size > 0
     capsys.readouterr()
 
     sweep_local_sgd.main(["--output-dir", str(tmp_path), *TINY])  # everything is already there
@@ -36,3 +39,9 @@ def test_sweep_runs_the_grid_against_ddp_and_does_not_repeat_finished_runs(tmp_p
         rows = list(csv.DictReader(f))
     assert [r["method"] for r in rows] == ["edit", "edit"]
     assert all(r["vs best ddp"].endswith("%") and r["vs ddp same lr"] == r["vs best ddp"] for r in rows)
+
+    # Every configuration run so far in one table, whatever grid asked for it.
+    sweep_local_sgd.main(["--output-dir", str(tmp_path), "--table-name", "all", *TINY, "--ddp-lrs", "--outer-lrs",
+                          "0.7", "--all-runs"])
+    with open(tmp_path / "all.csv") as f:
+        assert sorted(r["method"] for r in csv.DictReader(f)) == ["ddp", "edit", "edit"]

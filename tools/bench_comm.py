@@ -80,7 +80,8 @@ def main():
                                        "--global-batch-size", str(4 * args.nproc)]
     configs = [("ddp", None, [])] + [
         ("edit", h, ["--dp-mode", "edit", "--model-shard-group-size", str(args.model_shard_group_size),
-                     "--local-sgd-sync-interval", str(h), "--local-sgd-warmup-iters", "0"]) for h in args.intervals]
+                     "--local-sgd-sync-interval", str(h), "--local-sgd-warmup-iters", "0",
+                     "--sync-dtype", "fp32"]) for h in args.intervals]  # the formula's fp32 all-reduce
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     print(f"{'mode':>5} | {'H':>3} | {'group':>6} | {'measured B/iter':>15} | {'formula B/iter':>15} | {'ms/iter':>8}")
     for mode, interval, extra in configs:

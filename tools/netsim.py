@@ -21,8 +21,8 @@ What carries over is rho = (time to send one fp32 sync) / (compute time of the H
 Llama-1B replica on an 8-GPU node has rho ~3.5 over 100 Mbit/s and ~0.35 over 1 Gbit/s. With --rhos, the tool
 measures the step time of the no-communication run and the model's size, sets the link to the rate that gives each
 rho (an fp32 ring all-reduce of a replica's shard sends 2 (M-1)/M x 4 bytes per owned parameter), and runs ddp,
-diloco, edit fp32, bf16 and int8 with error feedback, fp32 and int8 with a delayed outer step (TAU = H - 1), int8 in
-4 staggered fragments each delayed by H/4 or H/4 + 1 (--sync-fragments 4), and aedit (a sync every H step-times);
+diloco (fp32), edit with its shipped defaults (int4), fp32, bf16 and int8 with error feedback, fp32 and int8 with a delayed outer step (TAU = H - 1), int8 in
+4 staggered fragments each delayed by H/4 or H/4 + 1 (--sync-fragments 4), and aedit (fp32, a sync every H step-times);
 --rho-methods picks rows. Throughput is the steady state after the synchronous warm-up (the iteration lines after
 the first --log-interval, which is W, or H without one); warm-up and all bytes are reported beside it.
 """
@@ -132,13 +132,15 @@ def run_on_nodes(network: ShapedNetwork, nproc: int, argv: List[str], log_dir: P
 
 
 # (row label, --dp-mode, extra flags) of the rho table; "TAU" becomes H - 1, "H/4" H // 4, "H/4+1" one more
+FP32 = ["--sync-dtype", "fp32"]
 RHO_VARIANTS = [
     ("ddp", "ddp", []),
-    ("diloco", "diloco", []),
-    ("edit fp32", "edit", []),
+    ("diloco", "diloco", FP32),
+    ("edit defaults", "edit", []),
+    ("edit fp32", "edit", FP32),
     ("edit bf16", "edit", ["--sync-dtype", "bf16"]),
     ("edit int8+ef", "edit", ["--sync-dtype", "int8", "--sync-error-feedback"]),
-    ("edit fp32 delayed", "edit", ["--sync-delay-steps", "TAU"]),
+    ("edit fp32 delayed", "edit", FP32 + ["--sync-delay-steps", "TAU"]),
     ("edit int8+ef delayed", "edit", ["--sync-dtype", "int8", "--sync-error-feedback", "--sync-delay-steps", "TAU"]),
     ("edit int8+ef 4 fragments delayed", "edit", ["--sync-dtype", "int8", "--sync-error-feedback", "--sync-fragments",
                                                   "4", "--sync-delay-steps", "H/4"]),
@@ -146,7 +148,7 @@ RHO_VARIANTS = [
                                                     "--sync-fragments", "4", "--sync-delay-steps", "H/4+1"]),
     ("edit int8+ef 4 fragments delayed+2", "edit", ["--sync-dtype", "int8", "--sync-error-feedback",
                                                     "--sync-fragments", "4", "--sync-delay-steps", "H/4+2"]),
-    ("aedit", "aedit", []),
+    ("aedit", "aedit", FP32),
 ]
 _PARAMETERS = re.compile(r"number of parameters on \(tensor, pipeline\) model parallel rank \(0, 0\): (\d+)")
 

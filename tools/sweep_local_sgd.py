@@ -32,10 +32,11 @@ KNOBS = [("lr", "--lr", "lrs"), ("H", "--local-sgd-sync-interval", "sync_interva
          ("sync codec", None, "sync_codecs"), ("outer lr", "--outer-lr", "outer_lrs"),
          ("outer momentum", "--outer-momentum", "outer_momentums"), ("nesterov", None, "nesterov")]
 # What the sync exchange sends (--sync-dtype), "+ef" with error feedback; the warm-up's codecs always carry it.
-SYNC_CODECS = {"fp32": [], "bf16": ["--sync-dtype", "bf16"], "int8": ["--sync-dtype", "int8"],
+SYNC_CODECS = {"fp32": ["--sync-dtype", "fp32"],
+               **{dtype: ["--sync-dtype", dtype, "--no-sync-error-feedback"] for dtype in ("bf16", "int8", "int4")},
                **{f"{dtype}+ef": ["--sync-dtype", dtype, "--sync-error-feedback"]
-                  for dtype in ("bf16", "int8", "int4", "topk")}}
-WARMUP_CODECS = ["fp32", "bf16", "int8", "int4", "topk"]
+                  for dtype in ("bf16", "int8", "int4", "int2", "topk")}}
+WARMUP_CODECS = ["fp32", "bf16", "int8", "int4", "int2", "topk"]
 
 
 def get_args(argv=None):
@@ -67,6 +68,9 @@ def get_args(argv=None):
     g.add_argument("--outer-lrs", type=float, nargs="+", default=[0.7])
     g.add_argument("--outer-momentums", type=float, nargs="+", default=[0.8])
     g.add_argument("--nesterov", choices=["on", "off"], nargs="+", default=["on"], help="outer Nesterov momentum")
+    parser.add_argument("--all-runs", action="store_true",
+                        help="table and plot every configuration of --output-dir's runs.jsonl run with this budget and "
+                             "these seeds, not only this grid (nothing new runs)")
     parser.add_argument("extra", nargs="*", help="after --: more pretrain_gpt.py flags for every run")
     args = parser.parse_args(argv)
     args.warmup_iters = args.warmup_iters or [default_local_sgd_warmup(args.train_iters)]
@@ -121,10 +125,19 @@ def _ddp_runs(args, results: dict, configs) -> dict:
     return {lr: records for lr, records in runs.items() if all(records)}
 
 
-def table_rows(args, results: dict) -> list:
+def recorded_configurations(args, results: dict) -> list:
+    """Every configuration in `results` run with this invocation's budget for each of its seeds."""
+    configs = []
+    for key in results:
+        config = {k: v for k, v in json.loads(key).items() if k in {"method"} | {c for c, _, _ in KNOBS}}
+        if config not in configs and all(run_key(config, seed, args) in results for seed in seeds(args)):
+            configs.append(config)
+    return configs
+
+
+def table_rows(args, results: dict, configs: list) -> list:
     """One row per configuration with its seeds' spread, best first, each against DDP: the loss gap, and how many
     times fewer bytes than the best DDP it sent to other replicas over the whole run (warm-up included)."""
-    configs = list(configurations(args))
     summaries = [(config, [results[run_key(config, seed, args)] for seed in seeds(args)]) for config in configs]
     ddp = {lr: spread([r["validation loss"] for r in records])["mean"]
            for lr, records in _ddp_runs(args, results, configs).items()}
@@ -164,8 +177,9 @@ def plot_front(rows: list, path: Path) -> None:
                                           for q in points)]
     front.sort(key=lambda p: p[0])
     axis.plot([p[0] for p in front], [p[1] for p in front], "-", color="tab:red", label="Pareto front")
+    varying = [column for column, _, _ in KNOBS if len({str(p[3][column]) for p in points}) > 1]
     for ratio, gap_pct, _, row in front:
-        label = ", ".join(f"{column} {row[column]}" for column, _, _ in KNOBS[1:] if row[column] not in ("", 0))
+        label = ", ".join(f"{column} {row[column]}" for column in varying)
         axis.annotate(label, (ratio, gap_pct), fontsize=6, xytext=(3, 3), textcoords="offset points")
     axis.axhline(0, color="gray", linewidth=0.8)
     axis.set_xscale("log")
@@ -180,7 +194,8 @@ def main(argv=None):
     output_dir.mkdir(parents=True, exist_ok=True)
     done_path = output_dir / "runs.jsonl"
     results = load_done(done_path)
-    for config in configurations(args):
+    configs = recorded_configurations(args, results) if args.all_runs else list(configurations(args))
+    for config in configs:
         nproc = args.replicas * args.model_shard_group_size  # DDP too: the same ranks and micro-batches
         for seed in seeds(args):
             key = run_key(config, seed, args)
@@ -194,7 +209,7 @@ def main(argv=None):
             with open(done_path, "a") as f:
                 f.write(json.dumps(results[key]) + "\n")
             print(f"  validation loss {results[key]['validation loss']:.4f}", flush=True)
-    rows = table_rows(args, results)
+    rows = table_rows(args, results, configs)
     print(write_table(rows, output_dir, args.table_name))
     plot_front(rows, output_dir / f"{args.table_name}_front.png")
     print(f"written to {output_dir}/: {args.table_name}.md, {args.table_name}.csv, {args.table_name}_front.png, "

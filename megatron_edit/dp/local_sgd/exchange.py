@@ -11,7 +11,8 @@ chosen in one place.
   sum again, and an all-gather gives everyone every summed chunk. On the wire: per rank 2 (M-1)/M of the vector
   in the codec's width, as a ring all-reduce of fp32 moves 2 (M-1)/M of it in fp32, so 1/2 (bf16) and about
   1/4 (int8, plus one fp32 scale per block of `INT8_BLOCK` values).
-- int4: the int8 scheme with 15 levels per block, two values to a byte: about 1/8 of fp32's bytes.
+- int4 and int2: the int8 scheme with 15 and 3 levels per block, two and four values to a byte: about 1/8 and 1/16
+  of fp32's bytes.
 - topk: a sparse exchange (SparseLoCo, DeMo): each rank all-gathers its largest --sync-topk-fraction of values
   (bf16) with their int32 indices, and every rank adds the M sparse vectors. Per rank (M-1) x k x 6 bytes, against
   the fp32 all-reduce's 2 (M-1)/M x 4 n: 1.5 x the fraction at M=2, 3 x at M=4 (all-gathers grow with M). Only with
@@ -29,8 +30,8 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-SYNC_DTYPES = ("fp32", "bf16", "int8", "int4", "topk")
-INT8_BLOCK = 256  # values sharing one fp32 scale (int8 and int4)
+SYNC_DTYPES = ("fp32", "bf16", "int8", "int4", "int2", "topk")
+INT8_BLOCK = 256  # values sharing one fp32 scale (int8, int4, int2)
 TOPK_FRACTION = 0.01  # top-k's share of a vector's values sent per exchange (--sync-topk-fraction)
 
 
@@ -66,44 +67,37 @@ class Bf16Quantizer:
         return payload[0].float()
 
 
-class Int8Quantizer:
-    """Symmetric int8 per block of INT8_BLOCK values, each block scaled by its largest magnitude / 127."""
+class IntQuantizer:
+    """Symmetric integers per block of INT8_BLOCK values: 2^(bits-1) - 1 levels each side of zero (127 for int8, 7 for
+    int4, 1 for int2), each block scaled by its largest magnitude / levels; below 8 bits, 8 / bits values to a byte."""
     block = INT8_BLOCK
 
-    @staticmethod
-    def encode(values: torch.Tensor) -> List[torch.Tensor]:
+    def __init__(self, bits: int):
+        self.bits, self.levels, self.per_byte = bits, 2 ** (bits - 1) - 1, 8 // bits
+
+    def encode(self, values: torch.Tensor) -> List[torch.Tensor]:
         blocks = values.view(-1, INT8_BLOCK)
-        scales = blocks.abs().amax(dim=1) / 127.0
+        scales = blocks.abs().amax(dim=1) / self.levels
         safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        return [torch.round(blocks / safe[:, None]).clamp_(-127, 127).to(torch.int8).view(-1), scales]
+        rounded = torch.round(blocks / safe[:, None]).clamp_(-self.levels, self.levels)
+        if self.bits == 8:
+            return [rounded.to(torch.int8).view(-1), scales]
+        codes = (rounded + self.levels).to(torch.uint8).view(-1, self.per_byte)  # in [0, 2 levels]
+        packed = sum(codes[:, j] << (self.bits * j) for j in range(self.per_byte))
+        return [packed.to(torch.uint8), scales]
 
-    @staticmethod
-    def decode(payload: List[torch.Tensor]) -> torch.Tensor:
-        quantized, scales = payload
-        return (quantized.view(-1, INT8_BLOCK).float() * scales[:, None]).view(-1)
-
-
-class Int4Quantizer:
-    """Symmetric int4 per block of INT8_BLOCK values (levels -7..7, each block scaled by its largest magnitude / 7),
-    two values to a byte."""
-    block = INT8_BLOCK
-
-    @staticmethod
-    def encode(values: torch.Tensor) -> List[torch.Tensor]:
-        blocks = values.view(-1, INT8_BLOCK)
-        scales = blocks.abs().amax(dim=1) / 7.0
-        safe = torch.where(scales > 0, scales, torch.ones_like(scales))
-        levels = (torch.round(blocks / safe[:, None]).clamp_(-7, 7) + 8).to(torch.uint8).view(-1, 2)
-        return [levels[:, 0] * 16 + levels[:, 1], scales]
-
-    @staticmethod
-    def decode(payload: List[torch.Tensor]) -> torch.Tensor:
+    def decode(self, payload: List[torch.Tensor]) -> torch.Tensor:
         packed, scales = payload
-        levels = torch.stack([packed // 16, packed % 16], dim=1).view(-1, INT8_BLOCK).float() - 8
-        return (levels * scales[:, None]).view(-1)
+        if self.bits == 8:
+            levels = packed.float()
+        else:
+            mask = 2 ** self.bits - 1
+            codes = torch.stack([(packed >> (self.bits * j)) & mask for j in range(self.per_byte)], dim=1)
+            levels = codes.float() - self.levels
+        return (levels.view(-1, INT8_BLOCK) * scales[:, None]).view(-1)
 
 
-QUANTIZERS = {"bf16": Bf16Quantizer, "int8": Int8Quantizer, "int4": Int4Quantizer}
+QUANTIZERS = {"bf16": Bf16Quantizer(), "int8": IntQuantizer(8), "int4": IntQuantizer(4), "int2": IntQuantizer(2)}
 
 
 class InFlight:

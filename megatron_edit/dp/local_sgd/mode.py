@@ -30,6 +30,10 @@ from megatron_edit.errors import require
 # Synchronous iterations first, as a fraction of training: at a quarter, EDiT at H=16 came within 0.5% of DDP's
 # validation loss on the benchmark corpus, against 6% with 5% (README: "Choosing H, the outer optimizer and warm-up").
 DEFAULT_WARMUP_FRACTION = 0.25
+# What the syncs and the warm-up's gradient average send unless told, with error feedback: int4 pseudo-gradients
+# and int2 gradients kept that quality at about 1/8 and 1/16 of the bytes (same section).
+DEFAULT_SYNC_CODEC = "int4"
+DEFAULT_WARMUP_CODEC = "int2"
 
 
 def _gradient_segments(buffer, bucket, start: int, numel: int) -> List[Tuple[slice, List[slice]]]:
@@ -99,8 +103,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
 
     @classmethod
     def validate(cls, args) -> None:
-        """Fills in `model_shard_group_size` and `num_model_replicas` (= sync group size)."""
+        """Fills in `model_shard_group_size`, `num_model_replicas` (= sync group size) and the codecs."""
         super().validate(args)
+        cls._resolve_codecs(args)
         dp = args.data_parallel_size
         if args.model_shard_group_size is None:  # the data-parallel ranks of one node
             args.model_shard_group_size = max(1, min(dp, args.local_world_size // (
@@ -144,9 +149,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
                 f"--sync-fragments {args.sync_fragments} must be in [1, H={args.local_sgd_sync_interval}]: each "
                 "fragment syncs at its own iteration of the H")
         require(not args.sync_error_feedback or args.sync_dtype != "fp32",
-                "--sync-error-feedback carries what a codec drops: use it with --sync-dtype bf16, int8, int4 or topk")
+                "--sync-error-feedback carries what a codec drops: use it with --sync-dtype bf16, int8, int4, int2 or topk")
         require(args.sync_dtype != "topk" or args.sync_error_feedback,
-                "--sync-dtype topk sends a few %% of each pseudo-gradient: add --sync-error-feedback so the rest is "
+                "--sync-dtype topk sends a few % of each pseudo-gradient: add --sync-error-feedback so the rest is "
                 "carried into the next syncs, not dropped")
         require(0 < args.sync_topk_fraction <= 1, "--sync-topk-fraction must be in (0, 1]")
         penalty = [flag for flag, on in [("--edit-anomaly-elimination", args.edit_anomaly_elimination),
@@ -154,6 +159,19 @@ class LocalSGDDataParallel(SynchronousDataParallel):
                                          ("--edit-pseudo-grad-clip", args.edit_pseudo_grad_clip is not None)] if on]
         require(not penalty or cls.accepts_penalty,
                 f"{', '.join(penalty)}: the pseudo-gradient penalty is EDiT's; use --dp-mode edit or aedit")
+
+    @classmethod
+    def _resolve_codecs(cls, args) -> None:
+        """The codecs not given, with error feedback: DEFAULT_SYNC_CODEC for pseudo-gradients, DEFAULT_WARMUP_CODEC
+        for the warm-up's gradients; fp32 where only an all-reduce carries them (Post-Local-SGD's parameter average,
+        torchft's quorum)."""
+        jobs = args.replica_coordinator == "torchft"
+        if args.sync_dtype is None:
+            args.sync_dtype = DEFAULT_SYNC_CODEC if cls.exchanges_pseudo_gradients and not jobs else "fp32"
+        if args.sync_error_feedback is None:
+            args.sync_error_feedback = args.sync_dtype != "fp32"
+        if args.local_sgd_warmup_grad_dtype is None:
+            args.local_sgd_warmup_grad_dtype = "fp32" if jobs else DEFAULT_WARMUP_CODEC
 
     @staticmethod
     def _resolve_warmup(args) -> None:

@@ -222,7 +222,8 @@ def test_single_replica_is_plain_training():
 @pytest.mark.parametrize("layout,shard", [(("--tensor-model-parallel-size", "2"), 2),
                                           (("--pipeline-model-parallel-size", "2"), 1)])
 def test_edit_with_tensor_or_pipeline_parallelism_matches_its_tp1_pp1_run(layout, shard):
-    nproc, args = edit(shard, 2, *local_sgd(2, 3))
+    """With a ramp of sync intervals (1, then 2, then H=3): syncs after 1, 3 and 6 local steps."""
+    nproc, args = edit(shard, 2, *local_sgd(2, (1, 3)))
     plain = run(nproc, args)[-1]["losses"]
     composed = run(2 * nproc, args + layout)[-1]["losses"]
     assert composed == pytest.approx(plain, rel=1e-5)
@@ -245,7 +246,7 @@ def test_outer_step_equals_torch_sgd_nesterov():
 def test_distributed_optimizer_and_bf16_main_parameters():
     """Warm-up averages gradient shards, syncs read and write fp32 main parameters (full or this rank's fragment)."""
     adam = ("--optimizer", "adam", "--lr", "3e-3")
-    nproc, args = edit(2, 2, *local_sgd(2, 3), *adam)
+    nproc, args = edit(2, 2, *local_sgd(2, (2, 4)), *adam)  # a ramp: syncs after 2 and 6 local steps
     plain = run(nproc, args)
     sharded = run(nproc, args + ("--use-distributed-optimizer",))
     bf16 = run(nproc, args + ("--use-distributed-optimizer", "--bf16"))

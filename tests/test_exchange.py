@@ -1,7 +1,8 @@
 """The sync exchange's codecs (megatron_edit/dp/local_sgd/exchange.py) on real gloo ranks: fp32 is a plain
-all-reduce, bf16, int8 and int4 land within their quantization error of the exact sum while sending 1/2, about 1/4
-and about 1/8 of fp32's bytes, top-k sends its share of values with their indices and carries the rest, error feedback carries what quantization dropped into the next exchange, and elements every
-tensor rank holds alike come out alike."""
+all-reduce, bf16, int8, int4 and int2 land within their quantization error of the exact sum while sending 1/2, about
+1/4, 1/8 and 1/16 of fp32's bytes, top-k sends its share of values with their indices and carries the rest, error
+feedback carries what quantization dropped into the next exchange, and elements every tensor rank holds alike come
+out alike."""
 import os
 import socket
 

@@ -1,4 +1,5 @@
-"""The end-of-run summary sets what crossed between replicas against what DDP sends for the same run."""
+"""The end-of-run summary sets what crossed between replicas against what DDP sends for the same run, and says how
+much of it, and of the time, the synchronous warm-up took."""
 import re
 
 import pytest
@@ -32,3 +33,9 @@ def test_edit_summary_compares_its_sync_bytes_with_what_ddp_sends():
                      r"\((\S+)x more\)\n", edit.stdout)
     assert line.group(1) == payload_mb(edit.stdout)["sync"] and line.group(2) == ddp_mb
     assert float(line.group(3)) == pytest.approx(float(ddp_mb) / float(line.group(1)), abs=0.06)
+    # The warm-up's share: 2 of 6 iterations, each a full fp32 gradient all-reduce here, as DDP's.
+    warmup = re.search(r"   warm-up \(iterations 1-2\): (\S+) MB \((\d+)% of those bytes\), (\S+) s \((\d+)% of the "
+                       r"training time\)\n", edit.stdout)
+    assert float(warmup.group(1)) == pytest.approx(float(ddp_mb) * 2 / ITERS, abs=0.02)
+    assert int(warmup.group(2)) == pytest.approx(100 * float(warmup.group(1)) / float(line.group(1)), abs=1)
+    assert 0 < int(warmup.group(4)) < 100 and float(warmup.group(3)) > 0

@@ -59,10 +59,12 @@ def get_args(argv=None):
     g.add_argument("--sync-intervals", type=int, nargs="+", default=[16], help="H")
     g.add_argument("--initial-sync-intervals", type=int, nargs="+", default=[0],
                    help="H0 of a ramp H0, 2 H0, ... up to H (0: no ramp)")
-    g.add_argument("--warmup-codecs", nargs="+", default=["fp32"], choices=WARMUP_CODECS,
-                   help="what the warm-up's gradient average sends (--local-sgd-warmup-grad-dtype)")
-    g.add_argument("--sync-codecs", nargs="+", default=["fp32"], choices=list(SYNC_CODECS),
-                   help="what a sync sends (--sync-dtype; +ef: --sync-error-feedback)")
+    g.add_argument("--warmup-codecs", nargs="+", default=["int2"], choices=WARMUP_CODECS,
+                   help="what the warm-up's gradient average sends (--local-sgd-warmup-grad-dtype); default: "
+                        "pretrain_gpt.py's")
+    g.add_argument("--sync-codecs", nargs="+", default=None, choices=list(SYNC_CODECS),
+                   help="what a sync sends (--sync-dtype; +ef: --sync-error-feedback); default: pretrain_gpt.py's "
+                        "(int4+ef, fp32 for post-local-sgd)")
     g.add_argument("--warmup-iters", type=int, nargs="+", default=None,
                    help="W: synchronous iterations first; default: a quarter of --train-iters, as pretrain_gpt.py")
     g.add_argument("--outer-lrs", type=float, nargs="+", default=[0.7])
@@ -74,6 +76,7 @@ def get_args(argv=None):
     parser.add_argument("extra", nargs="*", help="after --: more pretrain_gpt.py flags for every run")
     args = parser.parse_args(argv)
     args.warmup_iters = args.warmup_iters or [default_local_sgd_warmup(args.train_iters)]
+    args.sync_codecs = args.sync_codecs or ["fp32" if args.method == "post-local-sgd" else "int4+ef"]
     args.local_sgd_sync_interval = args.local_sgd_warmup_iters = None  # set per configuration
     args.outer_lr = args.outer_momentum = None
     return args
@@ -117,62 +120,83 @@ def load_done(path: Path) -> dict:
     return {record["key"]: record for record in map(json.loads, path.read_text().splitlines())}
 
 
-def _ddp_runs(args, results: dict, configs) -> dict:
-    """DDP's inner lr -> its runs' records, from this invocation or an earlier one (same budget and seeds)."""
-    lrs = {config["lr"] for config in configs if config["method"] == "ddp"}
-    lrs |= {json.loads(key)["lr"] for key in results if json.loads(key)["method"] == "ddp"}
-    runs = {lr: [results.get(run_key({"method": "ddp", "lr": lr}, seed, args)) for seed in seeds(args)] for lr in lrs}
-    return {lr: records for lr, records in runs.items() if all(records)}
+def recorded_seeds(config: dict, args, results: dict) -> list:
+    """The seeds `config` ran with this invocation's budget (--all-runs: whatever it has; else: --seeds')."""
+    if not args.all_runs:
+        return seeds(args)
+    found = {json.loads(key)["seed"] for key in results
+             if all(json.loads(key).get(k) == v for k, v in config.items())}
+    return sorted(seed for seed in found if run_key(config, seed, args) in results)
 
 
 def recorded_configurations(args, results: dict) -> list:
-    """Every configuration in `results` run with this invocation's budget for each of its seeds."""
+    """Every configuration in `results` run with this invocation's budget (with at least one seed)."""
     configs = []
     for key in results:
         config = {k: v for k, v in json.loads(key).items() if k in {"method"} | {c for c, _, _ in KNOBS}}
-        if config not in configs and all(run_key(config, seed, args) in results for seed in seeds(args)):
+        if config not in configs and recorded_seeds(config, args, results):
             configs.append(config)
     return configs
 
 
 def table_rows(args, results: dict, configs: list) -> list:
-    """One row per configuration with its seeds' spread, best first, each against DDP: the loss gap, and how many
-    times fewer bytes than the best DDP it sent to other replicas over the whole run (warm-up included)."""
-    summaries = [(config, [results[run_key(config, seed, args)] for seed in seeds(args)]) for config in configs]
-    ddp = {lr: spread([r["validation loss"] for r in records])["mean"]
-           for lr, records in _ddp_runs(args, results, configs).items()}
-    best_lr = min(ddp, key=ddp.get) if ddp else None
-    ddp_bytes = None
-    if best_lr is not None:
-        ddp_bytes = statistics.fmean(r.get("bytes") or 0.0 for r in _ddp_runs(args, results, configs)[best_lr])
+    """One row per configuration with its seeds' spread, best first, each against DDP at the same seeds: the loss
+    gap (to the best DDP lr, and to DDP at the same lr), its spread over seeds, and how many times fewer bytes than
+    the best DDP it sent to other replicas over the whole run (warm-up included). DDP runs of earlier invocations with
+    the same budget count."""
+    ddp_lrs = {c["lr"] for c in configs if c["method"] == "ddp"}
+    ddp_lrs |= {json.loads(key)["lr"] for key in results if json.loads(key)["method"] == "ddp"}
+    ddp = {lr: {seed: results[run_key({"method": "ddp", "lr": lr}, seed, args)]
+                for seed in recorded_seeds({"method": "ddp", "lr": lr}, args, results)
+                if run_key({"method": "ddp", "lr": lr}, seed, args) in results} for lr in ddp_lrs}
+    ddp = {lr: runs for lr, runs in ddp.items() if runs}
+    best_lr = min(ddp, key=lambda lr: statistics.fmean(r["validation loss"] for r in ddp[lr].values()), default=None)
+
+    def gaps(losses: dict, lr) -> list:
+        """Per seed: the loss against DDP's at that seed (none unless DDP ran every seed)."""
+        if lr not in ddp or not set(losses) <= set(ddp[lr]):
+            return []
+        return [100 * (losses[seed] / ddp[lr][seed]["validation loss"] - 1) for seed in losses]
+
+    def gap_text(losses: dict, lr) -> str:
+        if not gaps(losses, lr):
+            return ""
+        reference = statistics.fmean(ddp[lr][seed]["validation loss"] for seed in losses)
+        return f"{100 * (statistics.fmean(losses.values()) / reference - 1):+.2f}%"
+
     rows = []
-    for config, records in sorted(summaries, key=lambda item: spread([r["validation loss"] for r in item[1]])["mean"]):
-        s = spread([r["validation loss"] for r in records])
-        gap = lambda reference: "" if reference is None else f"{100 * (s['mean'] / reference - 1):+.2f}%"  # noqa
-        sent = [r.get("bytes") for r in records]
+    for config in configs:
+        records = {seed: results[run_key(config, seed, args)] for seed in recorded_seeds(config, args, results)}
+        losses = {seed: r["validation loss"] for seed, r in records.items()}
+        s = spread(list(losses.values()))
+        sent = [r.get("bytes") for r in records.values()]
         mean_bytes = statistics.fmean(sent) if None not in sent else None
-        fewer = "" if not (ddp_bytes and mean_bytes) else round(ddp_bytes / mean_bytes, 1)
+        ddp_bytes = [ddp[best_lr][seed].get("bytes") for seed in losses if seed in ddp.get(best_lr, {})]
+        fewer = round(statistics.fmean(ddp_bytes) / mean_bytes, 1) if mean_bytes and ddp_bytes and None not in \
+            ddp_bytes else ""
+        per_seed = gaps(losses, best_lr)
         rows.append({"method": config["method"], **{column: config.get(column, "") for column, _, _ in KNOBS},
-                     "seeds": len(seeds(args)), "validation loss": round(s["mean"], 4), "std": round(s["std"], 4),
+                     "seeds": len(losses), "validation loss": round(s["mean"], 4), "std": round(s["std"], 4),
                      "min": round(s["min"], 4), "max": round(s["max"], 4),
-                     "vs best ddp": gap(ddp.get(best_lr)), "vs ddp same lr": gap(ddp.get(config["lr"])),
+                     "vs best ddp": gap_text(losses, best_lr), "vs ddp same lr": gap_text(losses, config["lr"]),
+                     "gap std": round(statistics.stdev(per_seed), 2) if len(per_seed) > 1 else "",
                      "MB per rank": "" if mean_bytes is None else round(mean_bytes / 1e6, 2),
                      "x fewer bytes than ddp": fewer})
-    return rows
+    return sorted(rows, key=lambda row: row["validation loss"])
 
 
 def plot_front(rows: list, path: Path) -> None:
     """Loss gap to the best DDP against how many times fewer bytes were sent, one point per configuration (error
-    bars: the seeds' std), the Pareto front (no other point both closer to DDP and cheaper) joined by a line."""
-    points = [(row["x fewer bytes than ddp"], float(row["vs best ddp"].rstrip("%")),
-               100 * row["std"] / row["validation loss"], row) for row in rows
-              if row["method"] != "ddp" and row["x fewer bytes than ddp"] != "" and row["vs best ddp"]]
+    bars: the std over seeds of its per-seed gap), the Pareto front (no other point both closer to DDP and cheaper)
+    joined by a line."""
+    points = [(row["x fewer bytes than ddp"], float(row["vs best ddp"].rstrip("%")), row["gap std"] or 0.0, row)
+              for row in rows if row["method"] != "ddp" and row["x fewer bytes than ddp"] != "" and row["vs best ddp"]]
     if not points:
         return
     figure, axes = new_figure()
     axis = axes[0, 0]
     axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], fmt="o", capsize=3,
-                  label="a configuration (mean, std over seeds)")
+                  label="a configuration (mean gap, std over seeds)")
     front = [p for p in points if not any(q[0] >= p[0] and q[1] < p[1] or q[0] > p[0] and q[1] <= p[1]
                                           for q in points)]
     front.sort(key=lambda p: p[0])

@@ -149,7 +149,8 @@ class LocalSGDDataParallel(SynchronousDataParallel):
                 f"--sync-fragments {args.sync_fragments} must be in [1, H={args.local_sgd_sync_interval}]: each "
                 "fragment syncs at its own iteration of the H")
         require(not args.sync_error_feedback or args.sync_dtype != "fp32",
-                "--sync-error-feedback carries what a codec drops: use it with --sync-dtype bf16, int8, int4, int2 or topk")
+                "--sync-error-feedback carries what a codec drops: use it with --sync-dtype bf16, int8, int4, int2 "
+                "or topk")
         require(args.sync_dtype != "topk" or args.sync_error_feedback,
                 "--sync-dtype topk sends a few % of each pseudo-gradient: add --sync-error-feedback so the rest is "
                 "carried into the next syncs, not dropped")

@@ -87,6 +87,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         # A compressed warm-up always carries its error: gradients compressed step after step drift without it.
         self.warmup_exchange = SyncExchange(ProcessGroupTransport(groups.exchange, groups.gather),
                                             local_sgd.warmup_grad_dtype, True, local_sgd.topk_fraction)
+        self._warmup_segments: Dict[tuple, list] = {}  # (chunk, buffer, bucket) -> what the warm-up exchanges of it
         self.members = ProcessGroupMembers(groups.sync)
         self.in_warmup = local_sgd.warmup_iters > 0
         self.local_steps_since_sync = 0  # local (post-warm-up) steps this replica took since the last sync
@@ -384,7 +385,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
                         size = grads.numel() // shard_size
                         start = shard_rank * size
                         grads = grads[start:start + size]
-                    for segment, replicated in _gradient_segments(buffer, bucket, start, grads.numel()):
+                    if (c, b, k) not in self._warmup_segments:  # a bucket's parameters and shard never change
+                        self._warmup_segments[c, b, k] = _gradient_segments(buffer, bucket, start, grads.numel())
+                    for segment, replicated in self._warmup_segments[c, b, k]:
                         part = grads[segment]
                         values = part if part.dtype == torch.float32 else part.float()
                         key = ("grads", c, b, k, segment.start)

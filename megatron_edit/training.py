@@ -24,7 +24,7 @@ from megatron_edit.flops import flops_per_iteration
 from megatron_edit.initialize import destroy, initialize_megatron, launch_env
 from megatron_edit.logging import Trackers, iteration_line, perplexity, print_rank_last, validation_line
 from megatron_edit.model import initialize_weights, params_dtype, transformer_config_from_args, unwrap_model
-from megatron_edit.swap.layers import LayerSwapper, detached_from_ddp
+from megatron_edit.swap.layers import LayerSwapper
 
 
 def ddp_config_from_args(args) -> DistributedDataParallelConfig:
@@ -465,8 +465,7 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
     swapper = None
     if args.swap_layers:
         swapper = LayerSwapper(list(unwrap_model(model[0]).decoder.layers), device, args.swap_resident_layers)
-    with detached_from_ddp(swapper.swapped_params if swapper else []):
-        model = dp_mode.wrap_model(model)
+    model = dp_mode.wrap_model(model, swapper.swapped_params if swapper else [])
     optimizer = dp_mode.build_optimizer(model, optimizer_config_from_args(args))
     if swapper:
         swapper.install_hooks()

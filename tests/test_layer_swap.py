@@ -14,7 +14,8 @@ COMMON = TINY_GPT + ["--micro-batch-size", "2", "--train-iters", "6", "--log-int
 MODES = {
     "ddp": (1, ["--dp-mode", "ddp", "--global-batch-size", "4"]),  # two micro-batches: gradients accumulate
     "ddp-bf16": (1, ["--dp-mode", "ddp", "--global-batch-size", "4", "--bf16"]),  # fp32 main params on the host
-    "edit-penalty": (2, ["--dp-mode", "edit", "--model-shard-group-size", "1", "--local-sgd-warmup-iters", "0",
+    # EDiT's default warm-up (a quarter of the run, W=1): the swapped layers' host gradients are averaged too
+    "edit-penalty": (2, ["--dp-mode", "edit", "--model-shard-group-size", "1",
                          "--local-sgd-sync-interval", "2", "--edit-weighted-average", "--edit-pseudo-grad-clip", "1"]),
     "diloco": (2, ["--dp-mode", "diloco", "--model-shard-group-size", "1", "--local-sgd-warmup-iters", "0",
                    "--local-sgd-sync-interval", "2"]),

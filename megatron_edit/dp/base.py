@@ -49,8 +49,10 @@ class DataParallelMode(abc.ABC):
         """Build the mode from the parsed flags (after torch.distributed and parallel_state are up)."""
 
     @abc.abstractmethod
-    def wrap_model(self, model_chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
-        """Wrap the model chunks of this rank in whatever reduces their gradients."""
+    def wrap_model(self, model_chunks: List[torch.nn.Module],
+                   unbucketed_params: List[torch.nn.Parameter] = ()) -> List[torch.nn.Module]:
+        """Wrap the model chunks of this rank in whatever reduces their gradients. `unbucketed_params` (--swap-layers'
+        host-held layers) stay out of DDP's buckets: their gradients accumulate in `param.main_grad` on the host."""
 
     @abc.abstractmethod
     def build_optimizer(self, model_chunks: List[torch.nn.Module], optimizer_config):

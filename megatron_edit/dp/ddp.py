@@ -13,11 +13,13 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron_edit.dp.base import DataParallelMode
 from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.optimizers import describe_sgd_state
+from megatron_edit.swap.layers import detached_from_ddp
 
 
 class SynchronousDataParallel(DataParallelMode):
     name = "ddp"
     pg_collection = None  # megatron-core's own groups; the local-SGD modes narrow data parallelism to one replica
+    unbucketed_params: List[torch.nn.Parameter] = []  # wrap_model's: gradients outside DDP's buckets
 
     def __init__(self, ddp_config: DistributedDataParallelConfig, transformer_config, faults: FaultInjector):
         self.ddp_config = ddp_config
@@ -36,7 +38,12 @@ class SynchronousDataParallel(DataParallelMode):
         replica = parallel_state.get_data_parallel_rank(with_context_parallel=True)
         return cls(ddp_config, transformer_config, FaultInjector.from_args(args, replica))
 
-    def wrap_model(self, model_chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
+    def wrap_model(self, model_chunks, unbucketed_params=()):
+        self.unbucketed_params = list(unbucketed_params)
+        with detached_from_ddp(self.unbucketed_params):
+            return self._wrap_in_ddp(model_chunks)
+
+    def _wrap_in_ddp(self, model_chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
         return [
             DistributedDataParallel(
                 config=self.transformer_config,

@@ -318,9 +318,6 @@ def validate(args) -> None:
     require(replica_ranks == 1,
             "--swap-layers: the swapped layers' gradients stay out of DDP's buckets, so a replica is one rank: run "
             "--dp-mode ddp on one rank, or one replica per device with a local-SGD mode and --model-shard-group-size 1")
-    require(args.dp_mode == "ddp" or not args.local_sgd_warmup_iters,
-            "--swap-layers: warm-up averages the gradients in DDP's buckets over the replicas, which the swapped "
-            "layers' are not in; use --local-sgd-warmup-iters 0")
     require(not args.use_distributed_optimizer,
             "--swap-layers keeps the swapped layers' optimizer state on the host; drop --use-distributed-optimizer "
             "(with one rank per replica there is nothing to shard)")

@@ -373,8 +373,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
 
     @torch.no_grad()
     def _average_gradients_over_replicas(self, model) -> None:
-        """Warm-up: each rank averages, over the sync group, the gradient shard its optimizer reads, through the
-        warm-up's exchange (an fp32 all-reduce, or a codec with error feedback: --local-sgd-warmup-grad-dtype)."""
+        """Warm-up: each rank averages, over the sync group, the gradient shard its optimizer reads (and the host-held
+        gradients of the parameters outside DDP's buckets), through the warm-up's exchange (an fp32 all-reduce, or a
+        codec with error feedback: --local-sgd-warmup-grad-dtype)."""
         shard_rank, shard_size = dist.get_rank(self.groups.shard), self.groups.shard_size
         in_flight = []
         for c, chunk in enumerate(model):
@@ -392,6 +393,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
                         values = part if part.dtype == torch.float32 else part.float()
                         key = ("grads", c, b, k, segment.start)
                         in_flight.append((part, self.warmup_exchange.start(key, values, replicated)))
+        for index, param in enumerate(self.unbucketed_params):  # a replica is one rank here (--swap-layers)
+            values = param.main_grad.to(param.compute_device).view(-1)
+            in_flight.append((param.main_grad.view(-1), self.warmup_exchange.start(("host grads", index), values, [])))
         for part, exchange in in_flight:
             part.copy_(exchange.wait().div_(self.groups.num_replicas))
 

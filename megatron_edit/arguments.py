@@ -200,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = parser.add_argument_group("fault injection (tests and demonstrations only)")
     g.add_argument("--simulate-straggler", default=None, metavar="REPLICA:FACTOR")
+    g.add_argument("--simulated-step-seconds", type=float, default=None, metavar="S")
     g.add_argument("--inject-fault", action="append", default=[], metavar="REPLICA:ITER:KIND",
                    help="KIND: scale (pseudo-gradients x100), nan, bad-data (random tokens), nan-loss (a NaN loss at "
                         "ITER), hang (blocks at ITER); repeatable")
@@ -440,6 +441,8 @@ def _validate_faults(args: argparse.Namespace, mode) -> None:
     straggler = parse_straggler(args.simulate_straggler)
     for fault in faults:
         _require(fault.kind in mode.fault_kinds, f"--inject-fault {fault.kind} does not apply to --dp-mode {args.dp_mode}")
+    _require(args.simulated_step_seconds is None or args.simulated_step_seconds > 0,
+             "--simulated-step-seconds must be > 0")
     replicas = mode.fault_replicas(args)
     for replica in [f.replica for f in faults] + ([straggler[0]] if straggler else []):
         _require(0 <= replica < replicas, f"fault injection names replica {replica}, but there are {replicas} (0..{replicas - 1})")

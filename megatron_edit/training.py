@@ -4,7 +4,7 @@ import collections
 import functools
 import math
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, Iterator, List
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,8 @@ from megatron_edit.arguments import padded_vocab_size, parse_args
 from megatron_edit.checkpointing import load_checkpoint, save_checkpoint
 from megatron_edit.data.batches import micro_batches
 from megatron_edit.data.tokenizers import build_tokenizer
-from megatron_edit.dp import build_dp_mode, comm_stats
+from megatron_edit.dp import StepPlan, build_dp_mode, comm_stats
+from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.flops import flops_per_iteration
 from megatron_edit.initialize import destroy, initialize_megatron, launch_env
 from megatron_edit.logging import Trackers, iteration_line, perplexity, print_rank_last, validation_line
@@ -142,17 +143,20 @@ class OrderedReports:
 
 
 class Trainer:
-    """Holds what one run trains. The iteration protocol lives here: `iterations()` asks the data-parallel mode
-    whether and how each iteration runs, `train_step` runs one, `evaluate` evaluates what the replicas agree on."""
+    """Holds what one run trains. The iteration protocol lives here: `plans()` asks the data-parallel mode
+    whether and how each iteration runs, `train_step` runs one, `evaluate` evaluates what the replicas agree on.
+    `hooks`: objects with train_batches(stream), before_step(plan) and after_step(plan) (dp/faults.py's injector,
+    only when a fault flag asks for it)."""
 
     def __init__(self, args, model, optimizer, scheduler, dp_mode, forward_step_func, train_ds, valid_ds, device,
-                 swapper=None):
+                 swapper=None, hooks=()):
         self.args, self.model, self.optimizer, self.scheduler = args, model, optimizer, scheduler
         self.dp_mode, self.forward_step_func = dp_mode, forward_step_func
         self.swapper = swapper  # LayerSwapper with --swap-layers
         self.train_ds, self.valid_ds, self.device = train_ds, valid_ds, device
         self.forward_backward = get_forward_backward_func()
         self.start_iteration, self.evaluations = 0, 0
+        self.hooks = list(hooks)
         self.seek(0)
 
     def seek(self, iteration: int) -> None:
@@ -162,7 +166,9 @@ class Trainer:
         dp_rank, dp_size = self.dp_mode.train_data_layout()
         batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, device=self.device)
         train = micro_batches(self.train_ds, iteration * args.global_batch_size, **batches)
-        self.train_iter = self.dp_mode.wrap_train_batches(train)
+        for hook in self.hooks:
+            train = hook.train_batches(train)
+        self.train_iter = train
         valid_rank, valid_size = self.dp_mode.validation_layout()
         self.valid_microbatches = args.global_batch_size // (args.micro_batch_size * valid_size)
         valid_start = self.evaluations * args.eval_iters * args.global_batch_size
@@ -182,16 +188,26 @@ class Trainer:
             forward_only=forward_only,
         )
 
-    def iterations(self):
-        """Iteration numbers after the start for as long as the data-parallel mode lets training run."""
+    def plans(self) -> Iterator[StepPlan]:
+        """The data-parallel mode's plan for each iteration after the start, while it says train; then the mode
+        finishes with the plan that stops (its final sync). A loop that breaks early (--exit-interval) finishes
+        nothing: the run resumes from its checkpoint."""
         iteration = self.start_iteration + 1
-        while self.dp_mode.begin_iteration(iteration, finished=iteration > self.args.train_iters):
-            yield iteration
+        while True:
+            plan = self.dp_mode.plan(iteration, finished=iteration > self.args.train_iters)
+            if not plan.train:
+                self.dp_mode.finish(plan)
+                return
+            yield plan
             iteration += 1
 
-    def train_step(self, iteration: int):
-        """One global batch: forward/backward over all micro-batches, inner optimizer step, mode hook.
+    def train_step(self, plan: StepPlan):
+        """One global batch: forward/backward over all micro-batches, inner optimizer step, mode hooks.
         Returns this rank's [loss sum, tokens] (see `mean_loss`) and the gradient norm."""
+        iteration = plan.iteration
+        self.dp_mode.before_step(plan)
+        for hook in self.hooks:
+            hook.before_step(plan)
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -212,7 +228,9 @@ class Trainer:
             update_successful, grad_norm, _ = self.optimizer.step()
             if update_successful:
                 self.scheduler.step(increment=self.args.global_batch_size)
-        self.dp_mode.after_optimizer_step(iteration)
+        self.dp_mode.after_step(plan)
+        for hook in self.hooks:
+            hook.after_step(plan)
         return loss_sums, grad_norm
 
     def _skip_non_finite(self, iteration: int, loss_sums: torch.Tensor) -> bool:
@@ -317,8 +335,9 @@ def train(trainer: Trainer, tracker: Trackers) -> Dict[str, float]:
         run_start += time.perf_counter() - pause
 
     warmup_end, warmup_totals = trainer.dp_mode.synchronous_warmup_iters(), None
-    for iteration in trainer.iterations():
-        loss_sums, grad_norm = trainer.train_step(iteration)
+    for plan in trainer.plans():
+        iteration = plan.iteration
+        loss_sums, grad_norm = trainer.train_step(plan)
         if iteration == warmup_end:  # where communication went: the synchronous warm-up's bytes and time
             platform.synchronize()
             warmup_totals = (dict(comm_stats.COUNTER.snapshot() - bytes_at_start), time.perf_counter() - run_start)
@@ -479,8 +498,11 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
             config.no_sync_func, config.grad_sync_func = config.no_sync_func[0], config.grad_sync_func[0]
 
     train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
+    faults = FaultInjector.from_args(args, dp_mode.replica()) if FaultInjector.wanted(args) else None
+    if faults is not None:
+        faults.attach(dp_mode)
     trainer = Trainer(args, model, optimizer, scheduler, dp_mode, forward_step_func, train_ds, valid_ds, device,
-                      swapper)
+                      swapper, hooks=[faults] if faults else [])
     if args.load:
         trainer.seek(load_checkpoint(trainer))
     joined_at = dp_mode.join()

@@ -69,9 +69,9 @@ def main():
             report(iteration, records)
 
         mode._report_sync = record_sync
-    for iteration in trainer.iterations():
+    for plan in trainer.plans():
         before, events_before = counter.snapshot(), len(trace)
-        loss_sums, _ = trainer.train_step(iteration)
+        loss_sums, _ = trainer.train_step(plan)
         after = counter.snapshot()
         losses.append(trainer.mean_loss(loss_sums))
         iterations.append({"bytes": {k: after[k] - before[k] for k in after}, "trace": trace[events_before:]})

@@ -15,9 +15,11 @@ PIPELINE_PARALLEL = ("--pipeline-model-parallel-size", "2")
 
 
 def aedit(*extra, train_iters: int = 24) -> tuple:
-    """A-EDiT, 2 replicas of one data-parallel rank each, a sync every ~0.3 s after 2 warm-up iterations."""
+    """A-EDiT, 2 replicas of one data-parallel rank each, after 2 warm-up iterations a sync every 3 iterations of a
+    simulated clock (a straggler's iterations take longer on it): the same iterations however busy the machine."""
     nproc, args = edit(1, 2, *local_sgd(2, 1))
-    return ("--dp-mode", "aedit") + args[2:] + ("--aedit-sync-seconds", "0.3", "--train-iters", str(train_iters)) + extra
+    return ("--dp-mode", "aedit") + args[2:] + ("--aedit-sync-seconds", "0.375", "--simulated-step-seconds", "0.125",
+                                                "--train-iters", str(train_iters)) + extra
 
 
 def by_replica(dumps: list) -> dict:

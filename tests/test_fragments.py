@@ -3,11 +3,11 @@ import itertools
 import random
 
 from megatron_edit.dp.edit.fragments import plan_fragments
-from megatron_edit.dp.local_sgd.config import LocalSGDConfig
+from megatron_edit.dp.local_sgd.schedule import SyncSchedule
 
 
-def config(fragments: int, interval: int = 8, warmup: int = 3) -> LocalSGDConfig:
-    return LocalSGDConfig(interval, warmup, 0.7, 0.8, True, False, sync_fragments=fragments)
+def config(fragments: int, interval: int = 8, warmup: int = 3) -> SyncSchedule:
+    return SyncSchedule(warmup, interval, fragments=fragments)
 
 
 def loads(plan: dict, sizes: dict, fragments: int) -> list:

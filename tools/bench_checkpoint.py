@@ -73,7 +73,7 @@ def worker(args) -> None:
     device = initialize_megatron(train_args)
     trainer = build_trainer(train_args, device, pretrain_gpt.train_valid_test_datasets_provider,
                             pretrain_gpt.model_provider, pretrain_gpt.forward_step)
-    trainer.train_step(1)
+    trainer.train_step(next(trainer.plans()))
     parameters = sum(p.numel() for chunk in trainer.model for p in chunk.parameters())
     rows = []
     for ckpt_format in FORMATS:

@@ -45,8 +45,8 @@ def worker(argv):
     before = counter.snapshot()
     platform.synchronize()
     start = time.perf_counter()
-    for iteration in range(1, args.train_iters + 1):
-        trainer.train_step(iteration)
+    for plan in trainer.plans():  # the train loop's protocol: a mode's syncs (the final one too) are counted
+        trainer.train_step(plan)
     platform.synchronize()
     seconds = time.perf_counter() - start
     after = counter.snapshot()

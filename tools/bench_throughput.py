@@ -72,13 +72,14 @@ def main():
     try:
         trainer = build_trainer(args, device, pretrain_gpt.train_valid_test_datasets_provider,
                                 pretrain_gpt.model_provider, pretrain_gpt.forward_step)
-        # The train loop's protocol (trainer.iterations), so a mode's syncs, the final one included, are timed.
+        # The train loop's protocol (trainer.plans), so a mode's syncs, the final one included, are timed.
         start = None
-        for iteration in trainer.iterations():
+        for plan in trainer.plans():
+            iteration = plan.iteration
             if iteration == args.bench_warmup_iters + 1:
                 platform.synchronize()
                 start = time.perf_counter()
-            loss_sums, _ = trainer.train_step(iteration)
+            loss_sums, _ = trainer.train_step(plan)
         platform.synchronize()
         timed_iters = iteration - args.bench_warmup_iters  # an A-EDiT replica may stop early
         seconds = (time.perf_counter() - start) / timed_iters

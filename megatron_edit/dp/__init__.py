@@ -4,7 +4,7 @@ Each `--dp-mode` is one class with the hooks the train loop calls and the checks
 neither the loop nor the argument checks branch on the mode's name. `ddp` reduces gradients over all replicas
 every step; the local-SGD modes reduce them inside a replica and synchronize replicas only periodically.
 """
-from megatron_edit.dp.base import DataParallelMode
+from megatron_edit.dp.base import DataParallelMode, StepPlan
 from megatron_edit.dp.ddp import SynchronousDataParallel
 from megatron_edit.dp.diloco import DiLoCoDataParallel
 from megatron_edit.dp.edit import AsyncEditDataParallel, EditDataParallel
@@ -18,4 +18,4 @@ def build_dp_mode(args, ddp_config, transformer_config) -> DataParallelMode:
     return DP_MODES[args.dp_mode].from_args(args, ddp_config, transformer_config)
 
 
-__all__ = ["DP_MODES", "DataParallelMode", "build_dp_mode"]
+__all__ = ["DP_MODES", "DataParallelMode", "StepPlan", "build_dp_mode"]

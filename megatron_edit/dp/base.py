@@ -1,7 +1,9 @@
 """The narrow interface between the train loop (and the argument checks) and a data-parallel mode."""
 import abc
 import contextlib
-from typing import Dict, FrozenSet, List, Optional, Tuple
+import dataclasses
+import time
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
@@ -10,10 +12,29 @@ from megatron.core.distributed import finalize_model_grads
 from megatron_edit.errors import TrainingError, require
 
 
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """What the train loop does next (DataParallelMode.plan): train `iteration`, or stop training, after the
+    replicas' final sync when `final_sync`."""
+    iteration: int
+    train: bool = True
+    final_sync: bool = False
+    warmup: bool = False                  # this step averages gradients over every replica
+    sync_fragments: Tuple[int, ...] = ()  # the fragments that synchronize in this step's forward (EDiT)
+    sync_after: bool = False              # the whole model synchronizes after this step (Post-Local-SGD, DiLoCo)
+
+
 class DataParallelMode(abc.ABC):
-    """Hooks the train loop calls: wrap_model, build_optimizer and wrap_train_batches once; then every iteration
-    begin_iteration, finalize_model_grads (inside the schedule, after backward), after_optimizer_step and
-    checkpoint_due; metrics() at every log line, pop_events() after every iteration, consensus() around evaluation.
+    """The train loop calls, in this order:
+
+        model = mode.wrap_model(chunks, unbucketed_params)   once: DDP over the mode's groups
+        optimizer = mode.build_optimizer(model, config)       once: the inner optimizer
+        plan = mode.plan(iteration, finished)                 before each iteration: a StepPlan
+        mode.before_step(plan); ...; mode.after_step(plan)    around each step that trains
+        mode.finish(plan)                                     once, with the plan that stops: the final sync
+
+    megatron-core's schedule calls finalize_model_grads after backward. The rest are questions the loop asks
+    (which ranks share a loss or a step, where data and checkpoints go, metrics) and the checkpoint's state.
     Before anything starts, `validate(args)` checks the flags that concern the mode."""
 
     name: str = ""
@@ -58,21 +79,29 @@ class DataParallelMode(abc.ABC):
     def build_optimizer(self, model_chunks: List[torch.nn.Module], optimizer_config):
         """The inner optimizer over the wrapped chunks."""
 
-    def wrap_train_batches(self, batches):
-        """The training micro-batch stream this rank consumes (a mode may alter it, e.g. to inject faults)."""
-        return batches
+    clock: Callable[[], float] = staticmethod(time.monotonic)  # what wall-clock decisions read (A-EDiT's trigger)
 
-    def begin_iteration(self, iteration: int, finished: bool) -> bool:
-        """Called before `iteration` (1-based), with finished=True once --train-iters have run.
-        Returns whether to run it; a mode may end training later than --train-iters says (A-EDiT's final sync)."""
-        return not finished
+    def replica(self) -> int:
+        """This rank's replica: its place among the replicas that train apart (ddp: its data-parallel rank)."""
+        return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+    def plan(self, iteration: int, finished: bool) -> StepPlan:
+        """What to do at `iteration` (1-based); finished=True once --train-iters have run. A mode may stop before
+        that (A-EDiT: another replica finished) and may end with a final sync."""
+        return StepPlan(iteration, train=not finished)
+
+    def before_step(self, plan: StepPlan) -> None:
+        """Before the forward passes of a step the plan trains."""
+
+    def finish(self, plan: StepPlan) -> None:
+        """Training stops with `plan`: run its final sync, after iteration plan.iteration - 1."""
 
     def finalize_model_grads(self, model, num_tokens=None, **kwargs) -> None:
         """Make gradients ready for the optimizer (megatron-core's schedules call it after backward)."""
         finalize_model_grads(model, num_tokens)
 
-    def after_optimizer_step(self, iteration: int) -> None:
-        """Called once the inner optimizer has stepped for `iteration` (or skipped it, see on_non_finite_step)."""
+    def after_step(self, plan: StepPlan) -> None:
+        """Once the inner optimizer has stepped for plan.iteration (or skipped it, see on_non_finite_step)."""
 
     def step_group(self):
         """The ranks that take one optimizer step together and so agree on whether it is finite."""

@@ -6,12 +6,10 @@ megatron-core's optimizer (optionally the distributed optimizer, which shards op
 from typing import List
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import get_megatron_optimizer
 
 from megatron_edit.dp.base import DataParallelMode
-from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.optimizers import describe_sgd_state
 from megatron_edit.swap.layers import detached_from_ddp
 
@@ -21,10 +19,9 @@ class SynchronousDataParallel(DataParallelMode):
     pg_collection = None  # megatron-core's own groups; the local-SGD modes narrow data parallelism to one replica
     unbucketed_params: List[torch.nn.Parameter] = []  # wrap_model's: gradients outside DDP's buckets
 
-    def __init__(self, ddp_config: DistributedDataParallelConfig, transformer_config, faults: FaultInjector):
+    def __init__(self, ddp_config: DistributedDataParallelConfig, transformer_config):
         self.ddp_config = ddp_config
         self.transformer_config = transformer_config
-        self.faults = faults  # --simulate-straggler and nan-loss faults; REPLICA is the data-parallel rank
 
     @classmethod
     def check_resume(cls, meta: dict, args):
@@ -35,8 +32,7 @@ class SynchronousDataParallel(DataParallelMode):
 
     @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
-        replica = parallel_state.get_data_parallel_rank(with_context_parallel=True)
-        return cls(ddp_config, transformer_config, FaultInjector.from_args(args, replica))
+        return cls(ddp_config, transformer_config)
 
     def wrap_model(self, model_chunks, unbucketed_params=()):
         self.unbucketed_params = list(unbucketed_params)
@@ -65,13 +61,3 @@ class SynchronousDataParallel(DataParallelMode):
                                                pg_collection=self.pg_collection)
         describe_sgd_state(optimizer)
         return optimizer
-
-    def wrap_train_batches(self, batches):
-        return self.faults.train_batches(batches)
-
-    def begin_iteration(self, iteration: int, finished: bool) -> bool:
-        self.faults.start_iteration(iteration)
-        return not finished
-
-    def after_optimizer_step(self, iteration: int) -> None:
-        self.faults.straggle()

@@ -32,7 +32,8 @@ class DiLoCoDataParallel(PostLocalSGDDataParallel):
     def _contribution(self, view: ModuleShard, iteration: int) -> torch.Tensor:
         """The pseudo-gradient anchor - theta (zero for a replica that healed: its parameters are the anchor)."""
         pseudo_grad = view.anchor.to(view.device) - view.read_full(self.groups.shard)
-        self.faults.corrupt_pseudo_grad(pseudo_grad, iteration)
+        for hook in self.pseudo_gradient_hooks:
+            hook(pseudo_grad, iteration)
         return pseudo_grad
 
     def _apply(self, means: List[torch.Tensor]) -> Dict[str, float]:

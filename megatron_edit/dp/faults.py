@@ -8,6 +8,12 @@
                                            hang:  it blocks (sleeps) at the start of iteration ITER, for good
 REPLICA is the replica's position in the sync group, from 0 (under --dp-mode ddp: the data-parallel rank).
 Pseudo-gradient faults apply to the modes that have pseudo-gradients (edit, aedit, diloco).
+    --simulated-step-seconds S             nobody sleeps: the mode's clock (A-EDiT's trigger) reads a simulated
+                                           time that each iteration advances by S (FACTOR x S on a straggler), so
+                                           a run syncs at the same iterations however loaded the machine is
+
+Nothing here is on the path of a run without these flags: the injector is one of the trainer's step hooks
+(training.Trainer.hooks), and `attach` adds it to a local-SGD mode's pseudo-gradient hooks and sets the mode's clock.
 """
 import dataclasses
 import time
@@ -52,46 +58,60 @@ def parse_fault(spec: str) -> Fault:
 
 
 class FaultInjector:
-    """What this replica is told to suffer."""
+    """What this replica is told to suffer, as the trainer's step hooks."""
 
-    def __init__(self, replica: int, straggler, faults: List[Fault], random_tokens: "RandomTokens"):
+    def __init__(self, replica: int, straggler, faults: List[Fault], random_tokens: "RandomTokens",
+                 simulated_step_seconds: Optional[float] = None):
         self.replica, self.random_tokens = replica, random_tokens
         self.slowdown = straggler[1] if straggler and straggler[0] == replica else 1.0
         self.faults = [f for f in faults if f.replica == replica]
-        self._spent = set()         # NaN faults already delivered
-        self._nan_this_sync = None  # the NaN fault being delivered in the current sync
+        self.simulated_step_seconds = simulated_step_seconds
+        self.simulated_now = 0.0
+        self._nan_spent_at = {}  # NaN fault -> the sync iteration it hit (every module of that one sync)
         self._iteration_started = 0.0
 
     @classmethod
     def from_args(cls, args, replica: int) -> "FaultInjector":
         """Once the vocabulary is padded (args.padded_vocab_size), like every other part built from the flags."""
         return cls(replica, parse_straggler(args.simulate_straggler), [parse_fault(s) for s in args.inject_fault],
-                   RandomTokens(args.num_microbatches, args.padded_vocab_size, args.seed))
+                   RandomTokens(args.num_microbatches, args.padded_vocab_size, args.seed), args.simulated_step_seconds)
 
-    def start_iteration(self, iteration: int) -> None:
+    @staticmethod
+    def wanted(args) -> bool:
+        return bool(args.simulate_straggler or args.inject_fault or args.simulated_step_seconds)
+
+    def attach(self, mode) -> None:
+        """Into the mode (the trainer takes the injector among its hooks)."""
+        if hasattr(mode, "pseudo_gradient_hooks"):
+            mode.pseudo_gradient_hooks.append(self.corrupt_pseudo_grad)
+        if self.simulated_step_seconds is not None:
+            mode.clock = self.clock
+
+    def clock(self) -> float:
+        return self.simulated_now
+
+    def before_step(self, plan) -> None:
         self._iteration_started = time.perf_counter()
-        if any(f.kind == "hang" and f.iteration == iteration for f in self.faults):
+        if any(f.kind == "hang" and f.iteration == plan.iteration for f in self.faults):
             while True:  # a replica stuck in Python: only a watchdog can end it
                 time.sleep(3600)
 
-    def straggle(self) -> None:
-        """A simulated straggler stretches the iteration begun at start_iteration() by sleeping."""
-        if self.slowdown > 1.0:
+    def after_step(self, plan) -> None:
+        """A straggler's iteration lasts FACTOR times as long: it sleeps, or its simulated clock runs faster."""
+        if self.simulated_step_seconds is not None:
+            self.simulated_now += self.slowdown * self.simulated_step_seconds
+        elif self.slowdown > 1.0:
             time.sleep((self.slowdown - 1.0) * (time.perf_counter() - self._iteration_started))
 
     def corrupt_pseudo_grad(self, pseudo_grad: torch.Tensor, iteration: int) -> None:
+        """At the sync of `iteration`: x100 from a scale fault's iteration on; a NaN in every module of the first
+        sync at or after a NaN fault's iteration."""
         for fault in self.faults:
             if fault.kind == "scale" and iteration >= fault.iteration:
                 pseudo_grad.mul_(100.0)
-            elif fault.kind == "nan" and iteration >= fault.iteration and fault not in self._spent:
+            elif fault.kind == "nan" and iteration >= fault.iteration \
+                    and self._nan_spent_at.setdefault(fault, iteration) == iteration:
                 pseudo_grad[0] = float("nan")
-                self._nan_this_sync = fault
-
-    def end_sync(self) -> None:
-        """A NaN fault hits every module of one sync, then is spent."""
-        if self._nan_this_sync is not None:
-            self._spent.add(self._nan_this_sync)
-            self._nan_this_sync = None
 
     def train_batches(self, batches: Iterator[dict]) -> Iterator[dict]:
         """The training stream this replica consumes: with a bad-data fault, random tokens from its iteration on;

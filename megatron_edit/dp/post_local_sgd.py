@@ -10,6 +10,7 @@ from typing import Dict, List
 
 import torch
 
+from megatron_edit.dp.base import StepPlan
 from megatron_edit.dp.local_sgd.params import FlatParams, MainParams
 from megatron_edit.dp.local_sgd.mode import LocalSGDDataParallel
 from megatron_edit.dp.local_sgd.sharded_state import from_model_space, model_space_tensors
@@ -35,12 +36,12 @@ class PostLocalSGDDataParallel(LocalSGDDataParallel):
     def _whole_model_view(self, index: int, params, main_params: MainParams) -> FlatParams:
         return FlatParams(params, main_params)
 
-    def after_optimizer_step(self, iteration: int) -> None:
-        super().after_optimizer_step(iteration)
-        if iteration == self.local_sgd.warmup_iters:
+    def after_step(self, plan: StepPlan) -> None:
+        super().after_step(plan)
+        if plan.iteration == self.schedule.warmup_iters:
             self._begin_local_steps()
-        if self.has_peers and self.local_sgd.syncs_after(iteration):
-            self._sync_now(iteration)
+        if plan.sync_after:
+            self._sync_now(plan.iteration)
 
     def _final_sync(self, iteration: int) -> None:
         self._sync_now(iteration)
@@ -71,7 +72,6 @@ class PostLocalSGDDataParallel(LocalSGDDataParallel):
             self.exchange.start(index, contribution, view.tensor_replicated).wait()
             sums.append(contribution)
         contributors = self._contributors(sums[0].device)
-        self.faults.end_sync()
         if not self._commit():
             return {**self.meeting, "sync/committed": 0.0}
         return {**self._apply([summed.div_(contributors) for summed in sums]), **self.meeting}

@@ -13,17 +13,17 @@ validation losses are each replica's own: validation evaluates the anchor, the s
 whole validation batch.
 """
 import dataclasses
-import time
 from typing import Optional
 
 import torch
 import torch.distributed as dist
 
+from megatron_edit.dp.base import StepPlan
 from megatron_edit.dp.local_sgd.config import LocalSGDConfig
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
+from megatron_edit.dp.local_sgd.schedule import ClockTrigger
 from megatron_edit.dp.edit.mode import EditDataParallel
 from megatron_edit.dp.edit.penalty import PenaltyConfig
-from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.errors import require
 
 
@@ -44,10 +44,10 @@ class AsyncEditDataParallel(EditDataParallel):
     default_ckpt_format = "torch"  # replicas stand at different iterations: a file per rank
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
-                 faults: FaultInjector, penalty: PenaltyConfig, aedit: AEditConfig):
+                 penalty: PenaltyConfig, aedit: AEditConfig):
         self.step_weight = aedit.step_weight
-        super().__init__(ddp_config, transformer_config, local_sgd, groups, faults, penalty)
-        self.aedit = aedit
+        super().__init__(ddp_config, transformer_config, local_sgd, groups, penalty)
+        self.trigger = ClockTrigger(aedit.tau_seconds)
         self.last_sync_time = None  # the clock starts with the first iteration, not while the model is built
         self._save_wanted = False   # this replica passed a save point since the last checkpoint
         self._checkpoint_at: Optional[int] = None  # the label of the checkpoint due after this sync's iteration
@@ -72,39 +72,40 @@ class AsyncEditDataParallel(EditDataParallel):
     def mode_configs(cls, args) -> dict:
         return {**super().mode_configs(args), "aedit": AEditConfig.from_args(args)}
 
-    def begin_iteration(self, iteration: int, finished: bool) -> bool:
+    def plan(self, iteration: int, finished: bool) -> StepPlan:
         if self.last_sync_time is None:
-            self.last_sync_time = time.monotonic()
-        return super().begin_iteration(iteration, finished)
+            self.last_sync_time = self.clock()
+        return super().plan(iteration, finished)
 
-    def after_optimizer_step(self, iteration: int) -> None:
+    def after_step(self, plan: StepPlan) -> None:
         synced = self.sync.armed
-        super().after_optimizer_step(iteration)
-        if (synced and not self._sync_failed) or iteration == self.local_sgd.warmup_iters:
-            self.last_sync_time = time.monotonic()
+        super().after_step(plan)
+        if (synced and not self._sync_failed) or plan.iteration == self.schedule.warmup_iters:
+            self.last_sync_time = self.clock()
 
     def _flags(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.float64, device=self.sync.units[0].device)
 
     def sync_due(self, iteration: int, finished: bool) -> bool:
-        due = self._flags([float(finished or time.monotonic() - self.last_sync_time >= self.aedit.tau_seconds)])
+        due = self._flags([float(finished or self.trigger.due(self.last_sync_time, self.clock()))])
         dist.all_reduce(due, op=dist.ReduceOp.MAX, group=self.groups.whole_replica)
         return bool(due.item())
 
-    def _start_sync(self, iteration: int, finished: bool) -> bool:
+    def _sync_plan(self, iteration: int, finished: bool) -> StepPlan:
+        """The replicas met: one small exchange says whether any finished (everyone ends, after a final sync unless
+        a run resumed from its final checkpoint has nothing left to sync) or wants a checkpoint."""
         rows, _ = self.members.gather(  # every flag and count >= 0: an absent replica's zero row changes no max
             self._flags([finished, self._save_wanted, iteration - 1, self.local_steps_since_sync]))
         stop, save, last_iteration, local_steps = rows.amax(dim=0).tolist()
         if save:
             self._save_wanted = False
         if stop:
-            if local_steps > 0:  # a run resumed from its final checkpoint has nothing left to sync
-                self._final_sync(iteration - 1)
+            if local_steps > 0:
                 self._final_checkpoint_at = int(last_iteration)
-            return False
+            return StepPlan(iteration, train=False, final_sync=local_steps > 0)
         if save:
             self._checkpoint_at = int(last_iteration) + 1
-        return super()._start_sync(iteration, finished)
+        return StepPlan(iteration, sync_fragments=(0,))
 
     def checkpoint_due(self, iteration: int, requested: bool) -> Optional[int]:
         """Replicas meet only in syncs: a requested checkpoint waits for the next one, then all save together."""

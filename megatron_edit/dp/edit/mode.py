@@ -3,7 +3,7 @@
 Warm-up and local steps are local_sgd/mode.py's: synchronous data parallelism for W iterations, then gradients
 stay inside the shard group and nothing crosses the sync group.
 Sync iterations (every H local steps): LayerwiseSync updates each module just before its forward; after the
-last iteration one more sync runs outside a forward. `sync_due` and `_start_sync` are what A-EDiT (aedit.py)
+last iteration one more sync runs outside a forward. `sync_due` and `_sync_plan` are what A-EDiT (aedit.py)
 changes.
 """
 import collections
@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_edit.dp.base import StepPlan
 from megatron_edit.dp.local_sgd.config import LocalSGDConfig
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
-from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.dp.edit.fragments import plan_fragments
 from megatron_edit.dp.edit.penalty import PenaltyConfig
 from megatron_edit.dp.local_sgd.params import MainParams, ModuleShard
@@ -90,8 +90,8 @@ class EditDataParallel(LocalSGDDataParallel):
         "; or --edit-anomaly-elimination to skip such a step and leave the replica out of its next sync"
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
-                 faults: FaultInjector, penalty: PenaltyConfig = PenaltyConfig()):
-        super().__init__(ddp_config, transformer_config, local_sgd, groups, faults)
+                 penalty: PenaltyConfig = PenaltyConfig()):
+        super().__init__(ddp_config, transformer_config, local_sgd, groups)
         self.penalty = penalty
         self.sync = None
         self.fragment_units: List[List[int]] = []  # with --sync-fragments: this rank's unit indices per fragment
@@ -134,11 +134,11 @@ class EditDataParallel(LocalSGDDataParallel):
                     tied.append(name)
         self.tied_units = set(tied)
         self.sync = LayerwiseSync(units, modules, self.groups, self.exchange, self.members, self.local_sgd,
-                                  self.penalty, self.faults, step_weight=self.step_weight,
+                                  self.penalty, self.pseudo_gradient_hooks, step_weight=self.step_weight,
                                   undoable=self.replica_jobs is not None)
-        if self.local_sgd.sync_fragments > 1:
+        if self.schedule.fragments > 1:
             self.fragment_units = self._plan_fragments(units, tied)
-        if self.local_sgd.warmup_iters == 0:
+        if self.schedule.warmup_iters == 0:
             self._begin_local_steps()
         return optimizer
 
@@ -152,22 +152,39 @@ class EditDataParallel(LocalSGDDataParallel):
         everyone = [None] * dist.get_world_size(self.groups.whole_replica)
         dist.all_gather_object(everyone, mine, group=self.groups.whole_replica)
         plan = plan_fragments(list({name: (name, numel, tie) for rank in everyone
-                                    for name, numel, tie in rank}.values()), self.local_sgd.sync_fragments)
-        return [[i for i, u in enumerate(units) if plan[u.name] == f] for f in range(self.local_sgd.sync_fragments)]
+                                    for name, numel, tie in rank}.values()), self.schedule.fragments)
+        return [[i for i, u in enumerate(units) if plan[u.name] == f] for f in range(self.schedule.fragments)]
 
     def sync_due(self, iteration: int, finished: bool) -> bool:
         """EDiT syncs on a step count: H local steps after the last sync (or the iteration after a sync that did
         not commit), and once more when training ends."""
         if finished:
             return self.local_steps_since_sync > 0  # none after a resume from the final checkpoint
-        return self._sync_failed or self.local_sgd.is_sync_iteration(iteration)
+        return self._sync_failed or self.schedule.is_sync_iteration(iteration)
 
-    def _begin_local_iteration(self, iteration: int, finished: bool) -> bool:
-        self.sync.current_iteration = iteration
-        if not self.sync.armed and self.sync_due(iteration, finished):  # armed already: by _join_sync
-            self._meet()
-            return self._start_sync(iteration, finished)
-        return not finished
+    def _local_plan(self, iteration: int, finished: bool) -> StepPlan:
+        if self.sync.armed:  # by _join_sync: this iteration's forward runs the sync the replica joined
+            return StepPlan(iteration, sync_fragments=tuple(range(self.schedule.fragments)))
+        if not self.sync_due(iteration, finished):
+            return StepPlan(iteration, train=not finished)
+        self._meet()
+        return self._sync_plan(iteration, finished)
+
+    def _sync_plan(self, iteration: int, finished: bool) -> StepPlan:
+        """The replicas met for a due sync: the final one once training is over, else this iteration's (every
+        fragment again after a sync that did not commit)."""
+        if finished:
+            return StepPlan(iteration, train=False, final_sync=True)
+        fragments = self.schedule.syncing_fragments(iteration)
+        if self._sync_failed or not fragments:
+            fragments = range(self.schedule.fragments)
+        return StepPlan(iteration, sync_fragments=tuple(fragments))
+
+    def before_step(self, plan: StepPlan) -> None:
+        super().before_step(plan)
+        self.sync.current_iteration = plan.iteration
+        if plan.sync_fragments and not self.sync.armed:
+            self._arm(plan)
 
     def _meet(self) -> int:
         """As every mode's, the wait counted as exposed sync time (it is one with torchft: the quorum)."""
@@ -188,30 +205,29 @@ class EditDataParallel(LocalSGDDataParallel):
         self._sync_starts[iteration] = (self.counter.snapshot().get("sync", 0),
                                         self.exposed_sync_seconds() - self._meet_seconds)
 
-    def _start_sync(self, iteration: int, finished: bool) -> bool:
-        """A sync is due and the replicas met: arm it for this iteration's forward, or, once training is over, run
-        it now. Returns whether to run the iteration."""
-        if finished:
-            self._final_sync(iteration - 1)
-            return False
+    def _arm(self, plan: StepPlan) -> None:
+        """The replicas met for this iteration's sync: its forward runs it, module by module."""
         self._steps_before_sync = self.local_steps_since_sync
         if not self.fragment_units:
-            self._note_sync_start(iteration)
-            self.sync.arm(iteration, self.local_steps_since_sync)
+            self._note_sync_start(plan.iteration)
+            self.sync.arm(plan.iteration, self.local_steps_since_sync)
             self.local_steps_since_sync = 0
-            return True
+            return
         # A fragment's sync: the replicas still differ in the other fragments, so the count of local steps since
         # every module last met (what the consensus and the final sync go by) runs on.
-        units = [i for f in self.local_sgd.syncing_fragments(iteration) for i in self.fragment_units[f]]
+        units = [i for f in plan.sync_fragments for i in self.fragment_units[f]]
         if units:  # a fragment may have no module on this pipeline stage
-            self._note_sync_start(iteration)
-            self.sync.arm(iteration, self.local_steps_since_sync, units)
-        return True
+            self._note_sync_start(plan.iteration)
+            self.sync.arm(plan.iteration, self.local_steps_since_sync, units)
 
     def _join_sync(self) -> None:
         """A replica job meets the others at their next sync, and (as theirs) its first iteration's forward runs it."""
         self._meet()
-        self._start_sync(self.iteration + 1, finished=False)
+        plan = self._sync_plan(self.iteration + 1, finished=False)
+        if plan.train:
+            self._arm(plan)
+        else:
+            self.finish(plan)
 
     def _final_sync(self, iteration: int) -> None:
         """After the last iteration, the replicas having met: every module at once, outside a forward, again until
@@ -253,14 +269,14 @@ class EditDataParallel(LocalSGDDataParallel):
             print(f" {self.non_finite_message(iteration, what, rank)}: step skipped"
                   + ("" if self.in_warmup else ", replica left out of its next sync"), flush=True)
 
-    def after_optimizer_step(self, iteration: int) -> None:
+    def after_step(self, plan: StepPlan) -> None:
         if self.sync.armed:
             self.sync.disarm()
-            self._conclude_sync(iteration)
-        self._report_completed_syncs(iteration)
-        if iteration == self.local_sgd.warmup_iters:
+            self._conclude_sync(plan.iteration)
+        self._report_completed_syncs(plan.iteration)
+        if plan.iteration == self.schedule.warmup_iters:
             self._begin_local_steps()
-        super().after_optimizer_step(iteration)
+        super().after_step(plan)
 
     def _consensus_views(self):
         views = []

@@ -26,7 +26,7 @@ momentum are.
 import dataclasses
 import math
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,8 +67,10 @@ class _Pending:
 class LayerwiseSync:
     def __init__(self, units: List[ModuleShard], modules: List[torch.nn.Module], groups: LocalSGDGroups,
                  exchange: SyncExchange, members: ProcessGroupMembers, config: LocalSGDConfig, penalty: PenaltyConfig,
-                 faults, step_weight: float = 0.0, undoable: bool = False):
-        self.units, self.groups, self.config, self.penalty, self.faults = units, groups, config, penalty, faults
+                 pseudo_gradient_hooks: List[Callable[[torch.Tensor, int], None]] = (), step_weight: float = 0.0,
+                 undoable: bool = False):
+        self.units, self.groups, self.config, self.penalty = units, groups, config, penalty
+        self.pseudo_gradient_hooks = pseudo_gradient_hooks  # (pseudo-gradient, sync iteration): fault injection
         self.exchange, self.members = exchange, members
         self.step_weight = step_weight
         self.replica = members.slot
@@ -130,8 +132,6 @@ class LayerwiseSync:
         if self.armed and self.synced != self.armed_units:
             missing = [self.units[i].name for i in sorted(self.armed_units - self.synced)]
             raise RuntimeError(f"EDiT sync iteration ended without a forward through {missing}")
-        if self.armed:
-            self.faults.end_sync()
         self.armed = False
 
     def sync_now(self, iteration: int, local_steps: int) -> None:
@@ -237,7 +237,8 @@ class LayerwiseSync:
             self._undo[index] = (theta.clone(), unit.anchor.clone(), unit.momentum.clone())
         pseudo_grad = unit.anchor.to(theta.device) - theta
         local = pseudo_grad.to(unit.anchor.device, copy=True) if self._delaying else None
-        self.faults.corrupt_pseudo_grad(pseudo_grad, self.iteration)
+        for hook in self.pseudo_gradient_hooks:
+            hook(pseudo_grad, self.iteration)
         record = self._weights(index, pseudo_grad)
         record.sync_iteration = self.iteration
         weight = record.weights[self.replica]

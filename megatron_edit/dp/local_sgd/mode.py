@@ -10,21 +10,22 @@ with a sync (`_final_sync`), so every replica finishes on the same model.
 import abc
 import collections
 import contextlib
-from typing import Dict, List, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 
 from megatron_edit.dp import comm_stats
+from megatron_edit.dp.base import StepPlan
 from megatron_edit.dp.ddp import SynchronousDataParallel
 from megatron_edit.dp.local_sgd.config import LocalSGDConfig
 from megatron_edit.dp.local_sgd.exchange import ProcessGroupTransport, SyncExchange
 from megatron_edit.dp.local_sgd import torchft_replicas
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
+from megatron_edit.dp.local_sgd.schedule import SyncSchedule
 from megatron_edit.dp.local_sgd.members import ProcessGroupMembers
 from megatron_edit.dp.local_sgd.sharded_state import replica_entries, replica_object
-from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.errors import require
 
 # Synchronous iterations first, as a fraction of training: at a quarter, EDiT at H=16 came within 0.5% of DDP's
@@ -71,10 +72,11 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     replicas_as_jobs = True
     syncs_on_step_count = True  # A-EDiT's trigger is the clock: it takes no ramp of intervals
 
-    def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
-                 faults: FaultInjector):
-        super().__init__(ddp_config, transformer_config, faults)
+    def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups):
+        super().__init__(ddp_config, transformer_config)
         self.local_sgd, self.groups = local_sgd, groups
+        self.schedule = SyncSchedule.of(local_sgd)
+        self.pseudo_gradient_hooks: List[Callable[[torch.Tensor, int], None]] = []  # (pseudo-gradient, sync iteration)
         self.pg_collection = groups.replica_process_groups()  # DDP and the optimizer see one replica
         self.counter = comm_stats.install()
         self.counter.name_group(groups.shard, "shard")
@@ -202,9 +204,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     def from_args(cls, args, ddp_config, transformer_config):
         groups = LocalSGDGroups.from_parallel_state()
         jobs = args.replica_coordinator == "torchft"
-        mode = cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups,
-                   FaultInjector.from_args(args, args.replica_index if jobs else groups.replica_index),
-                   **cls.mode_configs(args))
+        mode = cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups, **cls.mode_configs(args))
         if jobs:
             mode.attach_replica_jobs(args)
         return mode
@@ -301,21 +301,31 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         return self.replica_jobs is None or self.replica_jobs.commit()
 
     def synchronous_warmup_iters(self) -> int:
-        return self.local_sgd.warmup_iters if self.has_peers else 0
+        return self.schedule.warmup_iters if self.has_peers else 0
 
-    def begin_iteration(self, iteration: int, finished: bool) -> bool:
-        self.faults.start_iteration(iteration)
-        self.in_warmup = self.local_sgd.is_warmup(iteration)
-        if self.in_warmup or not self.has_peers:
-            return not finished
-        return self._begin_local_iteration(iteration, finished)
+    def replica(self) -> int:
+        return self.data_slot[0] if self.replica_jobs is not None else self.groups.replica_index
 
-    def _begin_local_iteration(self, iteration: int, finished: bool) -> bool:
-        """begin_iteration once replicas train apart. Here: when training is over, a final sync if any replica
-        stepped since the last one (a checkpoint taken after the final sync resumes without another)."""
-        if finished and self.local_steps_since_sync > 0:
-            self._final_sync(iteration - 1)
-        return not finished
+    def plan(self, iteration: int, finished: bool) -> StepPlan:
+        warmup = self.schedule.is_warmup(iteration)
+        if warmup or not self.has_peers:
+            return StepPlan(iteration, train=not finished, warmup=warmup)
+        return self._local_plan(iteration, finished)
+
+    def _local_plan(self, iteration: int, finished: bool) -> StepPlan:
+        """plan once replicas train apart. Here: a sync at the end of every H-th local step; when training is over,
+        a final sync if any replica stepped since the last one (a checkpoint taken after the final sync resumes
+        without another)."""
+        if finished:
+            return StepPlan(iteration, train=False, final_sync=self.local_steps_since_sync > 0)
+        return StepPlan(iteration, sync_after=self.schedule.syncs_after(iteration))
+
+    def before_step(self, plan: StepPlan) -> None:
+        self.in_warmup = plan.warmup
+
+    def finish(self, plan: StepPlan) -> None:
+        if plan.final_sync:
+            self._final_sync(plan.iteration - 1)
 
     @abc.abstractmethod
     def _begin_local_steps(self) -> None:
@@ -405,14 +415,13 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     def non_finite_message(self, iteration: int, what: str, rank: int) -> str:
         return f"{super().non_finite_message(iteration, what, rank)} (replica {self.groups.replica_index})"
 
-    def after_optimizer_step(self, iteration: int) -> None:
-        self.iteration = iteration
+    def after_step(self, plan: StepPlan) -> None:
+        self.iteration = plan.iteration
         if self.replica_jobs is not None:
             self.replica_jobs.watchdog.beat()
         if not self.in_warmup:
             self.local_steps_since_sync += 1
         self._iterations_since_log += 1
-        super().after_optimizer_step(iteration)
 
     def _progress(self) -> dict:
         return {"local_steps_since_sync": self.local_steps_since_sync, "in_warmup": self.in_warmup}

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "first --recompute-num-layers layers of each pipeline stage")
     g.add_argument("--recompute-num-layers", type=int, default=1)
 
-    g = parser.add_argument_group("layer swapping (one whole replica on one modest GPU; see the README)")
+    g = parser.add_argument_group("layer swapping (one whole replica on one modest GPU; see docs/layer_swapping.md)")
     g.add_argument("--swap-layers", action="store_true",
                    help="keep the transformer layers' weights, fp32 main parameters and Adam state in host memory; "
                         "each layer's weights come to the device for its forward and backward, the next ones "
@@ -133,15 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local-sgd-warmup-iters", type=int, default=None,
                    help="W: iterations of synchronous data parallelism before local steps begin")
     g.add_argument("--local-sgd-warmup-fraction", type=float, default=None,
-                   help="W as a fraction of --train-iters; without either flag, 0.25 (see the README's "
+                   help="W as a fraction of --train-iters; without either flag, 0.25 (see docs/baselines.md, "
                         "'Choosing H, the outer optimizer and warm-up')")
     g.add_argument("--local-sgd-initial-sync-interval", type=int, default=None,
                    help="H0: a ramp of sync intervals from the first local step: H0, 2 H0, 4 H0, ... up to H "
                         "(default: every interval is H)")
     g.add_argument("--local-sgd-warmup-grad-dtype", choices=SYNC_DTYPES, default=None,
                    help="what the warm-up's gradient average over the replicas sends: fp32 (DDP's), or a codec of "
-                        "--sync-dtype's, always with error feedback; default int2 (see the README's 'Choosing H, the "
-                        "outer optimizer and warm-up')")
+                        "--sync-dtype's, always with error feedback; default int2 (see docs/baselines.md, "
+                        "'Choosing H, the outer optimizer and warm-up')")
     g.add_argument("--outer-lr", type=float, default=0.7)
     g.add_argument("--outer-momentum", type=float, default=0.8)
     g.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=True)
@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="F: split the modules into F groups (balanced by size) that sync at staggered iterations, "
                         "every H local steps each, so the link carries about 1/F of the model at a time (edit)")
 
-    g = parser.add_argument_group("replicas as independent jobs (torchft; see the README's 'Replicas that come and go')")
+    g = parser.add_argument_group("replicas as independent jobs (torchft; see docs/replica_jobs.md)")
     g.add_argument("--replica-coordinator", choices=["process-group", "torchft"], default="process-group",
                    help="process-group: every replica in this launch; torchft: this launch is one replica, meeting "
                         "the others at each sync through the lighthouse at $TORCHFT_LIGHTHOUSE (diloco)")

@@ -6,7 +6,7 @@ On the embedded sample corpus (examples/prepare_sample_data.sh), three EDiT runs
   penalty        the same, with anomaly elimination (8 warm-up syncs, alpha 0.1, threshold 3)
 Validation loss is that of replica 2 (healthy; the last rank logs), which receives the others' pseudo-gradients
 at every sync. Writes a table (stdout and table.md), loss_curves.png and each run's log to --output-dir.
-Weighted averaging and clipping are left off here: on this corruption they hurt (see the README).
+Weighted averaging and clipping are left off here: on this corruption they hurt (see docs/edit.md).
 
     python tools/penalty_demo.py --output-dir runs/penalty_demo
 """

@@ -25,6 +25,8 @@ from megatron_edit.flops import flops_per_iteration
 from megatron_edit.initialize import destroy, initialize_megatron, launch_env
 from megatron_edit.logging import Trackers, iteration_line, perplexity, print_rank_last, validation_line
 from megatron_edit.model import initialize_weights, params_dtype, transformer_config_from_args, unwrap_model
+from megatron_edit.optimizers import inner_optimizers
+from megatron_edit.platform import mcore_internals
 from megatron_edit.swap.layers import LayerSwapper
 
 
@@ -240,7 +242,7 @@ class Trainer:
         finite_loss = bool(torch.isfinite(loss_sums).all())
         check_grads = not (self.args.fp16 and self.args.loss_scale is None)
         finite_grads = not check_grads or all(
-            bool(torch.isfinite(buffer.grad_data.norm())) for chunk in self.model for buffer in chunk.buffers)
+            bool(torch.isfinite(grads.norm())) for chunk in self.model for grads in mcore_internals.grad_buffers(chunk))
         kind = 0 if finite_loss and finite_grads else (2 if not finite_loss else 1)
         worst = torch.tensor([kind * dist.get_world_size() + dist.get_rank()], dtype=torch.float64,
                              device=self.device)
@@ -486,6 +488,7 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
         swapper = LayerSwapper(list(unwrap_model(model[0]).decoder.layers), device, args.swap_resident_layers)
     model = dp_mode.wrap_model(model, swapper.swapped_params if swapper else [])
     optimizer = dp_mode.build_optimizer(model, optimizer_config_from_args(args))
+    mcore_internals.check(model, inner_optimizers(optimizer))
     if swapper:
         swapper.install_hooks()
     scheduler = build_scheduler(args, optimizer)

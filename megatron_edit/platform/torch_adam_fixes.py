@@ -18,6 +18,7 @@ import functools
 from megatron.core.optimizer.distrib_optimizer import HAVE_APEX_OR_TE, DistributedOptimizer
 
 from megatron_edit.optimizers import inner_optimizers
+from megatron_edit.platform import mcore_internals
 
 _installed = {"done": False}
 
@@ -29,7 +30,7 @@ def prepare_to_load(optimizer) -> None:
     _install()
     for inner in inner_optimizers(optimizer):
         if isinstance(inner, DistributedOptimizer) and not inner.optimizer.state:
-            inner._init_optimizer_states_with_dummy_values()
+            mcore_internals.init_state_for_load(inner)
 
 
 def after_load(optimizer) -> None:

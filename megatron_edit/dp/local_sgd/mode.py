@@ -27,6 +27,7 @@ from megatron_edit.dp.local_sgd.schedule import SyncSchedule
 from megatron_edit.dp.local_sgd.members import ProcessGroupMembers
 from megatron_edit.dp.local_sgd.sharded_state import replica_entries, replica_object
 from megatron_edit.errors import require
+from megatron_edit.platform import mcore_internals
 
 # Synchronous iterations first, as a fraction of training: at a quarter, EDiT at H=16 came within 0.5% of DDP's
 # validation loss on the benchmark corpus, against 6% with 5% (docs/baselines.md: "Choosing H, the outer optimizer and warm-up").
@@ -44,9 +45,8 @@ def _gradient_segments(buffer, bucket, start: int, numel: int) -> List[Tuple[sli
     every tensor rank holds whole (megatron-core leaves them unmarked by `tensor_model_parallel`), which a codec
     quantizes in blocks of their own so their copies stay the same on every tensor rank."""
     spans = []  # (begin, end, tied, tensor-replicated) of each parameter inside the range, by position
-    for param in bucket.params:
-        first, last, _ = buffer.param_index_map[param]  # in the whole buffer; the bucket starts at its offset
-        begin, end = max(first - bucket.offset, start), min(last - bucket.offset, start + numel)
+    for param, first, last in mcore_internals.params_in_bucket(buffer, bucket):
+        begin, end = max(first, start), min(last, start + numel)
         if begin < end:
             spans.append((begin, end, getattr(param, "shared_embedding", False),
                           not getattr(param, "tensor_model_parallel", False)))
@@ -89,7 +89,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         # A compressed warm-up always carries its error: gradients compressed step after step drift without it.
         self.warmup_exchange = SyncExchange(ProcessGroupTransport(groups.exchange, groups.gather),
                                             local_sgd.warmup_grad_dtype, True, local_sgd.topk_fraction)
-        self._warmup_segments: Dict[tuple, list] = {}  # (chunk, buffer, bucket) -> what the warm-up exchanges of it
+        self._warmup_segments: Dict[tuple, list] = {}  # (chunk, bucket) -> what the warm-up exchanges of it
         self.members = ProcessGroupMembers(groups.sync)
         self.in_warmup = local_sgd.warmup_iters > 0
         self.local_steps_since_sync = 0  # local (post-warm-up) steps this replica took since the last sync
@@ -389,20 +389,19 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         shard_rank, shard_size = dist.get_rank(self.groups.shard), self.groups.shard_size
         in_flight = []
         for c, chunk in enumerate(model):
-            for b, buffer in enumerate(chunk.buffers):
-                for k, bucket in enumerate(buffer.buckets):
-                    grads, start = bucket.grad_data, 0
-                    if self.ddp_config.use_distributed_optimizer:
-                        size = grads.numel() // shard_size
-                        start = shard_rank * size
-                        grads = grads[start:start + size]
-                    if (c, b, k) not in self._warmup_segments:  # a bucket's parameters and shard never change
-                        self._warmup_segments[c, b, k] = _gradient_segments(buffer, bucket, start, grads.numel())
-                    for segment, replicated in self._warmup_segments[c, b, k]:
-                        part = grads[segment]
-                        values = part if part.dtype == torch.float32 else part.float()
-                        key = ("grads", c, b, k, segment.start)
-                        in_flight.append((part, self.warmup_exchange.start(key, values, replicated)))
+            for k, (buffer, bucket) in enumerate(mcore_internals.gradient_buckets(chunk)):
+                grads, start = mcore_internals.bucket_grads(bucket), 0
+                if self.ddp_config.use_distributed_optimizer:
+                    size = grads.numel() // shard_size
+                    start = shard_rank * size
+                    grads = grads[start:start + size]
+                if (c, k) not in self._warmup_segments:  # a bucket's parameters and shard never change
+                    self._warmup_segments[c, k] = _gradient_segments(buffer, bucket, start, grads.numel())
+                for segment, replicated in self._warmup_segments[c, k]:
+                    part = grads[segment]
+                    values = part if part.dtype == torch.float32 else part.float()
+                    key = ("grads", c, k, segment.start)
+                    in_flight.append((part, self.warmup_exchange.start(key, values, replicated)))
         for index, param in enumerate(self.unbucketed_params):  # a replica is one rank here (--swap-layers)
             values = param.main_grad.to(param.compute_device).view(-1)
             in_flight.append((param.main_grad.view(-1), self.warmup_exchange.start(("host grads", index), values, [])))

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_edit.optimizers import inner_optimizers
+from megatron_edit.platform import mcore_internals
 
 
 class MainParams:
@@ -26,8 +27,7 @@ class MainParams:
             if hasattr(inner, "shard_fp32_from_float16_groups"):  # DistributedOptimizer
                 for model_group, main_group in zip(inner.model_float16_groups, inner.shard_fp32_from_float16_groups):
                     for param, main in zip(model_group, main_group):
-                        param_range = inner._get_model_param_range_map(param)["param"]
-                        self.fragments[param] = (main, param_range.start, param_range.end)
+                        self.fragments[param] = (main, *mcore_internals.main_param_range(inner, param))
             elif hasattr(inner, "fp32_from_float16_groups"):  # Float16OptimizerWithFloat16Params
                 for model_group, main_group in zip(inner.float16_groups, inner.fp32_from_float16_groups):
                     for param, main in zip(model_group, main_group):

@@ -45,11 +45,12 @@ class Run:
 
 
 def training_command(nproc: int, args: List[str], script: str = "pretrain_gpt.py"):
-    """(command, environment) that launch `script` on `nproc` CPU processes under torchrun."""
+    """(command, environment) that launch `script` on `nproc` CPU processes: with torchrun's variables, forked from
+    one interpreter that imported torch and megatron-core once (fork_launch.py; torchrun itself is tested through
+    examples/pretrain_edit.sh and the restart test)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="",
                CUDA_DEVICE_MAX_CONNECTIONS="1")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               str(REPO / script), *args]
+    command = [sys.executable, str(REPO / "tests" / "fork_launch.py"), str(nproc), str(REPO / script), *args]
     return command, env
 
 

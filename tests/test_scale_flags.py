@@ -26,7 +26,10 @@ def losses(nproc: int, extra: tuple) -> list:
 @pytest.mark.parametrize("nproc,layout", [(2, TP2), (4, EDIT_TP2_M2), (4, TP2 + PP2 + ("--bf16",))],
                          ids=["ddp_tp2", "edit_tp2_m2", "ddp_tp2_pp2_bf16"])
 def test_sequence_parallelism_reproduces_tensor_parallelism(nproc, layout):
-    assert losses(nproc, layout + ("--sequence-parallel",)) == pytest.approx(losses(nproc, layout), rel=1e-5)
+    # Sequence parallelism reorders reductions (reduce-scatter and all-gather for all-reduce): in bf16 the losses
+    # then part in the fifth digit on some CPUs (1.2e-5 after four iterations here), in fp32 far below it.
+    tolerance = 1e-4 if "--bf16" in layout else 1e-5
+    assert losses(nproc, layout + ("--sequence-parallel",)) == pytest.approx(losses(nproc, layout), rel=tolerance)
 
 
 @pytest.mark.parametrize("nproc,layout,recompute", [

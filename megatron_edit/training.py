@@ -230,9 +230,9 @@ class Trainer:
             update_successful, grad_norm, _ = self.optimizer.step()
             if update_successful:
                 self.scheduler.step(increment=self.args.global_batch_size)
-        self.dp_mode.after_step(plan)
-        for hook in self.hooks:
+        for hook in self.hooks:  # first: a straggler's stretch is of its step, not of a sync the mode runs after it
             hook.after_step(plan)
+        self.dp_mode.after_step(plan)
         return loss_sums, grad_norm
 
     def _skip_non_finite(self, iteration: int, loss_sums: torch.Tensor) -> bool:

@@ -163,18 +163,19 @@ def test_when_every_replica_is_an_outlier_the_anchor_stays_and_parameters_reset_
 
 
 def test_aedit_with_a_3x_straggler_syncs_together_without_waiting_for_step_counts():
-    """On a simulated clock (0.25 s an iteration, 0.75 s on the straggler; a sync once 3 s have passed): the fast
-    replica syncs every 12 iterations, the straggler every 4, both in the same syncs, until the fast one finishes
-    (iteration 60) and ends everyone's training with the final sync."""
+    """On a simulated clock (0.25 s an iteration, 0.75 s on the straggler; a sync once 3 s have passed since the
+    last one ended): the fast replica syncs every 13 iterations, the straggler every 5 (the first sync after 12 and
+    4), both in the same syncs, until the fast one finishes (iteration 60) and ends everyone's training with the
+    final sync."""
     nproc, args = edit(1, 2, *local_sgd(0, 1))
     args = ("--dp-mode", "aedit") + args[2:] + ("--aedit-sync-seconds", "3", "--simulate-straggler", "1:3",
                                                "--simulated-step-seconds", "0.25", "--train-iters", "60")
     fast, slow = run(nproc, args)
-    assert [s["iteration"] for s in fast["syncs"]] == [13, 25, 37, 49, 60]  # the first after 12 iterations
-    assert [s["iteration"] for s in slow["syncs"]] == [5, 9, 13, 17, 20]
+    assert [s["iteration"] for s in fast["syncs"]] == [13, 26, 39, 52, 60]
+    assert [s["iteration"] for s in slow["syncs"]] == [5, 10, 15, 20, 24]
     for a, b in zip(fast["syncs"], slow["syncs"]):
         assert a["anchor_checksum"] == b["anchor_checksum"]  # the same parameters after every sync
-    assert len(fast["losses"]) == 60 and len(slow["losses"]) == 20
+    assert len(fast["losses"]) == 60 and len(slow["losses"]) == 24
     for name, value in fast["params"].items():  # the final sync leaves every replica with the same model
         assert torch.equal(value, slow["params"][name]), name
 

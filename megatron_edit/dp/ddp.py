@@ -37,20 +37,17 @@ class SynchronousDataParallel(DataParallelMode):
     def wrap_model(self, model_chunks, unbucketed_params=()):
         self.unbucketed_params = list(unbucketed_params)
         with detached_from_ddp(self.unbucketed_params):
-            return self._wrap_in_ddp(model_chunks)
-
-    def _wrap_in_ddp(self, model_chunks: List[torch.nn.Module]) -> List[torch.nn.Module]:
-        return [
-            DistributedDataParallel(
-                config=self.transformer_config,
-                ddp_config=self.ddp_config,
-                module=chunk,
-                # Like Megatron-LM: only the first chunk's buckets overlap with backward.
-                disable_bucketing=index > 0,
-                pg_collection=self.pg_collection,
-            )
-            for index, chunk in enumerate(model_chunks)
-        ]
+            return [
+                DistributedDataParallel(
+                    config=self.transformer_config,
+                    ddp_config=self.ddp_config,
+                    module=chunk,
+                    # Like Megatron-LM: only the first chunk's buckets overlap with backward.
+                    disable_bucketing=index > 0,
+                    pg_collection=self.pg_collection,
+                )
+                for index, chunk in enumerate(model_chunks)
+            ]
 
     def build_optimizer(self, model_chunks, optimizer_config):
         if self.pg_collection is None:

@@ -30,7 +30,8 @@ from megatron_edit.errors import require
 from megatron_edit.platform import mcore_internals
 
 # Synchronous iterations first, as a fraction of training: at a quarter, EDiT at H=16 came within 0.5% of DDP's
-# validation loss on the benchmark corpus, against 6% with 5% (docs/baselines.md: "Choosing H, the outer optimizer and warm-up").
+# validation loss on the benchmark corpus, against 6% with 5% (docs/baselines.md: "Choosing H, the outer optimizer
+# and warm-up").
 DEFAULT_WARMUP_FRACTION = 0.25
 # What the syncs and the warm-up's gradient average send unless told, with error feedback: int4 pseudo-gradients
 # and int2 gradients kept that quality at about 1/8 and 1/16 of the bytes (same section).

@@ -114,13 +114,19 @@ def test_a_hung_replica_is_ended_by_its_watchdog_and_the_others_finish(tmp_path)
 
 def test_a_replica_with_another_layout_is_refused_in_one_line(tmp_path):
     """Replica 1 splits its two ranks by tensor parallelism where replica 0 shards data: rank k of each would
-    exchange different things. Replica 1 (not the layout of the lowest --replica-id) stops; replica 0 goes on."""
-    flags = EDIT + ["--train-iters", "12"] + torchft(2)
+    exchange different things. Replica 1 (not the layout of the lowest --replica-id) stops; replica 0 goes on.
+    Replica 1 starts only once replica 0 is syncing (so their first quorum has both, however slowly either starts),
+    and replica 0 is stopped once it has synced alone after the refusal."""
+    flags = EDIT + torchft(2)
     with lighthouse(min_replicas=1) as address:
-        jobs = [ReplicaJob(0, flags, address, tmp_path, nproc=2),
-                ReplicaJob(1, flags + ["--tensor-model-parallel-size", "2"], address, tmp_path, nproc=2)]
-        refused = Run(*jobs[1].finish(timeout=300))
-        finished(jobs[0]).check()
+        going_on = ReplicaJob(0, flags + ["--train-iters", "100000"], address, tmp_path, nproc=2)
+        going_on.wait_for_sync(lambda iteration, rest: iteration > 0)
+        refused = Run(*ReplicaJob(1, flags + ["--train-iters", "12", "--tensor-model-parallel-size", "2"], address,
+                                  tmp_path, nproc=2).finish(timeout=300))
+        since = going_on.syncs()[-1][0]
+        going_on.wait_for_sync(lambda iteration, rest: iteration > since and present(rest) == 1
+                               and "committed: 0" not in rest)
+        going_on.kill()
     assert refused.returncode != 0
     assert "error: this replica's layout differs from the " in refused.stderr
     assert "(TP 2 vs 1, data-parallel ranks 1 vs 2): every replica of a --replica-coordinator torchft run needs " \

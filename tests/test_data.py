@@ -92,7 +92,7 @@ def test_workers_and_partitions_give_byte_identical_output(corpus, tmp_path):
         assert produced == reference, name
 
 
-def test_blend_sample_counts_follow_the_weights(corpus, tmp_path):
+def test_a_blend_follows_its_weights_and_trains(corpus, tmp_path):
     lines = open(corpus.jsonl).readlines()
     (tmp_path / "a.jsonl").write_text("".join(lines[0::2]))
     (tmp_path / "b.jsonl").write_text("".join(lines[1::2]))
@@ -105,6 +105,11 @@ def test_blend_sample_counts_follow_the_weights(corpus, tmp_path):
     train, _, _ = data_sets.build_datasets(args, SentencePieceTokenizer(corpus.sp))
     counts = np.bincount(train.dataset_index[:4000], minlength=2)
     assert abs(counts[0] / 4000 - 0.25) < 0.01 and abs(counts[1] / 4000 - 0.75) < 0.01
+    run = run_training(1, ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                           "--seq-length", "64", "--micro-batch-size", "2", "--train-iters", "4", "--lr", "1e-3",
+                           "--log-interval", "1", "--eval-iters", "1", "--eval-interval", "4", "--split", "90,10,0",
+                           "--data-cache-path", str(tmp_path / "cache"), "--data-path", *args.data_path, *SP(corpus)])
+    assert len(run.check().losses) == 4 and 4 in run.validation_losses
 
 
 def error_line(excinfo) -> str:

@@ -17,5 +17,6 @@ def micro_batches(dataset, start_sample: int, micro_batch_size: int, dp_rank: in
     while True:
         first = position + dp_rank * micro_batch_size
         samples = [dataset[(first + k) % len(dataset) if cyclic else first + k] for k in range(micro_batch_size)]
-        yield {key: torch.stack([s[key] for s in samples]).to(device) for key in samples[0]}
+        # A blend's samples carry their dataset's index as a numpy integer beside the tensors.
+        yield {key: torch.stack([torch.as_tensor(s[key]) for s in samples]).to(device) for key in samples[0]}
         position += round_size

@@ -307,8 +307,18 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
+# Sizes that are counts of something: 0 or less would divide by zero (or build nothing) later, on every rank.
+POSITIVE_SIZES = ("--micro-batch-size", "--global-batch-size", "--num-layers", "--hidden-size", "--ffn-hidden-size",
+                  "--num-attention-heads", "--num-query-groups", "--seq-length", "--max-position-embeddings",
+                  "--vocab-size")
+
+
 def validate_args(args: argparse.Namespace) -> None:
     """All configuration checks; fills in `data_parallel_size`, `num_microbatches`, `device_type`."""
+    _require(args.world_size >= 1, f"the launch has {args.world_size} processes; start at least one")
+    for flag in POSITIVE_SIZES:
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        _require(value is None or value >= 1, f"{flag} must be a positive integer, got {value}")
     tp, pp, world = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.world_size
     _require(tp >= 1 and pp >= 1, "--tensor-model-parallel-size and --pipeline-model-parallel-size must be >= 1")
     _require(world % (tp * pp) == 0,

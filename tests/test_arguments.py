@@ -35,6 +35,17 @@ def test_global_batch_not_divisible_by_micro_batch_times_dp():
         error_of(["--global-batch-size", "6"], world_size=2)
 
 
+@pytest.mark.parametrize("flag", arguments.POSITIVE_SIZES)
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_a_size_below_one_is_one_line(flag, value):
+    extra = [flag, value] + (["--group-query-attention"] if flag == "--num-query-groups" else [])
+    assert error_of(extra, world_size=1) == f"error: {flag} must be a positive integer, got {value}"
+
+
+def test_a_launch_of_no_processes_is_one_line():
+    assert error_of([], world_size=0) == "error: the launch has 0 processes; start at least one"
+
+
 def test_more_pipeline_stages_than_layers():
     assert "--pipeline-model-parallel-size 8 is larger than --num-layers 4" in \
         error_of(["--pipeline-model-parallel-size", "8"], world_size=8)

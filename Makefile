@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NPROC ?=
 DP_MODE ?= edit
 
-.PHONY: train test bench clean-venv
+.PHONY: train test test-fast bench clean-venv
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,10 @@ train: $(VENV)/installed
 
 test: $(VENV)/installed
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+# The inner loop (a few minutes): every test that runs in the test process itself, none that starts processes.
+test-fast: $(VENV)/installed
+	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 
 bench: $(VENV)/installed
 	$(PY) tools/bench_throughput.py $(ARGS)

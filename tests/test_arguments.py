@@ -151,6 +151,7 @@ def test_no_data_source():
     assert "no training data: pass --data-path PREFIX" in error_of([], world_size=1, base=without_data)
 
 
+@pytest.mark.slow
 def test_pretrain_gpt_prints_one_line_and_no_traceback():
     result = subprocess.run([sys.executable, "pretrain_gpt.py", *BASE, "--tensor-model-parallel-size", "2"],
                             cwd=REPO, capture_output=True, text=True, timeout=120)

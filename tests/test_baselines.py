@@ -5,6 +5,8 @@ import torch
 from test_edit import assert_params_close, edit, local_sgd, run
 from test_edit_layouts import assert_replicated_copies_identical
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 SCHEDULE = tuple(local_sgd(2, 3))  # W=2, H=3, 10 iterations: syncs after iterations 5 and 8
 
 

@@ -30,6 +30,7 @@ TORCH = ["--ckpt-format", "torch"]
 DISTRIBUTED_OPTIMIZER = ["--use-distributed-optimizer"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("nproc,mode", [(2, TORCH), (4, EDIT_WITH_PENALTY + TORCH),
                                         (4, EDIT_FRAGMENTS_DELAYED_INT8 + TORCH), (2, TORCH_DIST),
                                         (4, EDIT_FRAGMENTS_DELAYED_INT8 + TORCH_DIST),
@@ -50,6 +51,7 @@ def test_resumed_run_reproduces_the_uninterrupted_one_bitwise(tmp_path, nproc, m
     assert first.losses + second.losses == straight
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
 def test_use_checkpoint_args_takes_the_models_shape_from_the_checkpoint(tmp_path, ckpt_format):
     """Saved with a shape of its own, resumed with TINY_GPT's flags and --use-checkpoint-args: the checkpoint's shape
@@ -69,6 +71,7 @@ def test_use_checkpoint_args_takes_the_models_shape_from_the_checkpoint(tmp_path
 DISTRIBUTED_OPTIMIZER = ["--use-distributed-optimizer", "--ckpt-format", "torch_dist"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [["--pipeline-model-parallel-size", "2"], []], ids=["tp1_pp2_dp2", "tp1_pp1_dp4"])
 def test_torch_dist_checkpoint_reshards_to_another_layout(tmp_path, layout):
     """DDP with the distributed optimizer saved at TP=2 x DP=2 continues at another layout: weights, Adam's moments
@@ -83,6 +86,7 @@ def test_torch_dist_checkpoint_reshards_to_another_layout(tmp_path, layout):
     assert resumed.losses[1] == pytest.approx(straight[7], rel=1e-3)  # a step later: reduction order differs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,extra,rel", [
     (["--pipeline-model-parallel-size", "2", "--model-shard-group-size", "1"], [], 1e-5),
     (["--model-shard-group-size", "2"], [], 1e-5),
@@ -111,6 +115,7 @@ def test_edit_torch_dist_checkpoint_reshards_with_its_outer_state(tmp_path, layo
 ELASTIC = ("--micro-batch-size", "1", "--global-batch-size", "6", *local_sgd(2, 2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("replicas", [1, 3])
 def test_edit_checkpoint_resumes_with_a_different_number_of_replicas(tmp_path, replicas):
     saved = run(*edit(1, 2, *ELASTIC, "--train-iters", "6", "--save", str(tmp_path)))
@@ -125,6 +130,7 @@ def test_edit_checkpoint_resumes_with_a_different_number_of_replicas(tmp_path, r
     assert len(continued[-1]["losses"]) == 4 and len(continued[-1]["syncs"]) == (3 if replicas > 1 else 0)
 
 
+@pytest.mark.slow
 def test_killed_rank_restarts_from_the_last_checkpoint_and_finishes(tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
                str(REPO / "pretrain_gpt.py"), *TINY_GPT, "--micro-batch-size", "2", "--train-iters", "300",
@@ -146,6 +152,7 @@ def test_killed_rank_restarts_from_the_last_checkpoint_and_finishes(tmp_path):
     assert tracker.read_text() == "300"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt_format,file", [("torch", "mp_rank_00_000_dp_000/model_optim_rng.pt"),
                                               ("torch_dist", "__0_0.distcp")])
 def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, ckpt_format, file):
@@ -159,6 +166,7 @@ def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, c
     assert "at iteration 3" in resumed.stdout and len(resumed.losses) == 3
 
 
+@pytest.mark.slow
 def test_incompatible_or_missing_checkpoint_is_one_line(tmp_path):
     run_training(1, TINY_GPT + STEPS + ["--train-iters", "2", "--save", str(tmp_path)]).check()
     wider = [a if a != "64" else "128" for a in TINY_GPT]
@@ -173,6 +181,7 @@ def test_incompatible_or_missing_checkpoint_is_one_line(tmp_path):
     assert result.returncode != 0 and f"error: --load {tmp_path / 'nope'} does not exist" in result.stderr
 
 
+@pytest.mark.slow
 def test_finetune_and_partial_loads_follow_megatron_lms_flags(tmp_path):
     args = TINY_GPT + STEPS + ["--bf16", "--ckpt-format", "torch_dist"]
     scratch = run_training(2, args + ["--train-iters", "12", "--save", str(tmp_path), "--save-interval", "12",
@@ -193,6 +202,7 @@ def test_finetune_and_partial_loads_follow_megatron_lms_flags(tmp_path):
     assert max(finetuned.losses) < scratch.losses[0] - 0.1
 
 
+@pytest.mark.slow
 def test_megatron_lm_checkpoint_loads_and_trains_on(tmp_path):
     """A checkpoint as Megatron-LM writes it (tests/megatron_lm_checkpoint.py: megatron-core alone, no record of ours)
     loads with its exact weights and trains on under DDP and under EDiT, whose anchors start from those weights (its

@@ -3,6 +3,8 @@ import importlib
 import re
 from pathlib import Path
 
+import pytest
+
 from megatron_edit.dp import comm_stats
 from test_edit import edit, local_sgd, run
 
@@ -47,6 +49,7 @@ def test_the_table_lists_every_collective_megatron_core_binds_at_import():
         assert getattr(importlib.import_module(module), attribute).__name__ in comm_stats._PAYLOAD
 
 
+@pytest.mark.slow
 def test_ddp_with_distributed_optimizer_counts_reduce_scatter_and_all_gather_on_dp():
     dumps = run(2, (*DISTRIBUTED_OPTIMIZER, "--bf16"))
     for dump in dumps:
@@ -57,6 +60,7 @@ def test_ddp_with_distributed_optimizer_counts_reduce_scatter_and_all_gather_on_
             [{"dp": expected, "dist_opt": GRAD_NORM, "world": NAN_CHECK}] * len(dump["iterations"])
 
 
+@pytest.mark.slow
 def test_edit_local_steps_count_the_distributed_optimizer_on_the_shard_group():
     dumps = run(*edit(2, 2, *local_sgd(2, 3), *DISTRIBUTED_OPTIMIZER))
     for dump in dumps:

@@ -14,6 +14,8 @@ from megatron_edit.data import datasets as data_sets
 from megatron_edit.data.tokenizers import GPT2BPETokenizer, HuggingFaceTokenizer, SentencePieceTokenizer
 from tools import build_sample_corpus, preprocess_data, train_tokenizer
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory):

@@ -55,6 +55,7 @@ def assert_params_close(actual: dict, expected: dict):
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=2e-5, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shard,replicas,warmup,interval", [
     (1, 2, 2, 3),   # M=2 replicas of one rank each
     (2, 2, 2, 3),   # each replica sharded over two ranks
@@ -83,6 +84,7 @@ def test_edit_matches_reference_implementation(shard, replicas, warmup, interval
 DELAY = ("--sync-delay-steps", "2")
 
 
+@pytest.mark.slow
 def test_delayed_outer_step_matches_reference_implementation():
     """S=2, M=2, W=2, H=3, tau=2: the syncs of iterations 6 and 9 are applied at 8 and (training over) before the final
     sync, each carrying the local steps made since it was issued."""
@@ -101,6 +103,7 @@ def test_delayed_outer_step_matches_reference_implementation():
 FRAGMENTS = ("--sync-fragments", "2")
 
 
+@pytest.mark.slow
 def test_staggered_fragments_match_reference_implementation():
     """S=2, M=2, W=2, H=4, F=2, tau=1: fragment 1 syncs at iterations 5 and 9 (2 and 6 local steps), fragment 0 at 7
     (4 local steps), each applied one iteration later; then the final sync of every module."""
@@ -119,6 +122,7 @@ def test_staggered_fragments_match_reference_implementation():
         (6, len(issued[5])), (8, len(issued[7])), (10, len(issued[9])), (10, len(units))]
 
 
+@pytest.mark.slow
 def test_quantized_delayed_exchange_moves_to_its_all_gather_once_its_all_to_all_is_done():
     """int8 with tau=2: each module's all-to-all is issued in the sync (iteration 6), its all-gather at a later module
     boundary, in the order of issue, no later than the outer step applied at 8; the model stays within int8's rounding
@@ -144,6 +148,7 @@ def test_quantized_delayed_exchange_moves_to_its_all_gather_once_its_all_to_all_
             assert 0 < difference < 2e-3, name
 
 
+@pytest.mark.slow
 def test_delayed_outer_step_on_tensor_parallel_reproduces_the_unsplit_run():
     nproc, args = edit(1, 2, *local_sgd(2, 3), *DELAY)
     unsplit = run(nproc, args)
@@ -152,6 +157,7 @@ def test_delayed_outer_step_on_tensor_parallel_reproduces_the_unsplit_run():
     torch.testing.assert_close(split[-1]["losses"], unsplit[-1]["losses"], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_each_module_syncs_right_before_its_own_forward_and_overlaps_the_next():
     dumps = run(*edit(2, 2, *local_sgd(2, 3)))
     units = [u["name"] for u in dumps[0]["units"]]
@@ -170,6 +176,7 @@ def test_each_module_syncs_right_before_its_own_forward_and_overlaps_the_next():
                 assert position[("issue", units[k + 1])] < position[("forward_end", name)]
 
 
+@pytest.mark.slow
 def test_no_bytes_cross_sync_group_on_local_steps_and_pseudo_gradient_once_on_sync_steps():
     dumps = run(*edit(2, 2, *local_sgd(2, 3)))
     for dump in dumps:
@@ -186,6 +193,7 @@ def test_no_bytes_cross_sync_group_on_local_steps_and_pseudo_gradient_once_on_sy
                 assert crossing == {}, iteration
 
 
+@pytest.mark.slow
 def test_outer_state_is_two_values_per_owned_parameter():
     dumps = run(*edit(2, 2, *local_sgd(2, 3)))
     for dump in dumps:
@@ -206,6 +214,7 @@ def test_offloaded_outer_state_lives_off_the_compute_device(offload, expected):
     assert shard.anchor.numel() == 8 and shard.owned == slice(8, 16)
 
 
+@pytest.mark.slow
 def test_warmup_longer_than_training_is_synchronous_data_parallelism():
     edit_dumps = run(*edit(2, 2, *local_sgd(20, 3)))
     ddp_dumps = run(4, ())
@@ -213,12 +222,14 @@ def test_warmup_longer_than_training_is_synchronous_data_parallelism():
     assert all(not record["bytes"].get("sync", 0) == 0 for record in edit_dumps[0]["iterations"])
 
 
+@pytest.mark.slow
 def test_single_replica_is_plain_training():
     edit_dumps = run(*edit(2, 1, *local_sgd(1, 2)))
     ddp_dumps = run(2, ())
     assert_params_close(edit_dumps[0]["params"], ddp_dumps[0]["params"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,shard", [(("--tensor-model-parallel-size", "2"), 2),
                                           (("--pipeline-model-parallel-size", "2"), 1)])
 def test_edit_with_tensor_or_pipeline_parallelism_matches_its_tp1_pp1_run(layout, shard):
@@ -243,6 +254,7 @@ def test_outer_step_equals_torch_sgd_nesterov():
     torch.testing.assert_close(anchor, reference.detach())
 
 
+@pytest.mark.slow
 def test_distributed_optimizer_and_bf16_main_parameters():
     """Warm-up averages gradient shards, syncs read and write fp32 main parameters (full or this rank's fragment)."""
     adam = ("--optimizer", "adam", "--lr", "3e-3")

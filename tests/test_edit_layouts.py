@@ -8,6 +8,8 @@ import torch
 from launcher import TINY_GPT, run_training
 from test_edit import edit, local_sgd, run
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 PENALTY = ("--edit-anomaly-elimination", "--edit-anomaly-warmup-syncs", "1", "--edit-weighted-average",
            "--edit-weight-temperature", "0.05", "--edit-pseudo-grad-clip", "0.02")
 TENSOR_PARALLEL = ("--tensor-model-parallel-size", "2")

@@ -14,6 +14,8 @@ import torch.multiprocessing as mp
 from megatron_edit.dp import comm_stats
 from megatron_edit.dp.local_sgd.exchange import INT8_BLOCK, QUANTIZERS, ProcessGroupTransport, SyncExchange
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 NUMEL = 64 * INT8_BLOCK + 37  # not a multiple of the block or of the replica count: padding is exercised
 
 

@@ -3,7 +3,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from launcher import REPO, run_training
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 LLAMA = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
          "--seq-length", "32", "--max-position-embeddings", "32", "--position-embedding-type", "rope",

@@ -2,7 +2,11 @@
 import os
 import subprocess
 
+import pytest
+
 from launcher import REPO
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def launch(env_overrides, *args, timeout=600):

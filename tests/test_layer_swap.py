@@ -9,6 +9,8 @@ import torch
 
 from launcher import TINY_GPT, run_training
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 COMMON = TINY_GPT + ["--micro-batch-size", "2", "--train-iters", "6", "--log-interval", "1", "--eval-iters", "1",
                      "--eval-interval", "3"]
 MODES = {

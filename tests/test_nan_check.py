@@ -19,6 +19,7 @@ def error_line(run) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,fault,expected", [
     ((), "1:3:nan-loss", "error: non-finite loss at iteration 3 on rank 1; the step was not taken"),
     (("--pipeline-model-parallel-size", "2"), "0:4:nan-loss",  # the loss is on the last stage, rank 1
@@ -33,6 +34,7 @@ def test_a_nan_loss_stops_training_with_one_line(layout, fault, expected):
     assert error_line(failed).startswith(expected)
 
 
+@pytest.mark.slow
 def test_the_check_can_be_turned_off():
     run = run_training(1, ARGS + ["--inject-fault", "0:3:nan-loss", "--no-check-for-nan-in-loss-and-grad"]).check()
     assert "lm loss: NAN |" in run.stdout  # nothing stopped it

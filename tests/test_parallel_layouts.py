@@ -5,6 +5,8 @@ import pytest
 
 from launcher import TINY_GPT, run_training
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 STEPS = ["--train-iters", "6", "--log-interval", "1", "--eval-interval", "100", "--eval-iters", "1"]
 LLAMA = ["--swiglu", "--normalization", "RMSNorm", "--position-embedding-type", "rope",
          "--untie-embeddings-and-output-weights", "--group-query-attention", "--num-query-groups", "2",

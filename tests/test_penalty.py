@@ -129,6 +129,7 @@ def sync_at(dump: dict, iteration: int) -> dict:
     return next(sync for sync in dump["syncs"] if sync["iteration"] == iteration)
 
 
+@pytest.mark.slow
 def test_scaled_replica_is_flagged_and_anchor_is_weighted_average_of_the_healthy():
     dumps = penalty_run("--inject-fault", "1:9:scale", "--edit-weighted-average", "--edit-weight-temperature", "0.1",
                         "--dump-param-history")
@@ -148,6 +149,7 @@ def test_scaled_replica_is_flagged_and_anchor_is_weighted_average_of_the_healthy
     assert healthy_weight == pytest.approx(len(last_sync["records"]))
 
 
+@pytest.mark.slow
 def test_nan_pseudo_gradient_never_reaches_a_parameter():
     dumps = penalty_run("--inject-fault", "2:9:nan")
     assert all(r["outliers"][2] and r["weights"][2] == 0.0 for r in sync_at(dumps[0], 9)["records"])
@@ -156,12 +158,14 @@ def test_nan_pseudo_gradient_never_reaches_a_parameter():
         assert all(torch.isfinite(u["anchor"]).all() for u in dump["units"])
 
 
+@pytest.mark.slow
 def test_when_every_replica_is_an_outlier_the_anchor_stays_and_parameters_reset_to_it():
     dumps = penalty_run(*[arg for r in range(3) for arg in ("--inject-fault", f"{r}:9:scale")])
     assert all(r["reset_to_anchor"] for r in sync_at(dumps[0], 9)["records"])
     assert sync_at(dumps[0], 9)["anchor_checksum"] == sync_at(dumps[0], 7)["anchor_checksum"]
 
 
+@pytest.mark.slow
 def test_aedit_with_a_3x_straggler_syncs_together_without_waiting_for_step_counts():
     """On a simulated clock (0.25 s an iteration, 0.75 s on the straggler; a sync once 3 s have passed since the
     last one ended): the fast replica syncs every 13 iterations, the straggler every 5 (the first sync after 12 and
@@ -210,6 +214,7 @@ class ReferenceDetector:
         self.count += 1
 
 
+@pytest.mark.slow
 def test_penalty_in_training_matches_an_independent_reference():
     """Three replicas, W=1, H=2: syncs at iterations 4, 6, 8, 10 and the final one after 11; replica 1's
     pseudo-gradients are scaled x100 from iteration 8. From each replica's dumped parameters before every sync,

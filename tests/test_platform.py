@@ -3,7 +3,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 from launcher import REPO, TINY_GPT, run_training
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def run_python(code: str) -> str:

@@ -12,6 +12,8 @@ import torch
 from launcher import TINY_GPT, Run, run_training
 from tools.bench_replica_jobs import ReplicaJob, lighthouse, present
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 COMMON = TINY_GPT + ["--micro-batch-size", "2", "--log-interval", "50", "--eval-iters", "1",
                      "--eval-interval", "100000", "--local-sgd-sync-interval", "4", "--local-sgd-warmup-iters", "0"]
 DILOCO = COMMON + ["--dp-mode", "diloco"]

@@ -8,6 +8,8 @@ import pytest
 from launcher import TINY_GPT, run_training
 from test_edit import local_sgd
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 ARGS = TINY_GPT + ["--micro-batch-size", "1", "--global-batch-size", "8", "--log-interval", "1",
                    "--eval-interval", "1000", "--eval-iters", "1", "--train-iters", "4"]
 TP2 = ("--tensor-model-parallel-size", "2")

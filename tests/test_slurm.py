@@ -9,6 +9,8 @@ from launcher import REPO
 from local_slurm import LocalSlurm, unavailable_reason
 from megatron_edit.logging import parse_iteration_lines
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):

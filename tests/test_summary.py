@@ -6,6 +6,8 @@ import pytest
 
 from launcher import TINY_GPT, run_training
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 ITERS = 6
 RUN = TINY_GPT + ["--micro-batch-size", "2", "--train-iters", str(ITERS), "--log-interval", str(ITERS),
                   "--eval-iters", "1", "--device", "cpu"]

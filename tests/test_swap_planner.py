@@ -76,6 +76,7 @@ def test_a_budget_below_one_layer_is_refused_in_one_line():
                               "and 1.0 MiB are left for layer weights") and "\n" not in message
 
 
+@pytest.mark.slow
 def test_plan_layer_swap_tool_prints_the_plan_and_when_swapping_pays(tmp_path, capsys):
     from tools import plan_layer_swap
 

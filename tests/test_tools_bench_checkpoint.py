@@ -1,7 +1,11 @@
 """tools/bench_checkpoint.py end to end at the smallest size: both formats saved and loaded, their bytes counted."""
 import csv
 
+import pytest
+
 from tools import bench_checkpoint
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def test_torch_dist_writes_each_tensor_once_where_torch_writes_a_copy_per_rank(tmp_path):

@@ -1,5 +1,9 @@
 """tools/bench_throughput.py runs pretrain_gpt.py's flags, the scale and memory ones included, and prints its table."""
+import pytest
+
 from launcher import TINY_GPT, run_training
+
+pytestmark = pytest.mark.slow  # every test here starts processes
 
 
 def test_throughput_table_names_the_flags_and_reports_mfu_and_peak_memory():

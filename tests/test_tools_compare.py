@@ -5,6 +5,8 @@ import pytest
 
 from tools import compare_methods
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def test_compare_methods_writes_table_and_plots_for_every_method(tmp_path):
     compare_methods.main(["--output-dir", str(tmp_path), "--mock-data", "--num-layers", "2", "--hidden-size", "64",

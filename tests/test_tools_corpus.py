@@ -50,6 +50,7 @@ def test_sections_cut_at_titles_and_join_back_to_the_file():
     assert list(build_corpus.sections(RST, min_chars=10_000)) == [RST]
 
 
+@pytest.mark.slow
 def test_built_corpus_round_trips_through_its_tokenizer(built):
     documents = [json.loads(line) for line in open(built / "corpus.jsonl")]
     assert {d["source"].split("#")[0] for d in documents} == {"library/m0.rst.txt", "library/m1.rst.txt",
@@ -62,6 +63,7 @@ def test_built_corpus_round_trips_through_its_tokenizer(built):
         assert ids[-1] == tokenizer.eod and tokenizer.detokenize(ids[:-1]) == document["text"]
 
 
+@pytest.mark.slow
 def test_missing_sources_stop_with_one_line(tmp_path):
     with pytest.raises(SystemExit, match="not a directory"):
         build_corpus.main(["--output-dir", str(tmp_path), "--sources", str(tmp_path / "nowhere")])

@@ -7,6 +7,7 @@ import pytest
 from tools import netsim
 
 
+@pytest.mark.slow
 def test_shaped_links_slow_ddp_more_than_edit_and_namespaces_are_removed(tmp_path):
     reason = netsim.unavailable_reason()
     if reason:

@@ -6,6 +6,8 @@ import pytest
 
 from tools import sweep_local_sgd
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 TINY = ["--mock-data", "--num-layers", "1", "--hidden-size", "32", "--seq-length", "32", "--micro-batch-size", "2",
         "--global-batch-size", "4", "--train-iters", "8", "--log-interval", "4", "--eval-iters", "2",
         "--lr-warmup-iters", "1", "--warmup-iters", "2", "--sync-intervals", "3", "--ddp-lrs", "2e-3", "--lrs", "2e-3",

@@ -23,6 +23,7 @@ def test_modeled_time_is_compute_plus_every_byte_over_the_link():
     assert time_to_quality.modeled_seconds(record, compute=0.5, rate=100.0) == {4: 12.0, 8: 19.0}
 
 
+@pytest.mark.slow
 def test_tool_sets_ddp_against_a_variant_at_each_rho(tmp_path):
     time_to_quality.main(["--output-dir", str(tmp_path), *TINY, "--rhos", "0.35", "3.5",
                           "--variant", "edit=--dp-mode edit --local-sgd-warmup-iters 2"])

@@ -8,6 +8,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from launcher import TINY_GPT, run_training
 from wandb_offline import history_and_config
 
+pytestmark = pytest.mark.slow  # every test here starts processes
+
 
 def test_offline_wandb_run_and_tensorboard_hold_training_validation_and_sync_series(tmp_path):
     run = run_training(2, TINY_GPT + [

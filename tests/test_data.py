@@ -14,7 +14,7 @@ from megatron_edit.data import datasets as data_sets
 from megatron_edit.data.tokenizers import GPT2BPETokenizer, HuggingFaceTokenizer, SentencePieceTokenizer
 from tools import build_sample_corpus, preprocess_data, train_tokenizer
 
-pytestmark = pytest.mark.slow  # every test here starts processes
+pytestmark = pytest.mark.slow  # the shared corpus trains two tokenizers; most tests here also start processes
 
 
 @pytest.fixture(scope="session")

@@ -123,13 +123,15 @@ def test_a_replica_with_another_layout_is_refused_in_one_line(tmp_path):
     flags = EDIT + torchft(2)
     with lighthouse(min_replicas=1) as address:
         going_on = ReplicaJob(0, flags + ["--train-iters", "100000"], address, tmp_path, nproc=2)
-        going_on.wait_for_sync(lambda iteration, rest: iteration > 0)
-        refused = Run(*ReplicaJob(1, flags + ["--train-iters", "12", "--tensor-model-parallel-size", "2"], address,
-                                  tmp_path, nproc=2).finish(timeout=300))
-        since = going_on.syncs()[-1][0]
-        going_on.wait_for_sync(lambda iteration, rest: iteration > since and present(rest) == 1
-                               and "committed: 0" not in rest)
-        going_on.kill()
+        try:
+            going_on.wait_for_sync(lambda iteration, rest: iteration > 0)
+            refused = Run(*ReplicaJob(1, flags + ["--train-iters", "12", "--tensor-model-parallel-size", "2"],
+                                      address, tmp_path, nproc=2).finish(timeout=300))
+            since = going_on.syncs()[-1][0]
+            going_on.wait_for_sync(lambda iteration, rest: iteration > since and present(rest) == 1
+                                   and "committed: 0" not in rest)
+        finally:
+            going_on.kill()
     assert refused.returncode != 0
     assert "error: this replica's layout differs from the " in refused.stderr
     assert "(TP 2 vs 1, data-parallel ranks 1 vs 2): every replica of a --replica-coordinator torchft run needs " \

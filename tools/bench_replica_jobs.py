@@ -88,9 +88,12 @@ class ReplicaJob:
         raise TimeoutError(f"no such sync within {timeout} s:\n{self.text[-3000:]}")
 
     def kill(self) -> None:
-        """SIGKILL to torchrun and its workers (which torchrun starts in sessions of their own)."""
+        """SIGKILL to torchrun and its workers (which torchrun starts in sessions of their own); nothing once the
+        job has ended."""
         import psutil
 
+        if self.process.poll() is not None:
+            return
         agent = psutil.Process(self.process.pid)
         for process in agent.children(recursive=True) + [agent]:
             process.send_signal(signal.SIGKILL)

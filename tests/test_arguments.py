@@ -254,3 +254,23 @@ def test_sync_interval_ramp_and_codec_refusals():
     ramp = arguments.parse_args(BASE + ["--dp-mode", "diloco", "--local-sgd-initial-sync-interval", "2"] + local,
                                 world_size=2)
     assert ramp.local_sgd_initial_sync_interval == 2
+
+
+@pytest.mark.parametrize("case", ["empty-model", "text-as-model", "directory", "broken-tokenizer-json",
+                                  "vocab-directory"])
+def test_a_tokenizer_file_that_is_not_one_is_refused_in_one_line(tmp_path, case):
+    (tmp_path / "empty.model").write_bytes(b"")
+    (tmp_path / "notes.model").write_text("hello\n")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    (tmp_path / "merges.txt").write_text("")
+    flags, named = {
+        "empty-model": (["SentencePieceTokenizer", "--tokenizer-model", f"{tmp_path}/empty.model"], "empty.model"),
+        "text-as-model": (["SentencePieceTokenizer", "--tokenizer-model", f"{tmp_path}/notes.model"], "notes.model"),
+        "directory": (["SentencePieceTokenizer", "--tokenizer-model", str(tmp_path)], str(tmp_path)),
+        "broken-tokenizer-json": (["HuggingFaceTokenizer", "--tokenizer-model", f"{tmp_path}/tokenizer.json"],
+                                  "tokenizer.json"),
+        "vocab-directory": (["GPT2BPETokenizer", "--vocab-file", str(tmp_path), "--merge-file",
+                             f"{tmp_path}/merges.txt"], "merges.txt"),
+    }[case]
+    message = error_of(["--tokenizer-type", *flags], world_size=1)
+    assert f"--tokenizer-type {flags[0]} cannot read " in message and named in message

@@ -28,7 +28,12 @@ def add_tokenizer_args(parser):
 
 
 def check_tokenizer_args(args) -> None:
-    """One line for each way the tokenizer flags cannot work; run before any heavy work."""
+    """One line for each way the tokenizer flags cannot work; run before any heavy work. It reads the files, so
+    that one that exists but is not a tokenizer of its kind stops the preflight, not every rank later."""
+    build_tokenizer(args)
+
+
+def build_tokenizer(args):
     kind = args.tokenizer_type
     required = {"SentencePieceTokenizer": ["tokenizer_model"], "HuggingFaceTokenizer": ["tokenizer_model"],
                 "GPT2BPETokenizer": ["vocab_file", "merge_file"], "NullTokenizer": []}[kind]
@@ -40,20 +45,22 @@ def check_tokenizer_args(args) -> None:
         if not os.path.exists(path):
             raise UsageError(f"{flag} {path} does not exist; train one with tools/train_tokenizer.py "
                                  "or point to an existing file")
-    if kind == "NullTokenizer" and (args.vocab_size is None or args.vocab_size < 1):
-        raise UsageError("--tokenizer-type NullTokenizer needs --vocab-size N (N >= 1)")
-
-
-def build_tokenizer(args):
-    check_tokenizer_args(args)
-    kind = args.tokenizer_type
-    if kind == "SentencePieceTokenizer":
-        return SentencePieceTokenizer(args.tokenizer_model)
-    if kind == "HuggingFaceTokenizer":
-        return HuggingFaceTokenizer(args.tokenizer_model)
-    if kind == "GPT2BPETokenizer":
+    if kind == "NullTokenizer":
+        if args.vocab_size is None or args.vocab_size < 1:
+            raise UsageError("--tokenizer-type NullTokenizer needs --vocab-size N (N >= 1)")
+        return NullTokenizer(args.vocab_size)
+    try:
+        if kind == "SentencePieceTokenizer":
+            return SentencePieceTokenizer(args.tokenizer_model)
+        if kind == "HuggingFaceTokenizer":
+            return HuggingFaceTokenizer(args.tokenizer_model)
         return GPT2BPETokenizer(args.vocab_file, args.merge_file)
-    return NullTokenizer(args.vocab_size)
+    except Exception as error:  # what sentencepiece or tokenizers raise for a file that is not of their kind
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        files = " and ".join(getattr(args, attribute) for attribute in required)
+        raise UsageError(f"--tokenizer-type {kind} cannot read {files} ({reason}); give the file(s) "
+                         "tools/train_tokenizer.py or the tokenizer's release wrote, or the --tokenizer-type that "
+                         "wrote them") from None
 
 
 class _Tokenizer:

@@ -172,6 +172,26 @@ def test_empty_input_is_one_line(corpus, tmp_path):
     assert not list(tmp_path.glob("out*"))
 
 
+@pytest.mark.parametrize("how", ["dies", "raises"])
+def test_a_partition_that_dies_or_raises_ends_the_run_in_one_line(corpus, tmp_path, monkeypatch, how):
+    """Partitions are forked, so the patched encode_lines runs in them: one exits without a word, or raises
+    something that is not a usage error. Either way the run ends (it used to wait forever) and leaves nothing."""
+    def broken(args, lines, prefix, workers, total_bytes, label):
+        if how == "dies":
+            os._exit(3)
+        raise RuntimeError("tokenizer blew up")
+
+    monkeypatch.setattr(preprocess_data, "encode_lines", broken)
+    with pytest.raises(SystemExit) as excinfo:
+        preprocess(corpus, tmp_path / "out", *SP(corpus), "--workers", "2", "--partitions", "2")
+    assert error_line(excinfo) in (
+        ["error: partition 1/2 died (exit code 3) before it finished; nothing was written",
+         "error: partition 2/2 died (exit code 3) before it finished; nothing was written"] if how == "dies" else
+        ["error: [partition 1/2] failed: RuntimeError: tokenizer blew up",
+         "error: [partition 2/2] failed: RuntimeError: tokenizer blew up"])
+    assert not list(tmp_path.iterdir())  # neither output nor the scratch folder
+
+
 def test_interrupted_run_leaves_no_output_pair(corpus, tmp_path, monkeypatch):
     real_encode, calls = preprocess_data.Encoder.encode, []
 

@@ -22,6 +22,7 @@ import tempfile
 import time
 import zlib
 from itertools import islice
+from queue import Empty
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -225,6 +226,25 @@ def _partition_main(args, start: int, stop: int, prefix: str, workers: int, labe
         queue.put(("ok", encode_lines(args, lines, prefix, workers, None, label)))
     except SystemExit as exc:
         queue.put(("error", str(exc.code)))
+    except Exception as exc:  # anything else still ends the run in one line, not a wait for a result never sent
+        queue.put(("error", f"error: {label.strip()} failed: {type(exc).__name__}: {exc}"))
+
+
+def _outcomes(processes, queue) -> list:
+    """One (status, result) per partition; a partition process that dies without reporting ends the run."""
+    outcomes = []
+    while len(outcomes) < len(processes):
+        try:
+            outcomes.append(queue.get(timeout=1.0))
+        except Empty:
+            dead = [(p, process.exitcode) for p, process in enumerate(processes) if process.exitcode not in (None, 0)]
+            if dead:
+                for process in processes:
+                    process.terminate()
+                p, code = dead[0]
+                raise UsageError(f"partition {p + 1}/{len(processes)} died (exit code {code}) before it finished; "
+                                 "nothing was written")
+    return outcomes
 
 
 def encode_partitions(args, prefix: str, scratch: str) -> Stats:
@@ -243,7 +263,7 @@ def encode_partitions(args, prefix: str, scratch: str) -> Stats:
             args, bounds[p], bounds[p + 1], part_prefix, args.workers // args.partitions, label, queue))
         process.start()
         processes.append(process)
-    outcomes = [queue.get() for _ in processes]
+    outcomes = _outcomes(processes, queue)
     for process in processes:
         process.join()
     errors = [message for status, message in outcomes if status == "error"]

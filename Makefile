@@ -20,7 +20,7 @@ train: $(VENV)/installed
 test: $(VENV)/installed
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
-# The inner loop (a few minutes): every test that runs in the test process itself, none that starts processes.
+# The inner loop (under a minute on 2 cores): every test that runs in the test process itself, none that starts processes.
 test-fast: $(VENV)/installed
 	$(PY) -m pytest -q -m "not slow" tests $(PYTEST_ARGS)
 

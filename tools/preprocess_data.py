@@ -22,8 +22,8 @@ import tempfile
 import time
 import zlib
 from itertools import islice
-from queue import Empty
 from pathlib import Path
+from queue import Empty
 from typing import Dict, Iterator, List, Optional, Tuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -229,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-rng", action="store_true", help="load without the RNG states")
     g.add_argument("--finetune", action="store_true",
                    help="load the weights only and start at iteration 0 with a fresh optimizer and schedule")
+    g.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="resume with this run's learning-rate schedule flags (--lr, --train-iters, ...) from the "
+                        "checkpoint's position, where they differ from the saved schedule's")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="resume with the checkpoint's learning-rate schedule, whatever this run's flags say")
     g.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model's shape (layers, sizes, heads, Llama-style switches) from the newest "
                         "checkpoint under --load instead of the command line")
@@ -386,6 +391,9 @@ def validate_args(args: argparse.Namespace) -> None:
     _require(args.log_interval > 0 and args.eval_interval > 0, "--log-interval and --eval-interval must be positive")
 
     _require(args.save_interval is None or args.save_interval > 0, "--save-interval must be positive")
+    _require(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
+             "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler contradict each other: "
+             "give one (this run's schedule, or the checkpoint's)")
 
     _require(args.eval_iters >= 0, "--eval-iters must be >= 0")
     check_split(args.split, used_splits(args))

@@ -29,6 +29,7 @@ from megatron.core import parallel_state
 
 from megatron_edit import dist_checkpoint
 from megatron_edit.errors import UsageError
+from megatron_edit.lr_schedule import load_scheduler_state
 from megatron_edit.optimizers import inner_optimizers
 from megatron_edit.rng_state import rng_state, set_rng_state
 
@@ -331,7 +332,7 @@ def _load_rank_file(trainer, directory: str, meta: dict, parts: LoadParts) -> Tu
         chunk.load_state_dict(chunk_state)
     if parts.optimizer:
         _load_optimizer_state(trainer.optimizer, state["optimizer"])
-        trainer.scheduler.load_state_dict(state["scheduler"])
+        load_scheduler_state(trainer.scheduler, state["scheduler"], state["iteration"])
     if parts.rng:
         set_rng_state(state["rng"])
     if not parts.progress:

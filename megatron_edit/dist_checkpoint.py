@@ -26,6 +26,7 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 from megatron_edit.dp.local_sgd.sharded_state import entries_by_parameter
 from megatron_edit.errors import UsageError
+from megatron_edit.lr_schedule import load_scheduler_state
 from megatron_edit.model import unwrap_model
 from megatron_edit.platform import checkpoint_writer, torch_adam_fixes
 from megatron_edit.rng_state import rng_state, set_rng_state
@@ -132,7 +133,7 @@ def load(trainer, directory: str, parts) -> Tuple[int, bool]:
     if parts.optimizer:
         trainer.optimizer.load_state_dict(state["optimizer"])
         torch_adam_fixes.after_load(trainer.optimizer)
-        _load_schedule(trainer.scheduler, state["opt_param_scheduler"], ours)
+        _load_schedule(trainer.scheduler, state["opt_param_scheduler"], ours, common["iteration"])
     if "rng_state" in state:
         set_rng_state(state["rng_state"][parallel_state.get_data_parallel_rank()])
     if not parts.progress:
@@ -150,11 +151,11 @@ def load(trainer, directory: str, parts) -> Tuple[int, bool]:
     return rank_state["iteration"], True
 
 
-def _load_schedule(scheduler, schedule: dict, ours: bool) -> None:
+def _load_schedule(scheduler, schedule: dict, ours: bool, iteration: int) -> None:
     """Our checkpoint's schedule as saved; Megatron-LM's only as a position: this run's flags give the curve (what
     Megatron-LM's --override-opt_param-scheduler does), at the sample count the checkpoint reached."""
     if ours:
-        scheduler.load_state_dict(schedule)
+        load_scheduler_state(scheduler, schedule, iteration)
     else:
         scheduler.step(increment=schedule["num_steps"])
 

@@ -11,7 +11,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_edit import platform
@@ -24,6 +23,7 @@ from megatron_edit.dp.faults import FaultInjector
 from megatron_edit.flops import flops_per_iteration
 from megatron_edit.initialize import destroy, initialize_megatron, launch_env
 from megatron_edit.logging import Trackers, iteration_line, perplexity, print_rank_last, validation_line
+from megatron_edit.lr_schedule import build_scheduler
 from megatron_edit.model import initialize_weights, params_dtype, transformer_config_from_args, unwrap_model
 from megatron_edit.optimizers import inner_optimizers
 from megatron_edit.platform import mcore_internals
@@ -56,24 +56,6 @@ def optimizer_config_from_args(args) -> OptimizerConfig:
         loss_scale=args.loss_scale,
         clip_grad=args.clip_grad,
         use_distributed_optimizer=args.use_distributed_optimizer,
-    )
-
-
-def build_scheduler(args, optimizer) -> OptimizerParamScheduler:
-    """Learning-rate schedule counted in samples, as Megatron-LM's (--train-iters runs count iterations x global
-    batch); arguments.py has filled in the counts."""
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_samples,
-        lr_decay_steps=args.lr_decay_samples,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
-        wd_incr_steps=args.train_samples,
-        wd_incr_style="constant",
     )
 
 

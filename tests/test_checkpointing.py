@@ -125,7 +125,8 @@ def test_edit_checkpoint_resumes_with_a_different_number_of_replicas(tmp_path, r
             assert torch.equal(unit["anchor"], saved_unit["anchor"]), unit["name"]
         for name, value in dump["params"].items():
             assert torch.equal(value, saved[dump["rank"] % 2]["params"][name]), name
-    continued = run(*edit(1, replicas, *ELASTIC, "--train-iters", "10", "--load", str(tmp_path)))
+    continued = run(*edit(1, replicas, *ELASTIC, "--train-iters", "10", "--load", str(tmp_path),
+                          "--override-opt_param-scheduler"))
     # syncs at iterations 7 and 9, and the final one after 10
     assert len(continued[-1]["losses"]) == 4 and len(continued[-1]["syncs"]) == (3 if replicas > 1 else 0)
 
@@ -173,6 +174,12 @@ def test_incompatible_or_missing_checkpoint_is_one_line(tmp_path):
     result = run_training(1, wider + STEPS + ["--train-iters", "4", "--load", str(tmp_path)])
     assert result.returncode != 0
     assert "error: checkpoint 2 does not fit this run: hidden_size 64 (checkpoint) vs 128 (this run)" in result.stderr
+    longer = TINY_GPT + STEPS + ["--train-iters", "4", "--load", str(tmp_path)]
+    result = run_training(1, longer)
+    assert result.returncode != 0
+    assert "error: checkpoint 2's learning-rate schedule differs from this run's: lr_decay_steps 16 (checkpoint) " \
+           "vs 32 (this run;" in result.stderr and "--override-opt_param-scheduler" in result.stderr
+    assert len(run_training(1, longer + ["--override-opt_param-scheduler"]).check().losses) == 2
     aedit = ["--dp-mode", "aedit", "--model-shard-group-size", "1", "--ckpt-format", "torch_dist"]
     result = run_training(2, TINY_GPT + STEPS + aedit + ["--train-iters", "4", "--save", str(tmp_path)])
     assert result.returncode != 0

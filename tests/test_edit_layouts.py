@@ -154,7 +154,8 @@ def test_aedit_saves_at_a_sync_and_the_resumed_run_continues_and_syncs(tmp_path)
     checkpoints = ("--save", str(tmp_path), "--save-interval", "6")
     first = run_training(2, args + list(aedit(*checkpoints))).check()
     assert " saved checkpoint at iteration" in first.stdout and "edit sync at iteration" in first.stdout
-    second = run_training(2, args + list(aedit(*checkpoints, "--load", str(tmp_path), train_iters=40))).check()
+    second = run_training(2, args + list(aedit(*checkpoints, "--load", str(tmp_path), "--override-opt_param-scheduler",
+                                                           train_iters=40))).check()
     assert "loaded checkpoint from" in second.stdout
     assert second.stdout.count("edit sync at iteration") >= 2
     assert " training summary: " in second.stdout

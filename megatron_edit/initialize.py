@@ -75,6 +75,7 @@ def initialize_megatron(args) -> torch.device:
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         # Replicas as megatron-core's distributed-optimizer instances: this builds the shard x sync groups.
         num_distributed_optimizer_instances=args.num_model_replicas,
+        distributed_timeout_minutes=args.distributed_timeout_minutes,
     )
     set_random_seed(args.seed)
     return device

@@ -30,6 +30,16 @@ def add_dump_args(parser: argparse.ArgumentParser):
     return parser
 
 
+def group_timeouts(mode) -> dict:
+    """Seconds each process group of this rank (megatron-core's and the mode's) gives a collective before failing."""
+    groups = {name: group for name, group in vars(parallel_state).items() if isinstance(group, dist.ProcessGroup)}
+    if hasattr(mode, "groups"):
+        groups.update({f"local_sgd.{field.name}": getattr(mode.groups, field.name)
+                       for field in dataclasses.fields(mode.groups) if getattr(mode.groups, field.name) is not None})
+    return {name: group._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+            for name, group in groups.items()}
+
+
 def main():
     env = launch_env()
     args = parse_args(None, world_size=env.world_size, extra_args_provider=add_dump_args)
@@ -107,6 +117,7 @@ def main():
     dump["ddp_buckets"] = [{"grad_bytes": nbytes(b.grad_data), "param_bytes": nbytes(b.param_data)}
                            for chunk in trainer.model for buffer in chunk.buffers + chunk.expert_parallel_buffers
                            for b in buffer.buckets]
+    dump["group_timeouts"] = group_timeouts(mode)
     if hasattr(mode, "outer_state_numel"):
         dump["outer_state_numel"] = mode.outer_state_numel()
     torch.save(dump, os.path.join(args.dump_dir, f"rank{dist.get_rank()}.pt"))

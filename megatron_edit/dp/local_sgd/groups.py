@@ -14,6 +14,7 @@ stage (the all-gather of the summed chunks) has one more, so each rank can start
 done: ranks get there at different moments, and on a communicator of its own no rank's order of collectives changes.
 """
 import dataclasses
+import datetime
 from typing import Optional
 
 import torch.distributed as dist
@@ -58,8 +59,9 @@ class LocalSGDGroups:
         return self.shard if self.replica is None else self.replica
 
     @classmethod
-    def from_parallel_state(cls) -> "LocalSGDGroups":
-        """Collective over the world: every rank must call it (it creates the replica groups)."""
+    def from_parallel_state(cls, timeout: datetime.timedelta) -> "LocalSGDGroups":
+        """Collective over the world: every rank must call it (it creates the replica groups, whose collectives
+        give up after `timeout`, as every other group's do)."""
         shard = parallel_state.get_data_parallel_group(with_context_parallel=True, partial_data_parallel=True)
         several_replicas = parallel_state.get_data_parallel_world_size(with_context_parallel=True) > shard.size()
         sync = parallel_state.get_inter_distributed_optimizer_instance_group() if several_replicas else None
@@ -67,10 +69,10 @@ class LocalSGDGroups:
             if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
         replica = None  # the shard group is the whole replica unless tensor or pipeline ranks belong to it too
         if dist.get_world_size() > shard.size() * (1 if sync is None else sync.size()):
-            replica = dist.group.WORLD if sync is None else _group_of_ranks_sharing(dist.get_rank(sync))
+            replica = dist.group.WORLD if sync is None else _group_of_ranks_sharing(dist.get_rank(sync), timeout)
         sync_ranks = None if sync is None else tuple(dist.get_process_group_ranks(sync))
         sync_exchange, sync_gather = (None, None) if sync is None else (
-            _group_of_ranks_sharing(sync_ranks), _group_of_ranks_sharing(sync_ranks))
+            _group_of_ranks_sharing(sync_ranks, timeout), _group_of_ranks_sharing(sync_ranks, timeout))
         return cls(shard=shard, sync=sync, replica=replica, tensor=tensor, sync_exchange=sync_exchange,
                    sync_gather=sync_gather)
 
@@ -86,13 +88,13 @@ class LocalSGDGroups:
         return groups
 
 
-def _group_of_ranks_sharing(key) -> dist.ProcessGroup:
+def _group_of_ranks_sharing(key, timeout: datetime.timedelta) -> dist.ProcessGroup:
     """The group of every rank whose `key` equals this rank's, made collectively (all ranks create all groups)."""
     keys = [None] * dist.get_world_size()
     dist.all_gather_object(keys, key)
     mine = None
     for shared in sorted(set(keys)):
-        group = dist.new_group([rank for rank, k in enumerate(keys) if k == shared])
+        group = dist.new_group([rank for rank, k in enumerate(keys) if k == shared], timeout=timeout)
         if shared == key:
             mine = group
     return mine

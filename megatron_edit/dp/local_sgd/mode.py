@@ -10,6 +10,7 @@ with a sync (`_final_sync`), so every replica finishes on the same model.
 import abc
 import collections
 import contextlib
+import datetime
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -203,7 +204,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
 
     @classmethod
     def from_args(cls, args, ddp_config, transformer_config):
-        groups = LocalSGDGroups.from_parallel_state()
+        groups = LocalSGDGroups.from_parallel_state(datetime.timedelta(minutes=args.distributed_timeout_minutes))
         jobs = args.replica_coordinator == "torchft"
         mode = cls(ddp_config, transformer_config, LocalSGDConfig.from_args(args), groups, **cls.mode_configs(args))
         if jobs:

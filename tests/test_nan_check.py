@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from launcher import TINY_GPT, run_training
-from test_edit import edit, local_sgd, run
+from test_edit import TRAINING, edit, local_sgd, run
 from test_penalty import PENALTY, sync_at
 
 ARGS = TINY_GPT + ["--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "6", "--log-interval", "1",
@@ -52,3 +52,26 @@ def test_edit_with_anomaly_elimination_skips_the_step_and_leaves_the_replica_out
         assert all(torch.isfinite(p).all() for p in dump["params"].values())
         assert all(torch.isfinite(u["anchor"]).all() for u in dump["units"])
         assert all(loss == loss for loss in dump["losses"])  # the skipped step's loss counts in none
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["edit", "diloco"])
+def test_a_non_finite_pseudo_gradient_is_never_applied_without_the_penalty(tmp_path, name):
+    """Two replicas, int4 syncs with error feedback (the defaults), no penalty flags: replica 1's pseudo-gradient is
+    NaN at the sync of iteration 5/6. Nothing is applied there (every replica back at the anchor, the residuals
+    that carried the NaN dropped), the next sync applies as usual, and every parameter and anchor stays finite."""
+    extra = ["--dp-mode", name, "--model-shard-group-size", "1", *local_sgd(2, 3), "--inject-fault", "1:5:nan"]
+    done = run_training(2, TRAINING + extra + ["--dump-dir", str(tmp_path)], script="tests/edit_runner.py").check()
+    dumps = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    for dump in dumps:
+        assert all(torch.isfinite(p).all() for p in dump["params"].values())
+        assert all(torch.isfinite(u["anchor"]).all() for u in dump.get("units", []))
+        assert all(loss == loss for loss in dump["losses"])
+    if name == "edit":
+        assert all(r["non_finite"] and r["reset_to_anchor"] for r in sync_at(dumps[0], 6)["records"])
+        assert not any(r["non_finite"] or r["reset_to_anchor"] for r in sync_at(dumps[0], 9)["records"])
+        assert "reset to anchor (non-finite averaged pseudo-gradient" in done.stdout
+    else:
+        assert "diloco sync at iteration 5: replica 1 (rank 1) sends a non-finite value of model chunk 0" in done.stdout
+        assert "diloco sync at iteration 5: a replica sent a non-finite value; nothing applied" in done.stdout
+        assert " diloco sync at iteration 8 | pseudo-grad norm: " in done.stdout

@@ -9,6 +9,7 @@ import time
 from typing import Dict, List
 
 import torch
+import torch.distributed as dist
 
 from megatron_edit.dp.base import StepPlan
 from megatron_edit.dp.local_sgd.params import FlatParams, MainParams
@@ -69,12 +70,34 @@ class PostLocalSGDDataParallel(LocalSGDDataParallel):
         sums = []
         for index, view in enumerate(self.views):
             contribution = self._contribution(view, iteration)
+            if not bool(torch.isfinite(contribution).all()):
+                print(f" {self.name} sync at iteration {iteration}: replica {self.replica()} (rank {dist.get_rank()}) "
+                      f"sends a non-finite value of model chunk {index}", flush=True)
             self.exchange.start(index, contribution, view.tensor_replicated).wait()
             sums.append(contribution)
         contributors = self._contributors(sums[0].device)
         if not self._commit():
             return {**self.meeting, "sync/committed": 0.0}
+        if not self._all_finite(sums):
+            return {**self._keep_consensus(iteration), **self.meeting}
         return {**self._apply([summed.div_(contributors) for summed in sums]), **self.meeting}
+
+    def _all_finite(self, sums: List[torch.Tensor]) -> bool:
+        """Whether the exchanged sums are finite on every rank of this replica (they are the same in every
+        replica, so every rank of every replica gets the same answer)."""
+        finite = torch.tensor([float(all(bool(torch.isfinite(s).all()) for s in sums))], device=sums[0].device)
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN, group=self.groups.whole_replica)
+        return bool(finite.item())
+
+    def _keep_consensus(self, iteration: int) -> Dict[str, float]:
+        """A replica sent a non-finite value: apply nothing, return every replica to what they agreed on at the
+        last sync (the local steps since are lost), and carry no error-feedback residual of this exchange."""
+        for index, (view, agreed) in enumerate(self._consensus_views()):
+            view.write_full(agreed)
+            self.exchange.forget(index)
+        print_rank_last(f" {self.name} sync at iteration {iteration}: a replica sent a non-finite value; nothing "
+                        "applied, every replica back at the last sync's model")
+        return {"sync/non-finite": 1.0}
 
     def _contribution(self, view, iteration: int) -> torch.Tensor:
         """This replica's share of a view's sum: its parameters (none when it healed: they are the average)."""

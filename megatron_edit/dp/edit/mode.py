@@ -73,9 +73,13 @@ def sync_summary(iteration: int, records: List[ModuleSyncRecord], units: int, me
         parts.append(f" pseudo-grad norm before/after clip (mean over modules): "
                      f"{sum(r.averaged_norm for r in stepped) / len(stepped):.3e}/"
                      f"{sum(r.clipped_norm for r in stepped) / len(stepped):.3e}")
-    resets = [r.name for r in records if r.reset_to_anchor]
+    resets = [r.name for r in records if r.reset_to_anchor and not r.non_finite]
     if resets:
         parts.append(f" reset to anchor (all replicas outliers): {', '.join(resets)}")
+    non_finite = [r.name for r in records if r.non_finite]
+    if non_finite:
+        parts.append(f" reset to anchor (non-finite averaged pseudo-gradient; --edit-anomaly-elimination leaves the "
+                     f"replica that sends one out instead): {', '.join(non_finite)}")
     return " |".join(parts) + " |"
 
 

@@ -51,6 +51,7 @@ class ModuleSyncRecord:
     averaged_norm: float = math.nan
     clipped_norm: float = math.nan
     reset_to_anchor: bool = False
+    non_finite: bool = False       # the averaged pseudo-gradient was NaN/inf (a replica's, nothing left it out)
     sync_iteration: int = 0        # the iteration whose sync issued it
 
 
@@ -264,10 +265,15 @@ class LayerwiseSync:
         if local_pseudo_grad is not None:
             theta = unit.read_full(self.groups.shard)[unit.owned]
             progress = theta - (unit.anchor.to(theta.device) - local_pseudo_grad.to(theta.device))
-        if not any(record.weights):  # every replica is an outlier: keep the anchor, undo the local steps
-            record.reset_to_anchor = True
-        else:
-            record.averaged_norm = self._norm(index, pseudo_grad)
+        if any(record.weights):
+            record.averaged_norm = self._norm(index, pseudo_grad)  # the same on every rank of every replica
+            record.non_finite = not math.isfinite(record.averaged_norm)
+        # Every replica an outlier, or a non-finite average (without the penalty nothing judges the replicas):
+        # keep the anchor, undo the local steps.
+        record.reset_to_anchor = not any(record.weights) or record.non_finite
+        if record.non_finite:
+            self.exchange.forget(index)
+        if not record.reset_to_anchor:
             factor = clip_factor(record.averaged_norm, self.penalty.pseudo_grad_clip)
             record.clipped_norm = record.averaged_norm * factor
             if factor != 1.0:

@@ -273,6 +273,11 @@ class SyncExchange:
 
         return InFlight(works, finish, [sum_owned_chunk_and_gather])
 
+    def forget(self, key: Hashable) -> None:
+        """Drop `key`'s residuals: its last exchange carried a non-finite value, which they would hand on."""
+        self.residuals.pop(key, None)
+        self.sum_residuals.pop(key, None)
+
     def state_dict(self) -> dict:
         return {"residuals": {k: v.cpu().clone() for k, v in self.residuals.items()},
                 "sum_residuals": {k: v.cpu().clone() for k, v in self.sum_residuals.items()}}

@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the warm-up's gradient average over the replicas sends: fp32 (DDP's), or a codec of "
                         "--sync-dtype's, always with error feedback; default int2 (see docs/baselines.md, "
                         "'Choosing H, the outer optimizer and warm-up')")
+    g.add_argument("--local-sgd-lr-scale", type=float, default=1.0,
+                   help="multiply the inner LR schedule by this during local steps (not the synchronous warm-up): "
+                        "each replica's Adam sees 1/M of the batch's gradients and steps shorter than DDP's; "
+                        "sqrt(M) restores the length (see docs/low_communication.md, 'Local Adam at M=4')")
     g.add_argument("--outer-lr", type=float, default=0.7)
     g.add_argument("--outer-momentum", type=float, default=0.8)
     g.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=True)

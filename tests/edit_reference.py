@@ -116,6 +116,7 @@ def main():
                 else:
                     apply(*issue(fragment_params[fragment]), carry_progress=False)
         for replica, (model, optimizer) in enumerate(zip(replicas, optimizers)):
+            optimizer.param_groups[0]["lr"] = args.lr * (args.local_sgd_lr_scale if iteration > warmup else 1.0)
             optimizer.zero_grad()
             batch = [train[i] for i in replica_samples(iteration, replica, args)]
             tokens = torch.stack([b["tokens"] for b in batch])

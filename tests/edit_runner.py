@@ -67,7 +67,7 @@ def main():
 
         swapper.boundary_hooks.append(record_boundary)
     counter = comm_stats.install()
-    iterations, losses, syncs, history = [], [], [], []
+    iterations, losses, syncs, history, learning_rates = [], [], [], [], []
     if hasattr(mode, "sync"):
         report = mode._report_sync
 
@@ -84,6 +84,7 @@ def main():
         loss_sums, _ = trainer.train_step(plan)
         after = counter.snapshot()
         losses.append(trainer.mean_loss(loss_sums))
+        learning_rates.append(sorted({group["lr"] for group in trainer.optimizer.param_groups}))
         iterations.append({"bytes": {k: after[k] - before[k] for k in after}, "trace": trace[events_before:]})
         if args.dump_param_history:
             history.append(named_params(model))
@@ -95,6 +96,7 @@ def main():
         "param_history": history,
         "iterations": iterations,
         "losses": losses,
+        "learning_rates": learning_rates,  # of each parameter group, as the step left them (for the next step)
         "swap_events": swap_events,
         "swap_layer_bytes": swapper.layer_bytes if swapper is not None else [],
         "syncs": syncs,

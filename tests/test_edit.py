@@ -81,6 +81,37 @@ def test_edit_matches_reference_implementation(shard, replicas, warmup, interval
     assert dumps[0]["syncs"][-1]["iteration"] == 10  # the final sync, after the last of the 10 iterations
 
 
+LR_SCALE = ("--local-sgd-lr-scale", "1.5")
+
+
+@pytest.mark.slow
+def test_local_step_lr_scale_matches_reference_implementation():
+    """S=2, M=2, W=2, H=3: the local steps (iterations 3-10) step at 1.5 x the schedule's LR, the warm-up at 1 x."""
+    nproc, args = edit(2, 2, *local_sgd(2, 3), *LR_SCALE)
+    dumps = run(nproc, args)
+    expected = reference(2, 2, tuple(local_sgd(2, 3)) + LR_SCALE)
+    for rank, dump in enumerate(dumps):
+        assert_params_close(dump["params"], expected[rank // 2])
+    assert dumps[0]["learning_rates"][0] == [0.05]
+    assert dumps[0]["learning_rates"][2:] == [[pytest.approx(0.075)]] * 8
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", [("--tensor-model-parallel-size", "2", "--use-distributed-optimizer", "--bf16",
+                                     "--optimizer", "adam", "--lr", "0.002"),
+                                    ("--pipeline-model-parallel-size", "2",)], ids=["tp2_distopt_adam_bf16", "pp2"])
+def test_local_step_lr_scale_on_tensor_and_pipeline_layouts(layout):
+    """Every parameter group of every rank (the distributed optimizer's, over bf16's fp32 main copies) steps at the
+    scaled LR once the replicas part, and training goes on."""
+    nproc, args = edit(1, 2, *local_sgd(2, 3), *LR_SCALE)
+    dumps = run(2 * nproc, args + layout)
+    lr = dumps[0]["learning_rates"][0][0]
+    for dump in dumps:
+        assert dump["learning_rates"][:2] == [[lr]] * 2
+        assert dump["learning_rates"][2:] == [[pytest.approx(1.5 * lr)]] * 8
+    assert dumps[-1]["losses"][-1] < dumps[-1]["losses"][0]
+
+
 DELAY = ("--sync-delay-steps", "2")
 
 

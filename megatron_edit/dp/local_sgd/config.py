@@ -18,10 +18,11 @@ class LocalSGDConfig:
     initial_sync_interval: int = 0  # H0: the first interval, doubled at each sync up to H (0: every interval is H)
     warmup_grad_dtype: str = "fp32"  # what the warm-up's gradient average over the replicas sends (exchange.py)
     topk_fraction: float = 0.01  # the share of values a topk codec sends
+    local_lr_scale: float = 1.0  # the inner LR schedule's factor during local steps (inner_lr.py)
 
     @classmethod
     def from_args(cls, args) -> "LocalSGDConfig":
         return cls(args.local_sgd_sync_interval, args.local_sgd_warmup_iters, args.outer_lr, args.outer_momentum,
                    args.outer_nesterov, args.offload_outer_state, args.sync_dtype, args.sync_error_feedback,
                    args.sync_delay_steps, args.sync_fragments, args.local_sgd_initial_sync_interval or 0,
-                   args.local_sgd_warmup_grad_dtype, args.sync_topk_fraction)
+                   args.local_sgd_warmup_grad_dtype, args.sync_topk_fraction, args.local_sgd_lr_scale)

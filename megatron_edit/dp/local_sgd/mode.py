@@ -24,6 +24,7 @@ from megatron_edit.dp.local_sgd.config import LocalSGDConfig
 from megatron_edit.dp.local_sgd.exchange import ProcessGroupTransport, SyncExchange
 from megatron_edit.dp.local_sgd import torchft_replicas
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
+from megatron_edit.dp.local_sgd.inner_lr import LocalStepLR
 from megatron_edit.dp.local_sgd.schedule import SyncSchedule
 from megatron_edit.dp.local_sgd.members import ProcessGroupMembers
 from megatron_edit.dp.local_sgd.sharded_state import replica_entries, replica_object
@@ -123,6 +124,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         if args.replica_coordinator == "torchft":
             torchft_replicas.validate(args)
         require(args.local_sgd_sync_interval >= 1, "--local-sgd-sync-interval must be >= 1")
+        require(args.local_sgd_lr_scale > 0, f"--local-sgd-lr-scale must be positive, got {args.local_sgd_lr_scale}")
         initial = args.local_sgd_initial_sync_interval
         require(initial is None or 1 <= initial <= args.local_sgd_sync_interval,
                 f"--local-sgd-initial-sync-interval {initial} must be in [1, H={args.local_sgd_sync_interval}]")
@@ -322,8 +324,14 @@ class LocalSGDDataParallel(SynchronousDataParallel):
             return StepPlan(iteration, train=False, final_sync=self.local_steps_since_sync > 0)
         return StepPlan(iteration, sync_after=self.schedule.syncs_after(iteration))
 
+    def build_optimizer(self, model_chunks, optimizer_config):
+        optimizer = super().build_optimizer(model_chunks, optimizer_config)
+        self.local_step_lr = LocalStepLR(optimizer.param_groups, self.local_sgd.local_lr_scale)
+        return optimizer
+
     def before_step(self, plan: StepPlan) -> None:
         self.in_warmup = plan.warmup
+        self.local_step_lr.apply(local=not plan.warmup and self.has_peers)
 
     def finish(self, plan: StepPlan) -> None:
         if plan.final_sync:

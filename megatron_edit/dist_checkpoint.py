@@ -30,6 +30,7 @@ from megatron_edit.lr_schedule import load_scheduler_state
 from megatron_edit.model import unwrap_model
 from megatron_edit.platform import checkpoint_writer, torch_adam_fixes
 from megatron_edit.rng_state import rng_state, set_rng_state
+from megatron_edit.safe_load import check_dcp_metadata
 
 CHECKPOINT_VERSION = 3.0
 # How megatron-core builds our sharded state dicts (kept in the checkpoint, used again to load it; one without it,
@@ -114,6 +115,7 @@ def load(trainer, directory: str, parts) -> Tuple[int, bool]:
     """Restore this rank from a torch_dist checkpoint, ours or Megatron-LM's, the `parts` (checkpointing.LoadParts)
     asked for; returns the iteration to continue from and whether the data-parallel mode's state came back (it
     does not with --finetune, from Megatron-LM, or from another --dp-mode: the mode then starts from the weights)."""
+    check_dcp_metadata(directory)
     common = dist_checkpointing.load_common_state_dict(directory)
     if parts.optimizer:
         torch_adam_fixes.prepare_to_load(trainer.optimizer)

@@ -12,9 +12,11 @@ no iteration completes within `--replica-step-timeout-secs` (quorum waits exclud
 """
 import contextlib
 import os
+import pickle
 import sys
 import threading
 import time
+import urllib.request
 from datetime import timedelta
 from typing import Callable, List, Tuple
 
@@ -23,6 +25,28 @@ import torch.distributed as dist
 
 from megatron_edit.dp import comm_stats
 from megatron_edit.errors import require
+
+
+def weights_only_http_transport(timeout: timedelta):
+    """torchft's HTTP checkpoint transport (a live replica serves its heal state), except that the healing replica
+    unpickles what it receives weights-only: whoever reaches the port can send it tensors and numbers, not code (torchft
+    loads with weights_only=False). The override is of a private torchft method: tests/test_safe_load.py fails
+    when torchft changes it."""
+    from torchft.checkpointing._serialization import _streaming_load
+    from torchft.checkpointing.http_transport import HTTPTransport
+
+    class WeightsOnlyHTTPTransport(HTTPTransport):
+        @classmethod
+        def _load_from_address(cls, address: str, timeout: timedelta) -> object:
+            with urllib.request.urlopen(address, timeout=timeout.total_seconds()) as response:
+                try:
+                    return _streaming_load(response, weights_only=True)
+                except pickle.UnpicklingError as exc:  # an Exception: torchft's manager reports a failed heal
+                    raise pickle.UnpicklingError(
+                        f"the heal state served at {address} holds objects that loading would run code for "
+                        f"({str(exc).strip().splitlines()[-1]}): refused") from None
+
+    return WeightsOnlyHTTPTransport(timeout=timeout, num_chunks=0)
 
 
 class TorchftReplicas:
@@ -36,6 +60,7 @@ class TorchftReplicas:
         group = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
         self.manager = Manager(
             pg=group, state_dict=heal_state, load_state_dict=load_heal_state,
+            checkpoint_transport=weights_only_http_transport(timeout),
             min_replica_size=args.torchft_min_replicas, use_async_quorum=False, init_sync=False,
             timeout=timeout, quorum_timeout=timedelta(seconds=args.torchft_quorum_timeout_secs),
             rank=dist.get_rank(), world_size=dist.get_world_size(), replica_id=f"replica_{args.replica_index}")

@@ -32,6 +32,7 @@ from megatron_edit.errors import UsageError
 from megatron_edit.lr_schedule import load_scheduler_state
 from megatron_edit.optimizers import inner_optimizers
 from megatron_edit.rng_state import rng_state, set_rng_state
+from megatron_edit.safe_load import load_without_code
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RECORD = {"torch": "metadata.json", "torch_dist": "megatron_edit.json"}  # per format: our record, written last
@@ -185,7 +186,7 @@ def _is_foreign(directory: str) -> bool:
 
 def _foreign_record(directory: str) -> dict:
     """Our record of a Megatron-LM checkpoint, from the arguments it pickled (Megatron-LM's names)."""
-    args = torch.load(os.path.join(directory, "common.pt"), map_location="cpu", weights_only=False)["args"]
+    args = load_without_code(os.path.join(directory, "common.pt"))["args"]
     meta = {key: getattr(args, key, None) for key in SHAPE_KEYS}
     if not getattr(args, "group_query_attention", False):
         meta["num_query_groups"] = args.num_attention_heads
@@ -248,8 +249,13 @@ def find_checkpoint(root: str, args) -> Optional[tuple]:
     candidates = sorted(_complete_iterations(root), reverse=True)
     tracked = None
     if os.path.exists(os.path.join(root, TRACKER)):
-        tracked = int(open(os.path.join(root, TRACKER)).read().strip())
-        if tracked not in candidates:
+        with open(os.path.join(root, TRACKER)) as f:
+            text = f.read().strip()
+        tracked = int(text) if text.isdigit() else None
+        if tracked is None:
+            _warn(f"{os.path.join(root, TRACKER)} holds no iteration number ({text[:40]!r}); looking for the newest "
+                  "complete checkpoint")
+        elif tracked not in candidates:
             _warn(f"the tracker names iteration {tracked}, which is not a complete checkpoint; looking for an older one")
     for iteration in candidates:
         directory = _iteration_dir(root, iteration)
@@ -301,7 +307,13 @@ def load_checkpoint(trainer) -> int:
     args = trainer.args
     found = find_checkpoint(args.load, args)
     if found is None:
-        _warn(f"no checkpoint under {args.load}; starting from scratch")
+        name = os.path.basename(os.path.normpath(args.load))
+        hint = (f"it is one checkpoint's directory: give its parent, --load {os.path.dirname(os.path.normpath(args.load))}"
+                if name.startswith("iter_") and name[5:].isdigit() else "no complete iter_* directory is in it")
+        if args.load != args.save:  # a checkpoint to start from was asked for, not the restart-safe --save D --load D
+            raise UsageError(f"--load {args.load} holds no checkpoint to load ({hint}); to start from scratch, "
+                             "drop --load or give --load and --save the same directory")
+        _warn(f"no checkpoint under {args.load} ({hint}); starting from scratch")
         return 0
     directory, meta = found
     parts = LoadParts.from_args(args)
@@ -325,7 +337,9 @@ def _load_rank_file(trainer, directory: str, meta: dict, parts: LoadParts) -> Tu
     args = trainer.args
     path = _this_rank_file(directory, _source_dp_rank(meta, args))
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = load_without_code(path)
+    except UsageError:
+        raise
     except Exception as exc:  # torch raises assorted errors on a truncated file
         raise UsageError(f"{path} cannot be read ({exc}); delete {directory} to fall back to an older one")
     for chunk, chunk_state in zip(trainer.model, state["model"]):

@@ -1,5 +1,7 @@
 """Checkpoints: exact resume, elastic resume, a killed rank under torchrun, and bad checkpoints."""
+import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -10,6 +12,7 @@ import torch
 
 from launcher import REPO, TINY_GPT, run_training
 from test_edit import edit, local_sgd, run
+from test_safe_load import RunsCode
 
 STEPS = ["--micro-batch-size", "2", "--global-batch-size", "8", "--log-interval", "1", "--eval-interval", "1000",
          "--eval-iters", "1"]
@@ -162,8 +165,10 @@ def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, c
     newest = tmp_path / "iter_0000006" / file
     with open(newest, "r+b") as f:
         f.truncate(newest.stat().st_size // 2)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("garbage\n")
     resumed = run_training(1, args + ["--load", str(tmp_path)]).check()
     assert "skipping" in resumed.stderr and "iter_0000006" in resumed.stderr
+    assert "latest_checkpointed_iteration.txt holds no iteration number ('garbage')" in resumed.stderr
     assert "at iteration 3" in resumed.stdout and len(resumed.losses) == 3
 
 
@@ -186,6 +191,19 @@ def test_incompatible_or_missing_checkpoint_is_one_line(tmp_path):
     assert "error: --ckpt-format torch_dist: A-EDiT's replicas stand at different iterations" in result.stderr
     result = run_training(1, TINY_GPT + STEPS + ["--train-iters", "4", "--load", str(tmp_path / "nope")])
     assert result.returncode != 0 and f"error: --load {tmp_path / 'nope'} does not exist" in result.stderr
+    result = run_training(1, TINY_GPT + STEPS + ["--train-iters", "4", "--load", str(tmp_path / "iter_0000002")])
+    assert result.returncode != 0 and f"error: --load {tmp_path / 'iter_0000002'} holds no checkpoint to load (it is " \
+        f"one checkpoint's directory: give its parent, --load {tmp_path}); to start from scratch" in result.stderr
+    # A crafted .metadata (torch DCP reads it with plain pickle), its size recorded as written, is refused before
+    # anything unpickles it.
+    crafted = pickle.dumps(RunsCode(tmp_path / "ran"))
+    (tmp_path / "iter_0000002" / ".metadata").write_bytes(crafted)
+    record = json.loads((tmp_path / "iter_0000002" / "megatron_edit.json").read_text())
+    record["files"][".metadata"] = len(crafted)
+    (tmp_path / "iter_0000002" / "megatron_edit.json").write_text(json.dumps(record))
+    result = run_training(1, longer + ["--override-opt_param-scheduler"])
+    assert result.returncode != 0 and "holds objects that loading would run code for" in result.stderr
+    assert not (tmp_path / "ran").exists()
 
 
 @pytest.mark.slow

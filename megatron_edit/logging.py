@@ -48,7 +48,8 @@ def validation_line(label: str, lm_loss: float) -> str:
 
 
 class WandbTracker:
-    """wandb run of the last rank when --wandb-project is set (offline when no WANDB_API_KEY), else nothing."""
+    """wandb run of the last rank when --wandb-project is set (in WANDB_MODE if set, else online with a
+    WANDB_API_KEY and offline without), else nothing."""
 
     def __init__(self, args):
         self.run = None
@@ -58,7 +59,8 @@ class WandbTracker:
 
         config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
         self.run = wandb.init(project=args.wandb_project, name=args.wandb_exp_name, dir=args.wandb_save_dir,
-                              config=config, mode="online" if os.environ.get("WANDB_API_KEY") else "offline")
+                              config=config, mode=os.environ.get("WANDB_MODE") or (
+                                  "online" if os.environ.get("WANDB_API_KEY") else "offline"))
 
     def log(self, metrics: dict, iteration: int) -> None:
         if self.run is not None:

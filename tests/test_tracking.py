@@ -11,7 +11,9 @@ from wandb_offline import history_and_config
 pytestmark = pytest.mark.slow  # every test here starts processes
 
 
-def test_offline_wandb_run_and_tensorboard_hold_training_validation_and_sync_series(tmp_path):
+def test_offline_wandb_run_and_tensorboard_hold_training_validation_and_sync_series(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_API_KEY", "0" * 40)  # a key set for other runs does not override WANDB_MODE
+    monkeypatch.setenv("WANDB_MODE", "offline")
     run = run_training(2, TINY_GPT + [
         "--micro-batch-size", "2", "--train-iters", "8", "--log-interval", "2", "--eval-interval", "4",
         "--eval-iters", "1", "--dp-mode", "edit", "--model-shard-group-size", "1", "--local-sgd-sync-interval", "2",

@@ -86,6 +86,8 @@ ARGS=(
 )
 [ -n "${MODEL_SHARD_GROUP_SIZE:-}" ] && ARGS+=(--model-shard-group-size "$MODEL_SHARD_GROUP_SIZE")
 [ -n "${SAVE:-}" ] && ARGS+=(--save "$SAVE" --load "$SAVE" --save-interval "${SAVE_INTERVAL:-100}")
+# Preemption or scancel (SIGTERM, then SIGKILL after Slurm's KillWait): save the iteration under way and exit 0.
+[ -n "${SAVE:-}" ] && [ "$DP_MODE" != aedit ] && ARGS+=(--exit-signal-handler)
 [ -n "${WANDB_PROJECT:-}" ] && ARGS+=(--wandb-project "$WANDB_PROJECT" --wandb-save-dir "${WANDB_SAVE_DIR:-.}")
 
 # The flags are checked once, in this process, for the world the launch will have: a configuration error is one

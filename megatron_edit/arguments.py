@@ -245,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="stop (saving first) at the first log iteration after this many minutes of wall-clock "
                         "training (Slurm time limits)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM (Slurm preemption, scancel), finish the iteration, save (with --save) and exit 0")
     g.add_argument("--keep-last-checkpoints", type=int, default=None, help="delete older checkpoints")
 
     g = parser.add_argument_group("logging and evaluation")

@@ -3,6 +3,7 @@ evaluation and Megatron-LM's log lines. `pretrain` is the driver `pretrain_gpt.p
 import collections
 import functools
 import math
+import signal
 import time
 from typing import Callable, Dict, Iterator, List
 
@@ -319,6 +320,7 @@ def train(trainer: Trainer, tracker: Trackers) -> Dict[str, float]:
         run_start += time.perf_counter() - pause
 
     warmup_end, warmup_totals = trainer.dp_mode.synchronous_warmup_iters(), None
+    signals = TerminationSignal() if args.exit_signal_handler else None
     for plan in trainer.plans():
         iteration = plan.iteration
         loss_sums, grad_norm = trainer.train_step(plan)
@@ -339,15 +341,16 @@ def train(trainer: Trainer, tracker: Trackers) -> Dict[str, float]:
         exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
         out_of_time = args.exit_duration_in_mins is not None and iteration % args.log_interval == 0 and \
             _out_of_time(started, args.exit_duration_in_mins, trainer.device)
-        exiting = exiting or out_of_time
+        signalled = signals is not None and signals.received_anywhere(trainer.device)
+        exiting = exiting or out_of_time or signalled
         if args.save:  # the end of training is saved below, after the final sync
             on_interval = bool(args.save_interval) and iteration % args.save_interval == 0
             label = trainer.dp_mode.checkpoint_due(iteration, exiting or (on_interval and iteration < args.train_iters))
             if label is not None:
                 save(iteration, label)
         if exiting:
-            reason = f"--exit-duration-in-mins {args.exit_duration_in_mins}" if out_of_time \
-                else f"--exit-interval {args.exit_interval}"
+            reason = "SIGTERM" if signalled else f"--exit-duration-in-mins {args.exit_duration_in_mins}" \
+                if out_of_time else f"--exit-interval {args.exit_interval}"
             print_rank_last(f" exiting after iteration {iteration} ({reason})")
             break
     _track_events(trainer, tracker, reports)  # a mode's final sync happens after the last iteration
@@ -446,6 +449,23 @@ def summary_text(args, summary: Dict[str, float]) -> str:
         *([f"   tensorboard: {args.tensorboard_dir}"] if args.tensorboard_dir else []),
         "=" * 78,
     ])
+
+
+class TerminationSignal:
+    """--exit-signal-handler: SIGTERM only sets a flag; the train loop ends after the iteration under way, saving
+    first, once any rank has received it (one small all-reduce per iteration, so every rank stops at the same one)."""
+
+    def __init__(self):
+        self.received = False
+        signal.signal(signal.SIGTERM, self._receive)
+
+    def _receive(self, signum, frame) -> None:
+        self.received = True
+
+    def received_anywhere(self, device: torch.device) -> bool:
+        flag = torch.tensor([float(self.received)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 def _out_of_time(started: float, minutes: float, device: torch.device) -> bool:

@@ -157,6 +157,36 @@ def test_killed_rank_restarts_from_the_last_checkpoint_and_finishes(tmp_path):
 
 
 @pytest.mark.slow
+def test_sigterm_saves_the_iteration_under_way_and_exits_zero(tmp_path):
+    """Slurm's preemption or scancel: SIGTERM reaches the ranks (here from torchrun's side); with
+    --exit-signal-handler they finish the iteration, save it and exit 0, and a restart continues from it."""
+    args = [*TINY_GPT, "--micro-batch-size", "1", "--global-batch-size", "4", "--train-iters", "3000",
+            "--log-interval", "1", "--eval-interval", "100000", "--eval-iters", "1", "--dp-mode", "edit",
+            "--model-shard-group-size", "1", *local_sgd(2, 3), "--save", str(tmp_path), "--load", str(tmp_path),
+            "--save-interval", "4", "--exit-signal-handler"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(REPO / "pretrain_gpt.py"), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tracker = tmp_path / "latest_checkpointed_iteration.txt"
+    deadline = time.time() + 240
+    while not tracker.exists() and time.time() < deadline and job.poll() is None:
+        time.sleep(0.2)
+    assert tracker.exists() and job.poll() is None, "no checkpoint was written while the job ran"
+    for worker in open(f"/proc/{job.pid}/task/{job.pid}/children").read().split():
+        os.kill(int(worker), signal.SIGTERM)
+    stdout, stderr = job.communicate(timeout=300)
+    assert job.returncode == 0, stderr[-3000:]
+    exited = [line for line in stdout.splitlines() if "(SIGTERM)" in line]
+    assert exited and exited[0].startswith(" exiting after iteration "), stdout[-2000:]
+    stopped = int(exited[0].split()[3])
+    assert tracker.read_text() == str(stopped) and stopped < 3000
+    resumed = run_training(2, args[:args.index("--train-iters") + 1] + [str(stopped + 2)] +
+                           args[args.index("--train-iters") + 2:] + ["--override-opt_param-scheduler"]).check()
+    assert f"at iteration {stopped}" in resumed.stdout and len(resumed.losses) == 2
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt_format,file", [("torch", "mp_rank_00_000_dp_000/model_optim_rng.pt"),
                                               ("torch_dist", "__0_0.distcp")])
 def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, ckpt_format, file):

@@ -64,6 +64,9 @@ class AsyncEditDataParallel(EditDataParallel):
         require(args.exit_duration_in_mins is None,
                 "--exit-duration-in-mins does not apply to --dp-mode aedit (replicas reach an iteration at different "
                 "times); use --train-iters")
+        require(not args.exit_signal_handler,
+                "--exit-signal-handler does not apply to --dp-mode aedit (replicas reach an iteration at different "
+                "times); checkpoint with --save-interval")
         require(not args.exit_interval,
                 "--exit-interval does not apply to --dp-mode aedit (replicas reach an iteration at different times); "
                 "stop with --train-iters, or checkpoint with --save-interval")

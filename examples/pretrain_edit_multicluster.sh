@@ -33,7 +33,7 @@ fail() { echo "error: $*" >&2; exit 2; }
 start_lighthouse() {
     [ -x "$LIGHTHOUSE_BIN" ] || fail "$LIGHTHOUSE_BIN not found: pip install torchft (or set LIGHTHOUSE_BIN)"
     # join timeout: how long a quorum waits for replicas that heartbeat but have not reached the sync yet
-    "$LIGHTHOUSE_BIN" --min_replicas "${MIN_REPLICAS:-1}" --quorum_tick_ms 100 --join_timeout_ms 10000 \
+    exec "$LIGHTHOUSE_BIN" --min_replicas "${MIN_REPLICAS:-1}" --quorum_tick_ms 100 --join_timeout_ms 10000 \
         --bind "[::]:$LIGHTHOUSE_PORT" "$@"
 }
 
@@ -52,9 +52,12 @@ case "${1:-}" in
         shift
         RUN_DIR=${RUN_DIR:-runs/multicluster}
         mkdir -p "$RUN_DIR"
-        start_lighthouse > "$RUN_DIR/lighthouse.log" 2>&1 &
+        # A lighthouse left on the port (an earlier run's) would take these replicas into its quorums.
+        "$PYTHON_BIN" -c "import socket; socket.create_server(('', $LIGHTHOUSE_PORT), family=socket.AF_INET6, dualstack_ipv6=True)" \
+            2>/dev/null || fail "port $LIGHTHOUSE_PORT is in use (a lighthouse left from an earlier run?): stop it or set LIGHTHOUSE_PORT"
+        start_lighthouse > "$RUN_DIR/lighthouse.log" 2>&1 &  # exec: $! is the lighthouse itself, which the trap stops
         lighthouse_pid=$!
-        trap 'kill $lighthouse_pid 2>/dev/null || true' EXIT
+        trap 'kill $lighthouse_pid 2>/dev/null; wait $lighthouse_pid 2>/dev/null || true' EXIT
         export TORCHFT_LIGHTHOUSE=http://127.0.0.1:$LIGHTHOUSE_PORT NPROC=${NPROC:-1}
         export GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-$((${MICRO_BATCH_SIZE:-8} * NPROC * NUM_REPLICAS))}
         pids=()

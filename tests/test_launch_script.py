@@ -1,5 +1,6 @@
 """examples/pretrain_edit.sh outside Slurm: bad input stops before launch; a local EDiT run trains."""
 import os
+import socket
 import subprocess
 
 import pytest
@@ -78,3 +79,10 @@ def test_multicluster_script_runs_two_replica_jobs_and_a_lighthouse_locally(tmp_
         assert "edit sync at iteration 5 | replicas: 2 |" in log
         finals.append(log.split("validation loss at iteration 8: ")[1].split()[0])
     assert finals[0] == finals[1]
+    # The lighthouse went with the script; one still on the port (an earlier run's) is refused in one line.
+    with socket.create_server(("", int(env["LIGHTHOUSE_PORT"])), family=socket.AF_INET6, dualstack_ipv6=True):
+        again = subprocess.run(["bash", "examples/pretrain_edit_multicluster.sh", "local"], cwd=REPO, env=env,
+                               capture_output=True, text=True, timeout=60)
+    assert again.returncode == 2
+    assert again.stderr.strip() == f"error: port {env['LIGHTHOUSE_PORT']} is in use (a lighthouse left from an " \
+                                   "earlier run?): stop it or set LIGHTHOUSE_PORT"

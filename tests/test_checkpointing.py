@@ -134,26 +134,31 @@ def test_edit_checkpoint_resumes_with_a_different_number_of_replicas(tmp_path, r
     assert len(continued[-1]["losses"]) == 4 and len(continued[-1]["syncs"]) == (3 if replicas > 1 else 0)
 
 
-@pytest.mark.slow
-def test_killed_rank_restarts_from_the_last_checkpoint_and_finishes(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
-               str(REPO / "pretrain_gpt.py"), *TINY_GPT, "--micro-batch-size", "2", "--train-iters", "300",
-               "--log-interval", "50", "--eval-interval", "1000", "--eval-iters", "1",
-               "--save", str(tmp_path), "--load", str(tmp_path), "--save-interval", "50"]
+def torchrun_workers_once_saved(args: list, save_dir, *launch_flags: str):
+    """pretrain_gpt.py under torchrun on 2 CPU ranks, once its first checkpoint is in `save_dir`: (job, worker pids)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *launch_flags,
+               str(REPO / "pretrain_gpt.py"), *args]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tracker = tmp_path / "latest_checkpointed_iteration.txt"
+    tracker = save_dir / "latest_checkpointed_iteration.txt"
     deadline = time.time() + 240
     while not tracker.exists() and time.time() < deadline and job.poll() is None:
         time.sleep(0.2)
     assert tracker.exists() and job.poll() is None, "no checkpoint was written while the job ran"
-    workers = open(f"/proc/{job.pid}/task/{job.pid}/children").read().split()  # torchrun's worker processes
-    os.kill(int(workers[-1]), signal.SIGKILL)
+    return job, [int(pid) for pid in open(f"/proc/{job.pid}/task/{job.pid}/children").read().split()]
+
+
+@pytest.mark.slow
+def test_killed_rank_restarts_from_the_last_checkpoint_and_finishes(tmp_path):
+    args = [*TINY_GPT, "--micro-batch-size", "2", "--train-iters", "300", "--log-interval", "50", "--eval-interval",
+            "1000", "--eval-iters", "1", "--save", str(tmp_path), "--load", str(tmp_path), "--save-interval", "50"]
+    job, workers = torchrun_workers_once_saved(args, tmp_path, "--max-restarts=1")
+    os.kill(workers[-1], signal.SIGKILL)
     stdout, stderr = job.communicate(timeout=300)
     assert job.returncode == 0, stderr[-3000:]
     assert "loaded checkpoint from" in stdout
     assert " iteration      300/     300 |" in stdout
-    assert tracker.read_text() == "300"
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "300"
 
 
 @pytest.mark.slow
@@ -164,23 +169,15 @@ def test_sigterm_saves_the_iteration_under_way_and_exits_zero(tmp_path):
             "--log-interval", "1", "--eval-interval", "100000", "--eval-iters", "1", "--dp-mode", "edit",
             "--model-shard-group-size", "1", *local_sgd(2, 3), "--save", str(tmp_path), "--load", str(tmp_path),
             "--save-interval", "4", "--exit-signal-handler"]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(REPO / "pretrain_gpt.py"), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    job = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    tracker = tmp_path / "latest_checkpointed_iteration.txt"
-    deadline = time.time() + 240
-    while not tracker.exists() and time.time() < deadline and job.poll() is None:
-        time.sleep(0.2)
-    assert tracker.exists() and job.poll() is None, "no checkpoint was written while the job ran"
-    for worker in open(f"/proc/{job.pid}/task/{job.pid}/children").read().split():
-        os.kill(int(worker), signal.SIGTERM)
+    job, workers = torchrun_workers_once_saved(args, tmp_path)
+    for worker in workers:
+        os.kill(worker, signal.SIGTERM)
     stdout, stderr = job.communicate(timeout=300)
     assert job.returncode == 0, stderr[-3000:]
     exited = [line for line in stdout.splitlines() if "(SIGTERM)" in line]
     assert exited and exited[0].startswith(" exiting after iteration "), stdout[-2000:]
     stopped = int(exited[0].split()[3])
-    assert tracker.read_text() == str(stopped) and stopped < 3000
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == str(stopped) and stopped < 3000
     resumed = run_training(2, args[:args.index("--train-iters") + 1] + [str(stopped + 2)] +
                            args[args.index("--train-iters") + 2:] + ["--override-opt_param-scheduler"]).check()
     assert f"at iteration {stopped}" in resumed.stdout and len(resumed.losses) == 2

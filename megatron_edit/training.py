@@ -463,17 +463,20 @@ class TerminationSignal:
         self.received = True
 
     def received_anywhere(self, device: torch.device) -> bool:
-        flag = torch.tensor([float(self.received)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        return _on_any_rank(self.received, device)
+
+
+def _on_any_rank(condition: bool, device: torch.device) -> bool:
+    """Whether `condition` holds on any rank (one small all-reduce: every rank gets the same answer)."""
+    flag = torch.tensor([float(condition)], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 def _out_of_time(started: float, minutes: float, device: torch.device) -> bool:
-    """Whether `minutes` have passed since training started on any rank (one all-reduce, at log iterations only:
-    every rank stops at the same one)."""
-    late = torch.tensor([float(time.perf_counter() - started > 60 * minutes)], device=device)
-    dist.all_reduce(late, op=dist.ReduceOp.MAX)
-    return bool(late.item())
+    """Whether `minutes` have passed since training started on any rank (at log iterations only: every rank stops
+    at the same one)."""
+    return _on_any_rank(time.perf_counter() - started > 60 * minutes, device)
 
 
 def build_trainer(args, device: torch.device, datasets_provider: Callable, model_provider: Callable,

@@ -198,10 +198,15 @@ def _foreign_record(directory: str) -> dict:
     return meta
 
 
+def _is_iteration_dir_name(name: str) -> bool:
+    """`iter_0000100`, one checkpoint's directory (not a staging `.tmp`)."""
+    return name.startswith("iter_") and name[5:].isdigit()
+
+
 def _complete_iterations(root: str) -> list:
     found = []
     for name in os.listdir(root):
-        if name.startswith("iter_") and not name.endswith(".tmp") and name[5:].isdigit():
+        if _is_iteration_dir_name(name):
             directory = os.path.join(root, name)
             if _record_path(directory) or _is_foreign(directory):
                 found.append(int(name[5:]))
@@ -309,7 +314,7 @@ def load_checkpoint(trainer) -> int:
     if found is None:
         name = os.path.basename(os.path.normpath(args.load))
         hint = (f"it is one checkpoint's directory: give its parent, --load {os.path.dirname(os.path.normpath(args.load))}"
-                if name.startswith("iter_") and name[5:].isdigit() else "no complete iter_* directory is in it")
+                if _is_iteration_dir_name(name) else "no complete iter_* directory is in it")
         if args.load != args.save:  # a checkpoint to start from was asked for, not the restart-safe --save D --load D
             raise UsageError(f"--load {args.load} holds no checkpoint to load ({hint}); to start from scratch, "
                              "drop --load or give --load and --save the same directory")

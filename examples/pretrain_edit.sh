@@ -80,10 +80,12 @@ ARGS=(
     --data-path "$DATA_PATH" --split "${SPLIT:-95,5,0}" --data-cache-path data/cache
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL"
     --log-interval 20 --eval-interval 100 --eval-iters 8
-    --dp-mode "$DP_MODE" --local-sgd-sync-interval "${LOCAL_SGD_SYNC_INTERVAL:-16}"
-    --local-sgd-warmup-iters "$LOCAL_SGD_WARMUP_ITERS" --outer-lr "${OUTER_LR:-0.7}"
-    --outer-momentum "${OUTER_MOMENTUM:-0.8}"
+    --dp-mode "$DP_MODE" --local-sgd-warmup-iters "$LOCAL_SGD_WARMUP_ITERS"
 )
+# Unset: the mode's own defaults (docs/low_communication.md, "The shipped defaults").
+[ -n "${LOCAL_SGD_SYNC_INTERVAL:-}" ] && ARGS+=(--local-sgd-sync-interval "$LOCAL_SGD_SYNC_INTERVAL")
+[ -n "${OUTER_LR:-}" ] && ARGS+=(--outer-lr "$OUTER_LR")
+[ -n "${OUTER_MOMENTUM:-}" ] && ARGS+=(--outer-momentum "$OUTER_MOMENTUM")
 [ -n "${MODEL_SHARD_GROUP_SIZE:-}" ] && ARGS+=(--model-shard-group-size "$MODEL_SHARD_GROUP_SIZE")
 [ -n "${SAVE:-}" ] && ARGS+=(--save "$SAVE" --load "$SAVE" --save-interval "${SAVE_INTERVAL:-100}")
 # Preemption or scancel (SIGTERM, then SIGKILL after Slurm's KillWait): save the iteration under way and exit 0.

@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("local SGD (edit and the other local-SGD modes)")
     g.add_argument("--model-shard-group-size", type=int, default=None,
                    help="data-parallel ranks that hold one replica together; default: those of one node")
-    g.add_argument("--local-sgd-sync-interval", type=int, default=16, help="H: local steps between syncs")
+    g.add_argument("--local-sgd-sync-interval", type=int, default=None,
+                   help="H: local steps between syncs; default 2 for edit, 16 for diloco and post-local-sgd")
     g.add_argument("--local-sgd-warmup-iters", type=int, default=None,
                    help="W: iterations of synchronous data parallelism before local steps begin")
     g.add_argument("--local-sgd-warmup-fraction", type=float, default=None,
@@ -142,19 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what the warm-up's gradient average over the replicas sends: fp32 (DDP's), or a codec of "
                         "--sync-dtype's, always with error feedback; default int2 (see docs/baselines.md, "
                         "'Choosing H, the outer optimizer and warm-up')")
-    g.add_argument("--local-sgd-lr-scale", type=float, default=1.0,
+    g.add_argument("--local-sgd-lr-scale", type=float, default=None,
                    help="multiply the inner LR schedule by this during local steps (not the synchronous warm-up): "
                         "each replica's Adam sees 1/M of the batch's gradients and steps shorter than DDP's; "
-                        "sqrt(M) restores the length (see docs/low_communication.md, 'Local Adam at M=4')")
-    g.add_argument("--outer-lr", type=float, default=0.7)
-    g.add_argument("--outer-momentum", type=float, default=0.8)
-    g.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=True)
+                        "default M for edit and aedit (M replicas), 1 for diloco and post-local-sgd (see "
+                        "docs/low_communication.md, 'Local Adam at M=4')")
+    g.add_argument("--outer-lr", type=float, default=None,
+                   help="the outer SGD step on the averaged pseudo-gradient; default 1 for edit and aedit (with no "
+                        "momentum: the average itself), 0.7 for diloco")
+    g.add_argument("--outer-momentum", type=float, default=None, help="default 0 for edit and aedit, 0.8 for diloco")
+    g.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: off for edit and aedit, on for diloco")
     g.add_argument("--offload-outer-state", action="store_true", help="keep anchor and momentum in CPU memory")
     g.add_argument("--sync-dtype", choices=SYNC_DTYPES, default=None,
                    help="what the pseudo-gradient exchange sends: fp32, bf16 (1/2 the bytes), int8, int4 or int2 "
                         "with a scale per block (about 1/4, 1/8, 1/16), or topk (--sync-topk-fraction of the values, "
-                        "with their indices); edit, aedit and diloco; default int4 (fp32 for post-local-sgd, which "
-                        "averages parameters, and for replica jobs over torchft)")
+                        "with their indices); edit, aedit and diloco; default int2 for edit and aedit, int4 for "
+                        "diloco (fp32 for post-local-sgd, which averages parameters, and for replica jobs over "
+                        "torchft)")
     g.add_argument("--sync-error-feedback", action=argparse.BooleanOptionalAction, default=None,
                    help="carry what the codec dropped (bf16/int8/int4/int2 rounding, top-k's unsent values) into "
                         "the next sync; default: on with any codec but fp32")

@@ -11,12 +11,16 @@ from megatron_edit.logging import parse_iteration_lines, parse_validation_lines
 REPO = Path(__file__).resolve().parent.parent
 
 # A tiny GPT with dropout off, so that runs are deterministic and comparable across layouts. Local-SGD exchanges in
-# fp32 (the shipped default is int4), so that runs compare exactly with references, layouts and one another; the
-# codecs are tested where a test names them.
+# fp32 (the shipped defaults are int2), so that runs compare exactly with references, layouts and one another; the
+# codecs are tested where a test names them. One recipe for every mode, whatever its defaults (a sync every 16 local
+# steps, the outer Nesterov step, the local steps at the schedule's LR: the inner LR's default depends on M, which
+# a single-process reference does not have); tests name H, the outer step and the scale where they are the subject.
 TINY_GPT = [
     "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
     "--hidden-dropout", "0", "--attention-dropout", "0", "--lr", "1e-3", "--seed", "1234",
     "--mock-data", "--vocab-size", "511", "--sync-dtype", "fp32", "--local-sgd-warmup-grad-dtype", "fp32",
+    "--local-sgd-sync-interval", "16", "--outer-lr", "0.7", "--outer-momentum", "0.8", "--outer-nesterov",
+    "--local-sgd-lr-scale", "1",
 ]
 
 

@@ -217,12 +217,12 @@ def test_layer_swapping_refuses_what_it_cannot_hold_in_one_line():
     assert parsed.swap_layers and parsed.swap_resident_layers == 2
 
 
-def test_codecs_default_to_int4_syncs_and_int2_warmup_with_error_feedback(monkeypatch):
+def test_codecs_default_to_the_modes_syncs_and_int2_warmup_with_error_feedback(monkeypatch):
     local = ["--model-shard-group-size", "1"]
-    for mode in ("edit", "aedit", "diloco"):
+    for mode, sync in (("edit", "int2"), ("aedit", "int2"), ("diloco", "int4")):
         parsed = arguments.parse_args(BASE + ["--dp-mode", mode] + local, world_size=2)
         assert (parsed.sync_dtype, parsed.sync_error_feedback, parsed.local_sgd_warmup_grad_dtype) == \
-            ("int4", True, "int2"), mode
+            (sync, True, "int2"), mode
     averaged = arguments.parse_args(BASE + ["--dp-mode", "post-local-sgd"] + local, world_size=2)
     assert (averaged.sync_dtype, averaged.sync_error_feedback, averaged.local_sgd_warmup_grad_dtype) == \
         ("fp32", False, "int2")  # it averages parameters; its warm-up averages gradients as the others' do
@@ -233,6 +233,26 @@ def test_codecs_default_to_int4_syncs_and_int2_warmup_with_error_feedback(monkey
     jobs = arguments.parse_args(BASE + ["--dp-mode", "edit", "--replica-coordinator", "torchft", "--num-replicas", "2",
                                         "--replica-id", "0", "--local-sgd-warmup-iters", "0"], world_size=1)
     assert (jobs.sync_dtype, jobs.sync_error_feedback, jobs.local_sgd_warmup_grad_dtype) == ("fp32", False, "fp32")
+
+
+def test_each_mode_defaults_to_its_recipe_and_flags_override_it():
+    """EDiT and A-EDiT: every other step, plain averaging, local steps at M x the LR (M replicas); DiLoCo: H=16
+    and the outer Nesterov step; Post-Local-SGD: H=16, parameters averaged; a flag given wins over the recipe."""
+    def recipe(mode, world_size, *flags):
+        parsed = arguments.parse_args(BASE + ["--dp-mode", mode, "--model-shard-group-size", "1", *flags],
+                                      world_size=world_size)
+        return (parsed.local_sgd_sync_interval, parsed.outer_lr, parsed.outer_momentum, parsed.outer_nesterov,
+                parsed.local_sgd_lr_scale)
+
+    assert recipe("edit", 2) == recipe("aedit", 2) == (2, 1.0, 0.0, False, 2.0)
+    assert recipe("edit", 4)[4] == 4.0
+    assert recipe("edit", 1)[4] == 1.0  # one replica: plain data parallelism, nothing to lengthen
+    assert recipe("diloco", 4) == (16, 0.7, 0.8, True, 1.0)
+    assert recipe("post-local-sgd", 4) == (16, 0.7, 0.8, True, 1.0)
+    assert recipe("edit", 4, "--local-sgd-sync-interval", "8", "--outer-lr", "0.7", "--outer-momentum", "0.8",
+                  "--outer-nesterov", "--local-sgd-lr-scale", "1.5") == (8, 0.7, 0.8, True, 1.5)
+    ddp = arguments.parse_args(BASE, world_size=2)
+    assert ddp.local_sgd_sync_interval is None and ddp.local_sgd_lr_scale is None  # no local steps, no recipe
 
 
 def test_sync_interval_ramp_and_codec_refusals():

@@ -166,21 +166,20 @@ def test_aedit_saves_at_a_sync_and_the_resumed_run_continues_and_syncs(tmp_path)
     (("--use-distributed-optimizer", "--bf16", "--optimizer", "adam", "--lr", "3e-3"), 2)],
     ids=["tp2", "pp2", "shard2-distopt-bf16"])
 def test_shipped_codecs_track_fp32_on_every_layout(layout, shard):
-    """The default codecs (with error feedback: int2 for the warm-up's gradients, int4 for syncs; W=4 of 10, H=3):
+    """EDiT's default codecs (int2 with error feedback for the warm-up's gradients and for syncs; W=4 of 10, H=3):
     copies that several ranks of a replica hold stay bit-identical (tensor-replicated ones, the tied embedding on
-    two stages), every warm-up iteration sends about a sixteenth of fp32's bytes and the sync an eighth, every rank
+    two stages), every warm-up iteration and the sync send about a sixteenth of fp32's bytes, every rank
     ends on one model, and the losses fall and stay within 6% of the fp32 run's."""
     nproc, args = edit(shard, 2, *local_sgd(4, 3), *layout)
     nproc = 2 * nproc if shard == 1 else nproc
     fp32 = run(nproc, args)
-    shipped = run(nproc, args + ("--sync-dtype", "int4", "--local-sgd-warmup-grad-dtype", "int2"))
+    shipped = run(nproc, args + ("--sync-dtype", "int2", "--local-sgd-warmup-grad-dtype", "int2"))
     assert assert_replicated_copies_identical(shipped) > 0 or layout == PIPELINE_PARALLEL
     for dump_fp32, dump_shipped in zip(fp32, shipped):
         sent = [(a["bytes"].get("sync", 0), b["bytes"].get("sync", 0))
                 for a, b in zip(dump_fp32["iterations"], dump_shipped["iterations"])]
         assert [i + 1 for i, (f, _) in enumerate(sent) if f] == [1, 2, 3, 4, 8]  # warm-up, the sync after 3 steps
-        assert all(0.0625 <= q / f <= 0.11 for f, q in sent[:4]), sent  # 2 bits, scales, small buckets' padding
-        assert 0.125 <= sent[7][1] / sent[7][0] <= 0.2, sent  # 4 bits and the same
+        assert all(0.0625 <= q / f <= 0.11 for f, q in sent[:4] + [sent[7]]), sent  # 2 bits, scales, padding
     for first, other in zip(*by_replica(shipped).values()):  # rank k of each replica: one model at the end
         assert first["params"].keys() == other["params"].keys()
         for name in first["params"]:

@@ -12,7 +12,10 @@ def test_compare_methods_writes_table_and_plots_for_every_method(tmp_path):
     compare_methods.main(["--output-dir", str(tmp_path), "--mock-data", "--num-layers", "2", "--hidden-size", "64",
                           "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
                           "--train-iters", "14", "--log-interval", "2", "--eval-iters", "1",
-                          "--local-sgd-warmup-iters", "2", "--local-sgd-sync-interval", "4"])
+                          "--local-sgd-warmup-iters", "2", "--local-sgd-sync-interval", "4",
+                          # one outer step for every method (each has its own defaults), so DiLoCo and EDiT compare
+                          "--outer-lr", "0.7", "--outer-momentum", "0.8", "--",
+                          "--outer-nesterov", "--sync-dtype", "fp32", "--local-sgd-lr-scale", "1"])
     with open(tmp_path / "results.csv") as f:
         rows = {row["method"]: row for row in csv.DictReader(f)}
     assert list(rows) == ["ddp", "post-local-sgd", "diloco", "edit", "aedit"]

@@ -8,8 +8,10 @@
 Writes results.md and results.csv, one row per method (final train loss, validation loss: mean, std, min and max
 over --seeds, and its gap to DDP's mean; perplexity, tokens/s, bytes one rank sent to other replicas, peak memory),
 runs.csv (one row per run) and loss_vs_tokens.png / loss_vs_time.png (the first seed). Every local-SGD mode ends on
-a final sync, and the validation loss is the consensus model's over --eval-iters batches. A-EDiT's wall-clock interval
-defaults to H x EDiT's measured time per iteration, so both sync about equally often. The runs are sequential on
+a final sync, and the validation loss is the consensus model's over --eval-iters batches. Each method runs with its
+own defaults (pretrain_gpt.py's: H, the outer step, the codecs) unless --local-sgd-sync-interval, --outer-lr or
+--outer-momentum name one for all. A-EDiT's wall-clock interval defaults to H x EDiT's measured time per iteration,
+so both sync about equally often. The runs are sequential on
 one machine, so throughput differences here come from computation and communication volume, not a network;
 tools/netsim.py puts the replicas behind shaped links.
 """
@@ -22,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tools.experiment import (LLAMA_STYLE, METHODS, add_data_args, add_training_args,  # noqa: E402
                               cross_replica_bytes, data_argv, new_figure, resolve_local_sgd_warmup, run_job,
                               save_figure, seeds, spread, write_table)
+from megatron_edit.dp import DP_MODES  # noqa: E402
 from megatron_edit.logging import perplexity  # noqa: E402
 
 
@@ -32,14 +35,14 @@ def get_args(argv=None):
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--model-shard-group-size", type=int, default=1)
     add_training_args(parser, num_layers=4, hidden_size=128, seq_length=128, micro_batch_size=8, train_iters=200,
-                      sync_interval=16)
+                      sync_interval=None)
     parser.add_argument("--num-attention-heads", type=int, default=4)
     parser.add_argument("--global-batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3, help="inner (Adam) peak LR; --min-lr is a tenth of it")
     parser.add_argument("--lr-warmup-iters", type=int, default=None, help="default: min(20, train iters / 10)")
     parser.add_argument("--log-interval", type=int, default=10)
-    parser.add_argument("--outer-lr", type=float, default=0.7)
-    parser.add_argument("--outer-momentum", type=float, default=0.8)
+    parser.add_argument("--outer-lr", type=float, default=None, help="default: each method's")
+    parser.add_argument("--outer-momentum", type=float, default=None, help="default: each method's")
     parser.add_argument("--aedit-sync-seconds", type=float, default=None,
                         help="default: H x EDiT's measured seconds per iteration (EDiT runs first)")
     add_data_args(parser)
@@ -60,9 +63,11 @@ def common_argv(args) -> list:
         "--log-interval", str(args.log_interval), "--eval-interval", str(args.train_iters),
         "--eval-iters", str(args.eval_iters), *data_argv(args),
         "--model-shard-group-size", str(args.model_shard_group_size),
-        "--local-sgd-sync-interval", str(args.local_sgd_sync_interval),
         "--local-sgd-warmup-iters", str(args.local_sgd_warmup_iters),
-        "--outer-lr", str(args.outer_lr), "--outer-momentum", str(args.outer_momentum), *args.extra,
+        *[argument for flag, value in (("--local-sgd-sync-interval", args.local_sgd_sync_interval),
+                                       ("--outer-lr", args.outer_lr), ("--outer-momentum", args.outer_momentum))
+          if value is not None for argument in (flag, str(value))],
+        *args.extra,
     ]
 
 
@@ -132,7 +137,8 @@ def main(argv=None):
     for method in sorted(args.methods, key=lambda m: m == "aedit"):  # A-EDiT's interval comes from EDiT's pace
         argv = base + ["--dp-mode", method]
         if method == "aedit":
-            tau = args.aedit_sync_seconds or args.local_sgd_sync_interval * seconds_per_iteration.get(
+            interval = args.local_sgd_sync_interval or DP_MODES["edit"].defaults.sync_interval
+            tau = args.aedit_sync_seconds or interval * seconds_per_iteration.get(
                 "edit", seconds_per_iteration.get("ddp", 1.0))
             argv += ["--aedit-sync-seconds", f"{tau:.3f}"]
         for seed in seeds(args):

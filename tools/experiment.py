@@ -26,7 +26,7 @@ METHODS = ["ddp", "post-local-sgd", "diloco", "edit", "aedit"]
 
 
 def add_training_args(parser: argparse.ArgumentParser, num_layers: int, hidden_size: int, seq_length: int,
-                      micro_batch_size: int, train_iters: int, sync_interval: int,
+                      micro_batch_size: int, train_iters: int, sync_interval: Optional[int],
                       warmup_iters: Optional[int] = None) -> None:
     """The model and schedule flags every comparison tool takes (pretrain_gpt.py's names), with its defaults
     (W: pretrain_gpt.py's, see resolve_local_sgd_warmup, unless the tool names one)."""
@@ -35,7 +35,8 @@ def add_training_args(parser: argparse.ArgumentParser, num_layers: int, hidden_s
     parser.add_argument("--seq-length", type=int, default=seq_length)
     parser.add_argument("--micro-batch-size", type=int, default=micro_batch_size)
     parser.add_argument("--train-iters", type=int, default=train_iters)
-    parser.add_argument("--local-sgd-sync-interval", type=int, default=sync_interval)
+    parser.add_argument("--local-sgd-sync-interval", type=int, default=sync_interval,
+                        help="H; default: each mode's (pretrain_gpt.py's)" if sync_interval is None else None)
     parser.add_argument("--local-sgd-warmup-iters", type=int, default=warmup_iters,
                         help="W; default: a quarter of --train-iters, as pretrain_gpt.py" if warmup_iters is None else None)
 

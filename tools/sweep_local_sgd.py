@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from megatron_edit.dp import DP_MODES  # noqa: E402
 from tools.compare_methods import common_argv, final_validation  # noqa: E402
 from tools.experiment import (add_data_args, add_training_args, cross_replica_bytes, default_local_sgd_warmup,  # noqa
                               new_figure, run_job, save_figure, seeds, spread, write_table)
@@ -56,7 +57,7 @@ def get_args(argv=None):
     g = parser.add_argument_group("the grid (every combination runs)")
     g.add_argument("--ddp-lrs", type=float, nargs="*", default=[2e-3], help="DDP's inner LRs (none: no DDP runs)")
     g.add_argument("--lrs", type=float, nargs="+", default=[2e-3], help="inner (Adam) peak LR of the local steps")
-    g.add_argument("--sync-intervals", type=int, nargs="+", default=[16], help="H")
+    g.add_argument("--sync-intervals", type=int, nargs="+", default=None, help="H; default: pretrain_gpt.py's")
     g.add_argument("--initial-sync-intervals", type=int, nargs="+", default=[0],
                    help="H0 of a ramp H0, 2 H0, ... up to H (0: no ramp)")
     g.add_argument("--warmup-codecs", nargs="+", default=["int2"], choices=WARMUP_CODECS,
@@ -64,19 +65,24 @@ def get_args(argv=None):
                         "pretrain_gpt.py's")
     g.add_argument("--sync-codecs", nargs="+", default=None, choices=list(SYNC_CODECS),
                    help="what a sync sends (--sync-dtype; +ef: --sync-error-feedback); default: pretrain_gpt.py's "
-                        "(int4+ef, fp32 for post-local-sgd)")
+                        "for --method")
     g.add_argument("--warmup-iters", type=int, nargs="+", default=None,
                    help="W: synchronous iterations first; default: a quarter of --train-iters, as pretrain_gpt.py")
-    g.add_argument("--outer-lrs", type=float, nargs="+", default=[0.7])
-    g.add_argument("--outer-momentums", type=float, nargs="+", default=[0.8])
-    g.add_argument("--nesterov", choices=["on", "off"], nargs="+", default=["on"], help="outer Nesterov momentum")
+    g.add_argument("--outer-lrs", type=float, nargs="+", default=None, help="default: pretrain_gpt.py's for --method")
+    g.add_argument("--outer-momentums", type=float, nargs="+", default=None)
+    g.add_argument("--nesterov", choices=["on", "off"], nargs="+", default=None, help="outer Nesterov momentum")
     parser.add_argument("--all-runs", action="store_true",
                         help="table and plot every configuration of --output-dir's runs.jsonl run with this budget and "
                              "these seeds, not only this grid (nothing new runs)")
     parser.add_argument("extra", nargs="*", help="after --: more pretrain_gpt.py flags for every run")
     args = parser.parse_args(argv)
     args.warmup_iters = args.warmup_iters or [default_local_sgd_warmup(args.train_iters)]
-    args.sync_codecs = args.sync_codecs or ["fp32" if args.method == "post-local-sgd" else "int4+ef"]
+    recipe = DP_MODES[args.method].defaults  # what pretrain_gpt.py runs --method with when no flag says otherwise
+    args.sync_intervals = args.sync_intervals or [recipe.sync_interval]
+    args.sync_codecs = args.sync_codecs or [recipe.sync_dtype + ("" if recipe.sync_dtype == "fp32" else "+ef")]
+    args.outer_lrs = args.outer_lrs or [recipe.outer_lr]
+    args.outer_momentums = args.outer_momentums or [recipe.outer_momentum]
+    args.nesterov = args.nesterov or ["on" if recipe.outer_nesterov else "off"]
     args.local_sgd_sync_interval = args.local_sgd_warmup_iters = None  # set per configuration
     args.outer_lr = args.outer_momentum = None
     return args
@@ -101,7 +107,9 @@ def job_argv(args, config: dict, seed: int) -> list:
         argv += ["--local-sgd-initial-sync-interval", str(config["H0"])]
     argv += ["--local-sgd-warmup-grad-dtype", config.get("warm-up codec", "fp32")]
     argv += SYNC_CODECS[config.get("sync codec", "fp32")]
-    return argv + (["--no-outer-nesterov"] if config.get("nesterov") == "off" else [])
+    if "nesterov" in config:
+        argv.append("--outer-nesterov" if config["nesterov"] == "on" else "--no-outer-nesterov")
+    return argv
 
 
 def run_key(config: dict, seed: int, args) -> str:

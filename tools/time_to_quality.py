@@ -69,7 +69,7 @@ def job_argv(args, flags: List[str], train_iters: int, seed: int) -> List[str]:
     job = argparse.Namespace(**vars(args))
     job.train_iters = train_iters
     argv = common_argv(job)
-    for flag in ("--local-sgd-sync-interval", "--local-sgd-warmup-iters", "--outer-lr", "--outer-momentum"):
+    for flag in ("--local-sgd-sync-interval", "--local-sgd-warmup-iters"):
         index = argv.index(flag)
         del argv[index:index + 2]
     index = argv.index("--eval-interval")

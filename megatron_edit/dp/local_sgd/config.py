@@ -26,3 +26,25 @@ class LocalSGDConfig:
                    args.outer_nesterov, args.offload_outer_state, args.sync_dtype, args.sync_error_feedback,
                    args.sync_delay_steps, args.sync_fragments, args.local_sgd_initial_sync_interval or 0,
                    args.local_sgd_warmup_grad_dtype, args.sync_topk_fraction, args.local_sgd_lr_scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecipeDefaults:
+    """What a mode's own flags mean when not given: each mode is shipped at the setting measured best for it
+    (docs/low_communication.md, "The shipped defaults")."""
+    sync_interval: int          # --local-sgd-sync-interval
+    outer_lr: float             # --outer-lr
+    outer_momentum: float       # --outer-momentum
+    outer_nesterov: bool        # --outer-nesterov
+    sync_dtype: str             # --sync-dtype (with error feedback unless fp32)
+    lr_scale_exponent: float    # --local-sgd-lr-scale is M ** this, M the replicas
+
+    def fill(self, args, replicas: int) -> None:
+        """Sets every flag of these the user left out (None)."""
+        values = {"local_sgd_sync_interval": self.sync_interval, "outer_lr": self.outer_lr,
+                  "outer_momentum": self.outer_momentum, "outer_nesterov": self.outer_nesterov,
+                  "sync_dtype": self.sync_dtype,
+                  "local_sgd_lr_scale": round(replicas ** self.lr_scale_exponent, 4)}
+        for name, value in values.items():
+            if getattr(args, name) is None:
+                setattr(args, name, value)

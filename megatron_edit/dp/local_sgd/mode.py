@@ -20,7 +20,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron_edit.dp import comm_stats
 from megatron_edit.dp.base import StepPlan
 from megatron_edit.dp.ddp import SynchronousDataParallel
-from megatron_edit.dp.local_sgd.config import LocalSGDConfig
+from megatron_edit.dp.local_sgd.config import LocalSGDConfig, RecipeDefaults
 from megatron_edit.dp.local_sgd.exchange import ProcessGroupTransport, SyncExchange
 from megatron_edit.dp.local_sgd import torchft_replicas
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
@@ -35,9 +35,8 @@ from megatron_edit.platform import mcore_internals
 # validation loss on the benchmark corpus, against 6% with 5% (docs/baselines.md: "Choosing H, the outer optimizer
 # and warm-up").
 DEFAULT_WARMUP_FRACTION = 0.25
-# What the syncs and the warm-up's gradient average send unless told, with error feedback: int4 pseudo-gradients
-# and int2 gradients kept that quality at about 1/8 and 1/16 of the bytes (same section).
-DEFAULT_SYNC_CODEC = "int4"
+# What the warm-up's gradient average sends unless told, with error feedback: int2 gradients kept that quality at
+# 1/16 of the bytes (docs/low_communication.md).
 DEFAULT_WARMUP_CODEC = "int2"
 
 
@@ -74,6 +73,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     syncs_in_fragments = False  # --sync-fragments
     replicas_as_jobs = True
     syncs_on_step_count = True  # A-EDiT's trigger is the clock: it takes no ramp of intervals
+    # Post-Local-SGD's: H=16 as EDiT's paper, parameters averaged in fp32 (the outer step's flags do not apply)
+    defaults = RecipeDefaults(sync_interval=16, outer_lr=0.7, outer_momentum=0.8, outer_nesterov=True,
+                              sync_dtype="fp32", lr_scale_exponent=0.0)
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups):
         super().__init__(ddp_config, transformer_config)
@@ -109,9 +111,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
 
     @classmethod
     def validate(cls, args) -> None:
-        """Fills in `model_shard_group_size`, `num_model_replicas` (= sync group size) and the codecs."""
+        """Fills in `model_shard_group_size`, `num_model_replicas` (= sync group size), the flags of the mode's
+        recipe the user left out (`defaults`) and the codecs."""
         super().validate(args)
-        cls._resolve_codecs(args)
         dp = args.data_parallel_size
         if args.model_shard_group_size is None:  # the data-parallel ranks of one node
             args.model_shard_group_size = max(1, min(dp, args.local_world_size // (
@@ -121,7 +123,13 @@ class LocalSGDDataParallel(SynchronousDataParallel):
                 f"--model-shard-group-size {shard} does not divide the data-parallel size {dp} "
                 f"(world {args.world_size} / TP {args.tensor_model_parallel_size} / PP "
                 f"{args.pipeline_model_parallel_size}); pick a divisor of {dp}")
-        if args.replica_coordinator == "torchft":
+        args.num_model_replicas = dp // shard
+        cls._resolve_codecs(args)
+        jobs = args.replica_coordinator == "torchft"
+        cls.defaults.fill(args, (args.num_replicas or 1) if jobs else args.num_model_replicas)
+        if args.sync_error_feedback is None:
+            args.sync_error_feedback = args.sync_dtype != "fp32"
+        if jobs:
             torchft_replicas.validate(args)
         require(args.local_sgd_sync_interval >= 1, "--local-sgd-sync-interval must be >= 1")
         require(args.local_sgd_lr_scale > 0, f"--local-sgd-lr-scale must be positive, got {args.local_sgd_lr_scale}")
@@ -142,7 +150,6 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         cls._resolve_warmup(args)
         require(args.outer_lr > 0 and 0 <= args.outer_momentum < 1,
                 "--outer-lr must be > 0 and --outer-momentum in [0, 1)")
-        args.num_model_replicas = dp // shard
         require(args.sync_dtype == "fp32" or cls.exchanges_pseudo_gradients,
                 f"--sync-dtype {args.sync_dtype}: {cls.name} averages parameters, not pseudo-gradients; "
                 "use --dp-mode edit, aedit or diloco")
@@ -170,14 +177,11 @@ class LocalSGDDataParallel(SynchronousDataParallel):
 
     @classmethod
     def _resolve_codecs(cls, args) -> None:
-        """The codecs not given, with error feedback: DEFAULT_SYNC_CODEC for pseudo-gradients, DEFAULT_WARMUP_CODEC
-        for the warm-up's gradients; fp32 where only an all-reduce carries them (Post-Local-SGD's parameter average,
-        torchft's quorum)."""
+        """The codecs torchft's quorum needs when not given: fp32, as only an all-reduce carries them; and
+        DEFAULT_WARMUP_CODEC for the warm-up's gradients otherwise (the syncs' codec is the recipe's)."""
         jobs = args.replica_coordinator == "torchft"
-        if args.sync_dtype is None:
-            args.sync_dtype = DEFAULT_SYNC_CODEC if cls.exchanges_pseudo_gradients and not jobs else "fp32"
-        if args.sync_error_feedback is None:
-            args.sync_error_feedback = args.sync_dtype != "fp32"
+        if args.sync_dtype is None and jobs:
+            args.sync_dtype = "fp32"
         if args.local_sgd_warmup_grad_dtype is None:
             args.local_sgd_warmup_grad_dtype = "fp32" if jobs else DEFAULT_WARMUP_CODEC
 

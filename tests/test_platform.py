@@ -58,6 +58,23 @@ def test_layer_redirects_megatron_cuda_requests_to_cpu():
     ]
 
 
+def test_megatron_core_imports_without_torchs_compiler_on_a_machine_without_cuda():
+    """megatron_edit's import leaves megatron-core's fused kernels plain functions (mcore_import.py), so no rank
+    loads inductor; if megatron-core stops taking `jit_fuser` from torch.compile at import, this says so."""
+    out = run_python("""
+        import sys
+        import pretrain_gpt  # noqa: F401
+        import torch
+        from megatron.core import jit
+        from megatron.core.fusions import fused_bias_swiglu
+        from megatron_edit.platform import mcore_import
+        assert not torch.cuda.is_available()
+        print(jit.jit_fuser is mcore_import._eager, hasattr(fused_bias_swiglu.swiglu, "_torchdynamo_orig_callable"),
+              any(name.startswith("torch._inductor") for name in sys.modules), torch.compile is not mcore_import._eager)
+    """)
+    assert out.split() == ["True", "False", "False", "True"]
+
+
 def test_resolve_device_auto_is_cpu_without_gpu():
     out = run_python("""
         from megatron_edit import platform

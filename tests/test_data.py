@@ -265,3 +265,36 @@ def test_training_on_the_sample_corpus_lowers_validation_perplexity(corpus, tmp_
         "--log-interval", "10", "--eval-interval", "40", "--eval-iters", "4"]).check()
     valid = run.validation_losses
     assert valid[40] < valid[0] - 1.0, valid
+
+
+def test_data_rewritten_under_a_prefix_get_index_caches_of_their_own(corpus, tmp_path):
+    """megatron-core names its index caches by the prefix: rewritten data must not be read through the old data's
+    indices, but as a fresh cache reads them."""
+    def datasets(cache):
+        args = arguments.parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                                     "--seq-length", "64", "--micro-batch-size", "2", "--train-iters", "20",
+                                     "--lr", "1e-3", "--device", "cpu", "--data-path", str(tmp_path / "d_text_document"),
+                                     "--split", "90,10,0", "--data-cache-path", str(cache), "--eval-iters", "2",
+                                     *SP(corpus)], world_size=1)
+        train, valid, _ = data_sets.build_datasets(args, SentencePieceTokenizer(corpus.sp))
+        return [train[i]["tokens"].tolist() for i in range(len(train))], len(valid)
+
+    preprocess(corpus, tmp_path / "d", *SP(corpus))
+    before = datasets(tmp_path / "cache")
+    half = tmp_path / "half.jsonl"
+    half.write_text("".join(open(corpus.jsonl).readlines()[::2]))
+    preprocess(corpus, tmp_path / "d", *SP(corpus), inputs=[str(half)])
+    after = datasets(tmp_path / "cache")
+    assert after == datasets(tmp_path / "fresh") and after != before
+    assert len(list((tmp_path / "cache").glob("data-*"))) == 2
+
+
+def test_data_from_a_larger_vocabulary_stop_the_run_in_one_line(corpus, prefix):
+    """Tokenized with the sample's SentencePiece model (8K pieces), read by a model of a 128-token vocabulary: one
+    line before the first forward, not an embedding's index error."""
+    run = run_training(1, ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                           "--seq-length", "32", "--micro-batch-size", "2", "--train-iters", "2", "--lr", "1e-3",
+                           "--data-path", prefix, "--split", "90,10,0", "--tokenizer-type", "NullTokenizer",
+                           "--vocab-size", "100"])
+    assert run.returncode != 0 and "beyond the model's vocabulary of 128" in run.stderr, run.stderr[-2000:]
+    assert "IndexError" not in run.stderr and "Traceback" not in run.stderr, run.stderr[-2000:]

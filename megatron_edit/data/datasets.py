@@ -6,6 +6,7 @@ a missing file or a .bin whose size disagrees with its .idx stops the run with o
 `--split` that is not three weights or that leaves a split the run reads without documents.
 Splits the run does not read (test, and valid without evaluation) are neither checked nor built.
 """
+import hashlib
 import os
 import re
 from typing import List, Optional, Sequence, Tuple
@@ -111,6 +112,20 @@ def dataset_sizes(args):
     ]
 
 
+def index_cache_path(data_path: Optional[List[str]], cache_path: Optional[str]) -> Optional[str]:
+    """Where megatron-core keeps the sample indices of these data: a folder named by the size and modification time
+    of every .bin/.idx they read, under --data-cache-path (default: `cache` beside the first prefix, as megatron-core
+    has it). megatron-core names its caches by the prefixes alone, so data rewritten under the same prefix would
+    be read through the old data's indices; here it gets indices of its own."""
+    if not data_path:
+        return cache_path
+    prefixes, _ = parse_blend(data_path)
+    stamps = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns)
+              for prefix in prefixes for path in (prefix + ".bin", prefix + ".idx")]
+    digest = hashlib.sha256(repr(stamps).encode()).hexdigest()[:16]
+    return os.path.join(cache_path or os.path.join(os.path.dirname(prefixes[0]) or ".", "cache"), f"data-{digest}")
+
+
 def build_datasets(args, tokenizer):
     """(train, valid, test) datasets, None for a split the run does not read (see `used_splits`); every rank
     builds them (rank 0 first, so index caches are shared)."""
@@ -119,7 +134,7 @@ def build_datasets(args, tokenizer):
         sequence_length=args.seq_length,
         blend=None if args.mock_data else parse_blend(args.data_path),
         split=args.split,
-        path_to_cache=args.data_cache_path,
+        path_to_cache=index_cache_path(None if args.mock_data else args.data_path, args.data_cache_path),
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,

@@ -149,7 +149,8 @@ class Trainer:
         args = self.args
         self.start_iteration = iteration
         dp_rank, dp_size = self.dp_mode.train_data_layout()
-        batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, device=self.device)
+        batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, device=self.device,
+                       vocab_size=args.padded_vocab_size)
         train = micro_batches(self.train_ds, iteration * args.global_batch_size, **batches)
         for hook in self.hooks:
             train = hook.train_batches(train)

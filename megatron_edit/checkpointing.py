@@ -121,12 +121,19 @@ def save_checkpoint(trainer, iteration: int, label: Optional[int] = None) -> Non
         shutil.rmtree(staging, ignore_errors=True)
         os.makedirs(staging)
     dist.barrier()
-    with _parameters_gathered(trainer):
-        if args.ckpt_format == "torch_dist":
-            dist_checkpoint.save(trainer, label, iteration, staging)
-        else:
-            _save_rank_file(trainer, iteration, staging)
-    dist.barrier()
+    try:
+        with _parameters_gathered(trainer):
+            if args.ckpt_format == "torch_dist":
+                dist_checkpoint.save(trainer, label, iteration, staging)
+            else:
+                _save_rank_file(trainer, iteration, staging)
+        error = None
+    except Exception as exc:  # a full disk (ENOSPC), a quota, a file-size limit: this save is lost, not the last one
+        cause = _os_error(exc)
+        if cause is None:
+            raise
+        error = f"rank {dist.get_rank()}: {cause.strerror or cause}"
+    _refuse_failed_save(args, label, staging, error)
     if dist.get_rank() == 0:
         meta = _metadata(args, label)
         meta["files"] = {os.path.relpath(os.path.join(d, name), staging): os.path.getsize(os.path.join(d, name))
@@ -143,6 +150,31 @@ def save_checkpoint(trainer, iteration: int, label: Optional[int] = None) -> Non
     dist.barrier()
 
 
+def _os_error(exc: Optional[BaseException]) -> Optional[OSError]:
+    """The OSError behind `exc`: torch's writers re-raise a failed write as a RuntimeError."""
+    while exc is not None and not isinstance(exc, OSError):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _refuse_failed_save(args, label: int, staging: str, error: Optional[str]) -> None:
+    """Every rank learns whether any rank could not write its part; if one could not, the partial staging folder
+    goes and every rank stops with one line, the last complete checkpoint untouched (the tracker still names it)."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e]
+    if not failed:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    dist.barrier()
+    previous = max(_complete_iterations(args.save), default=None)
+    kept = "no earlier checkpoint is there" if previous is None else f"iteration {previous} is intact"
+    more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+    raise UsageError(f"the checkpoint of iteration {label} could not be written ({failed[0]}{more}); its partial "
+                     f"folder is removed and in {args.save} {kept}: free space, then resume with --load")
+
+
 def _save_rank_file(trainer, iteration: int, staging: str) -> None:
     path = _this_rank_file(staging)
     os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -155,7 +187,8 @@ def _save_rank_file(trainer, iteration: int, staging: str) -> None:
         "rng": None if trainer.args.no_save_rng else rng_state(),
         "dp_mode": trainer.dp_mode.state_dict(),
     }
-    torch.save(state, path + ".tmp")
+    with open(path + ".tmp", "wb") as f:  # a Python file: a failed write keeps its OSError (errno) as the context
+        torch.save(state, f)
     os.replace(path + ".tmp", path)
 
 

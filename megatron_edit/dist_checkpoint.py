@@ -16,6 +16,7 @@ stays with the layout is error feedback's residuals (dropped, with a warning) an
 (such a checkpoint resumes on its own layout only). RNG states load only on the layout they were saved on.
 A-EDiT's replicas stand at different iterations: it keeps --ckpt-format torch.
 """
+import re
 import sys
 from typing import Optional, Tuple
 
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from torch.distributed.checkpoint.api import CheckpointException
 
 from megatron_edit.dp.local_sgd.sharded_state import entries_by_parameter
 from megatron_edit.errors import UsageError
@@ -108,7 +110,26 @@ def save(trainer, label: int, rank_iteration: int, directory: str) -> None:
     args = trainer.args
     state = sharded_state_dict(trainer, label, loading=False, rank_iteration=rank_iteration,
                                optimizer=not args.no_save_optim, rng=not args.no_save_rng)
-    dist_checkpointing.save(state, directory)
+    try:
+        dist_checkpointing.save(state, directory)
+    except CheckpointException as exc:  # every rank gets it; the coordinator with each failed rank's error
+        error = _write_error(exc)
+        if error is None and exc.failures:
+            raise
+        raise (error or OSError("the coordinating rank reports a failed write")) from exc
+
+
+_ERRNO = re.compile(r"\[Errno (\d+)\] ([^\n]*)")
+
+
+def _write_error(exc: CheckpointException) -> Optional[OSError]:
+    """The OSError a rank's writer met (a full disk), from megatron-core's report: its write worker passes the error
+    on as text."""
+    for failure, _ in exc.failures.values():
+        found = _ERRNO.search(str(failure))
+        if found:
+            return OSError(int(found.group(1)), found.group(2))
+    return None
 
 
 def load(trainer, directory: str, parts) -> Tuple[int, bool]:

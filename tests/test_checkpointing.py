@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from launcher import REPO, TINY_GPT, run_training
+from launcher import REPO, TINY_GPT, run_training, training_command
 from test_edit import edit, local_sgd, run
 from test_safe_load import RunsCode
 
@@ -197,6 +197,28 @@ def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, c
     assert "skipping" in resumed.stderr and "iter_0000006" in resumed.stderr
     assert "latest_checkpointed_iteration.txt holds no iteration number ('garbage')" in resumed.stderr
     assert "at iteration 3" in resumed.stdout and len(resumed.losses) == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
+def test_a_save_the_disk_refuses_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path, ckpt_format):
+    """The filesystem refuses a save's writes (here a file-size limit, EFBIG; a full disk is ENOSPC, the same path):
+    every rank stops with one line naming the error, without waiting out a timeout, the partial folder is gone, and
+    the last complete checkpoint resumes."""
+    args = TINY_GPT + STEPS + ["--ckpt-format", ckpt_format, "--save", str(tmp_path), "--save-interval", "2"]
+    run_training(2, args + ["--train-iters", "2"]).check()
+    command, env = training_command(2, args + ["--train-iters", "4", "--load", str(tmp_path),
+                                               "--override-opt_param-scheduler"])
+    limited = subprocess.run(["bash", "-c", 'ulimit -f 16 && exec "$@"', "bash", *command], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert limited.returncode != 0
+    assert ("error: the checkpoint of iteration 4 could not be written (rank 0: File too large and 1 more); its "
+            f"partial folder is removed and in {tmp_path} iteration 2 is intact") in limited.stderr, limited.stderr[-3000:]
+    assert "Traceback" not in limited.stderr, limited.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002", "latest_checkpointed_iteration.txt"]
+    resumed = run_training(2, args + ["--train-iters", "3", "--load", str(tmp_path),
+                                      "--override-opt_param-scheduler"]).check()
+    assert "at iteration 2" in resumed.stdout and len(resumed.losses) == 1
 
 
 @pytest.mark.slow

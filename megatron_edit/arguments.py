@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", default="969,30,1",
                    help="train,valid,test weights of every --data-path prefix; test is never read, valid only when "
                         "--eval-iters > 0")
-    g.add_argument("--data-cache-path", default=None, help="where megatron-core keeps its sample index caches")
+    g.add_argument("--data-cache-path", default=None,
+                   help="where megatron-core keeps its sample index caches, in a folder per version of the data")
     g.add_argument("--mock-data", action="store_true", help="synthetic documents from megatron-core's MockGPTDataset")
     add_tokenizer_args(parser)
 

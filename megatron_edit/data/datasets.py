@@ -113,17 +113,17 @@ def dataset_sizes(args):
 
 
 def index_cache_path(data_path: Optional[List[str]], cache_path: Optional[str]) -> Optional[str]:
-    """Where megatron-core keeps the sample indices of these data: a folder named by the size and modification time
-    of every .bin/.idx they read, under --data-cache-path (default: `cache` beside the first prefix, as megatron-core
-    has it). megatron-core names its caches by the prefixes alone, so data rewritten under the same prefix would
-    be read through the old data's indices; here it gets indices of its own."""
-    if not data_path:
+    """Where megatron-core keeps the sample indices of these data: a folder of --data-cache-path named by the size and
+    modification time of every .bin/.idx they read. megatron-core names its caches by the prefixes alone, so data
+    rewritten under the same prefix would be read through the old data's indices; here they get indices of their
+    own. (Without --data-cache-path, megatron-core's own place, beside each prefix, and its naming.)"""
+    if not data_path or cache_path is None:
         return cache_path
     prefixes, _ = parse_blend(data_path)
     stamps = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns)
               for prefix in prefixes for path in (prefix + ".bin", prefix + ".idx")]
     digest = hashlib.sha256(repr(stamps).encode()).hexdigest()[:16]
-    return os.path.join(cache_path or os.path.join(os.path.dirname(prefixes[0]) or ".", "cache"), f"data-{digest}")
+    return os.path.join(cache_path, f"data-{digest}")
 
 
 def build_datasets(args, tokenizer):

@@ -2,6 +2,7 @@
 import gzip
 import json
 import os
+import signal
 import types
 
 import numpy as np
@@ -190,6 +191,24 @@ def test_a_partition_that_dies_or_raises_ends_the_run_in_one_line(corpus, tmp_pa
         ["error: [partition 1/2] failed: RuntimeError: tokenizer blew up",
          "error: [partition 2/2] failed: RuntimeError: tokenizer blew up"])
     assert not list(tmp_path.iterdir())  # neither output nor the scratch folder
+
+
+def test_a_killed_tokenizing_worker_ends_the_run_in_one_line(corpus, tmp_path, monkeypatch):
+    """A worker of --workers 2 is killed mid-run (the kernel's OOM killer would): the run ends with one line and
+    leaves nothing, instead of waiting forever for the chunk that worker held."""
+    parent, encode = os.getpid(), preprocess_data.Encoder.encode
+
+    def killed_at_line_40(self, item):
+        if os.getpid() != parent and item[1] == 40:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return encode(self, item)
+
+    monkeypatch.setattr(preprocess_data.Encoder, "encode", killed_at_line_40)
+    with pytest.raises(SystemExit) as excinfo:
+        preprocess(corpus, tmp_path / "out", *SP(corpus), "--workers", "2")
+    assert error_line(excinfo) == ("error: a tokenizing worker process died (killed; out of memory?) before it "
+                                   "finished; nothing was written")
+    assert not list(tmp_path.iterdir())
 
 
 def test_interrupted_run_leaves_no_output_pair(corpus, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ writes data/corpus_text_document.bin/.idx. Documents keep their input order what
 byte-identical across those settings. Files appear under their final names only when complete.
 """
 import argparse
+import collections
 import dataclasses
 import glob
 import gzip
@@ -21,6 +22,8 @@ import sys
 import tempfile
 import time
 import zlib
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from itertools import islice
 from pathlib import Path
 from queue import Empty
@@ -169,14 +172,35 @@ def output_prefix(prefix: str, key: str) -> str:
     return f"{prefix}_{key}_document"
 
 
+def _map_chunk(function, chunk: list) -> list:
+    return [function(item) for item in chunk]
+
+
+def in_workers(function, items, workers: int, initializer, chunk_size: int = 32) -> Iterator:
+    """`function` of every item, in order, computed by `workers` processes, reading `items` only a few chunks ahead.
+    A worker that dies (killed, out of memory) raises BrokenProcessPool, where multiprocessing.Pool's imap would wait
+    forever for the chunk it held."""
+    executor = ProcessPoolExecutor(workers, initializer=initializer)
+    items, pending = iter(items), collections.deque()
+    try:
+        for chunk in iter(lambda: list(islice(items, chunk_size)), []):
+            pending.append(executor.submit(_map_chunk, function, chunk))
+            if len(pending) >= 4 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
+    finally:
+        executor.shutdown(wait=False, cancel_futures=True)
+
+
 def encode_lines(args, lines, prefix: str, workers: int, total_bytes: Optional[int], label: str) -> Stats:
     """Tokenize `lines` with `workers` processes into `{prefix}_{key}_document.bin/.idx` (given temporary names)."""
     encoder = Encoder(args)
     encoder.initializer()
     dtype = DType.optimal_dtype(Encoder.tokenizer.vocab_size)
     builders = {key: IndexedDatasetBuilder(output_prefix(prefix, key) + ".bin", dtype=dtype) for key in args.json_keys}
-    pool = multiprocessing.Pool(workers, initializer=encoder.initializer) if workers > 1 else None
-    results = pool.imap(encoder.encode, lines, chunksize=32) if pool else map(encoder.encode, lines)
+    results = in_workers(encoder.encode, lines, workers, encoder.initializer) if workers > 1 else map(encoder.encode,
+                                                                                                     lines)
     stats, start = Stats(), time.perf_counter()
     try:
         for result in results:
@@ -200,9 +224,9 @@ def encode_lines(args, lines, prefix: str, workers: int, total_bytes: Optional[i
                 log_progress(stats, time.perf_counter() - start, total_bytes, label)
     except UnreadableInput as exc:
         raise UsageError(str(exc)) from None
-    finally:
-        if pool:
-            pool.terminate()
+    except BrokenProcessPool:
+        raise UsageError(f"{label}a tokenizing worker process died (killed; out of memory?) before it finished; "
+                         "nothing was written") from None
     for key, builder in builders.items():
         builder.finalize(output_prefix(prefix, key) + ".idx")
     return stats

@@ -12,6 +12,7 @@
 # SAVE_INTERVAL, WANDB_PROJECT, WANDB_SAVE_DIR. TRAIN_ITERS defaults to 200; the learning-rate warm-up
 # LR_WARMUP_ITERS defaults to a tenth of it (200 -> 20, 6 -> 0) and LOCAL_SGD_WARMUP_ITERS (synchronous steps before
 # local SGD) to a quarter (200 -> 50, 6 -> 1, as pretrain_gpt.py), so a short run needs no other change.
+# LOCAL_SGD_SYNC_INTERVAL, OUTER_LR and OUTER_MOMENTUM unset leave the --dp-mode's own defaults.
 # GPUS_PER_NODE and NPROC (local) set the processes. On Slurm the GPUs of a node form the model shard group
 # (the default of --model-shard-group-size) and the nodes the model sync group; locally without GPUs every
 # process is a replica (MODEL_SHARD_GROUP_SIZE=1).

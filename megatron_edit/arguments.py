@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local-sgd-lr-scale", type=float, default=None,
                    help="multiply the inner LR schedule by this during local steps (not the synchronous warm-up): "
                         "each replica's Adam sees 1/M of the batch's gradients and steps shorter than DDP's; "
-                        "default M for edit and aedit (M replicas), 1 for diloco and post-local-sgd (see "
+                        "default M (M replicas, at most 4) for edit and aedit, 1 for diloco and post-local-sgd (see "
                         "docs/low_communication.md, 'Local Adam at M=4')")
     g.add_argument("--outer-lr", type=float, default=None,
                    help="the outer SGD step on the averaged pseudo-gradient; default 1 for edit and aedit (with no "

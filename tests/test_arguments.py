@@ -236,8 +236,8 @@ def test_codecs_default_to_the_modes_syncs_and_int2_warmup_with_error_feedback(m
 
 
 def test_each_mode_defaults_to_its_recipe_and_flags_override_it():
-    """EDiT and A-EDiT: every other step, plain averaging, local steps at M x the LR (M replicas); DiLoCo: H=16
-    and the outer Nesterov step; Post-Local-SGD: H=16, parameters averaged; a flag given wins over the recipe."""
+    """EDiT and A-EDiT: every other step, plain averaging, local steps at M x the LR (M replicas, at most 4);
+    DiLoCo: H=16 and the outer Nesterov step; Post-Local-SGD: H=16, parameters averaged; a flag given wins."""
     def recipe(mode, world_size, *flags):
         parsed = arguments.parse_args(BASE + ["--dp-mode", mode, "--model-shard-group-size", "1", *flags],
                                       world_size=world_size)
@@ -245,7 +245,7 @@ def test_each_mode_defaults_to_its_recipe_and_flags_override_it():
                 parsed.local_sgd_lr_scale)
 
     assert recipe("edit", 2) == recipe("aedit", 2) == (2, 1.0, 0.0, False, 2.0)
-    assert recipe("edit", 4)[4] == 4.0
+    assert recipe("edit", 4)[4] == 4.0 and recipe("edit", 8)[4] == 4.0  # at most 4
     assert recipe("edit", 1)[4] == 1.0  # one replica: plain data parallelism, nothing to lengthen
     assert recipe("diloco", 4) == (16, 0.7, 0.8, True, 1.0)
     assert recipe("post-local-sgd", 4) == (16, 0.7, 0.8, True, 1.0)

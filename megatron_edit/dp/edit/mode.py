@@ -92,9 +92,9 @@ class EditDataParallel(LocalSGDDataParallel):
     step_weight = 0.0  # A-EDiT may blend replicas' shares of local steps into the weights
     # Every other step, the replicas' 2-bit pseudo-gradients averaged (outer LR 1, no momentum), local steps at M
     # times the LR: -0.5% (M=2) and +1.5% (M=4) against DDP's loss for 1/24 of its bytes over the whole run, warm-up
-    # included (docs/low_communication.md, "The shipped defaults")
+    # included. The scale stops at 4: at M=8, 8 overshot 4.76 (docs/low_communication.md, "Local Adam at M=4").
     defaults = RecipeDefaults(sync_interval=2, outer_lr=1.0, outer_momentum=0.0, outer_nesterov=False,
-                              sync_dtype="int2", lr_scale_exponent=1.0)
+                              sync_dtype="int2", lr_scale_exponent=1.0, lr_scale_cap=4.0)
     non_finite_remedy = LocalSGDDataParallel.non_finite_remedy + \
         "; or --edit-anomaly-elimination to skip such a step and leave the replica out of its next sync"
 

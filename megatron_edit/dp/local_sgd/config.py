@@ -37,14 +37,15 @@ class RecipeDefaults:
     outer_momentum: float       # --outer-momentum
     outer_nesterov: bool        # --outer-nesterov
     sync_dtype: str             # --sync-dtype (with error feedback unless fp32)
-    lr_scale_exponent: float    # --local-sgd-lr-scale is M ** this, M the replicas
+    lr_scale_exponent: float    # --local-sgd-lr-scale is M ** this, M the replicas,
+    lr_scale_cap: float = float("inf")  # but at most this
 
     def fill(self, args, replicas: int) -> None:
         """Sets every flag of these the user left out (None)."""
         values = {"local_sgd_sync_interval": self.sync_interval, "outer_lr": self.outer_lr,
                   "outer_momentum": self.outer_momentum, "outer_nesterov": self.outer_nesterov,
                   "sync_dtype": self.sync_dtype,
-                  "local_sgd_lr_scale": round(replicas ** self.lr_scale_exponent, 4)}
+                  "local_sgd_lr_scale": round(min(replicas ** self.lr_scale_exponent, self.lr_scale_cap), 4)}
         for name, value in values.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)

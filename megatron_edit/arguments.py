@@ -22,6 +22,7 @@ from megatron_edit.errors import require as _require
 from megatron_edit.data.datasets import check_data_path, check_split, used_splits
 from megatron_edit.data.tokenizers import add_tokenizer_args, check_tokenizer_args
 from megatron_edit.dp.local_sgd.exchange import SYNC_DTYPES
+from megatron_edit.megatron_lm_flags import add_megatron_lm_flags, check_megatron_lm_flags
 
 
 class _ArgumentParser(argparse.ArgumentParser):
@@ -266,6 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None, help="write the same series as TensorBoard scalars here")
     g.add_argument("--tensorboard-queue-size", type=int, default=1000,
                    help="TensorBoard events held in memory before they are written")
+    add_megatron_lm_flags(parser)
     return parser
 
 
@@ -400,6 +402,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.bf16:
         _require(platform.bf16_supported(args.device_type),
                  f"--bf16 was requested but this {args.device_type} cannot compute in bfloat16; drop --bf16")
+    check_megatron_lm_flags(args)
     _validate_schedule(args)
     _require(args.log_interval > 0 and args.eval_interval > 0, "--log-interval and --eval-interval must be positive")
 

@@ -294,3 +294,36 @@ def test_a_tokenizer_file_that_is_not_one_is_refused_in_one_line(tmp_path, case)
     }[case]
     message = error_of(["--tokenizer-type", *flags], world_size=1)
     assert f"--tokenizer-type {flags[0]} cannot read " in message and named in message
+
+
+def test_megatron_lm_flags_that_change_nothing_warn_once_and_the_rest_are_refused_in_one_line(capsys, monkeypatch):
+    """A Megatron-LM script's flags: accepted with one warning each when nothing changes here (rank 0 only), else
+    refused with the reason; every flag of the table is one or the other."""
+    from megatron_edit.megatron_lm_flags import FLAGS
+
+    script = ["--use-mcore-models", "--log-throughput", "--no-gradient-accumulation-fusion", "--num-workers", "2",
+              "--position-embedding-type", "rope", "--no-position-embedding", "--kv-channels", "16",
+              "--context-parallel-size", "1", "--distributed-backend", "gloo", "--async-save",
+              "--log-validation-ppl-to-tensorboard", "--timing-log-level", "2"]
+    arguments.parse_args(BASE + script, world_size=1)
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warned) == 11 and "warning: --kv-channels changes nothing here: it equals --hidden-size / " \
+        "--num-attention-heads, the size used here" in warned
+    monkeypatch.setenv("RANK", "1")
+    arguments.parse_args(BASE + script, world_size=1)
+    assert "warning" not in capsys.readouterr().err
+    assert error_of(["--kv-channels", "32"], world_size=1) == "error: --kv-channels: --kv-channels other than --hidden-size / " \
+        "--num-attention-heads is not supported here: drop the flag"
+    assert "context parallelism is not implemented here" in error_of(["--context-parallel-size", "2"], world_size=1)
+    assert "use --position-embedding-type rope" in error_of(["--no-position-embedding"], world_size=1)
+    assert "nccl on GPUs, gloo on CPU" in error_of(["--distributed-backend", "nccl"], world_size=1)
+    refused = {"--num-experts": ["4"], "--moe-router-topk": ["2"], "--fp8-format": ["hybrid"],
+               "--rampup-batch-size": ["4", "4", "100"], "--decoupled-lr": ["1e-4"], "--grad-reduce-in-bf16": [],
+               "--calculate-per-token-loss": [], "--apply-layernorm-1p": [], "--log-params-norm": [],
+               "--profile": [], "--expert-model-parallel-size": ["2"], "--rotary-percent": ["0.5"]}
+    for flag, values in refused.items():
+        assert error_of([flag, *values], world_size=1).startswith(f"error: {flag}: "), flag
+    assert {flag.name for flag in FLAGS if not flag.noop} <= set(refused) | {
+        "--moe-grouped-gemm", "--moe-aux-loss-coeff", "--moe-router-load-balancing-type", "--moe-token-dispatcher-type",
+        "--fp8-amax-history-len", "--fp8-amax-compute-algo", "--decoupled-min-lr", "--log-num-zeros-in-grad",
+        "--profile-step-start", "--profile-step-end", "--profile-ranks", "--use-pytorch-profiler"}

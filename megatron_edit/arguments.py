@@ -147,19 +147,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--local-sgd-lr-scale", type=float, default=None,
                    help="multiply the inner LR schedule by this during local steps (not the synchronous warm-up): "
                         "each replica's Adam sees 1/M of the batch's gradients and steps shorter than DDP's; "
-                        "default M (M replicas, at most 4) for edit and aedit, 1 for diloco and post-local-sgd (see "
+                        "default M (M replicas, at most 4) for edit, 1 for the other modes (see "
                         "docs/low_communication.md, 'Local Adam at M=4')")
     g.add_argument("--outer-lr", type=float, default=None,
-                   help="the outer SGD step on the averaged pseudo-gradient; default 1 for edit and aedit (with no "
-                        "momentum: the average itself), 0.7 for diloco")
-    g.add_argument("--outer-momentum", type=float, default=None, help="default 0 for edit and aedit, 0.8 for diloco")
+                   help="the outer SGD step on the averaged pseudo-gradient; default 1 for edit (with no "
+                        "momentum: the average itself), 0.7 for diloco and aedit")
+    g.add_argument("--outer-momentum", type=float, default=None, help="default 0 for edit, 0.8 for diloco and aedit")
     g.add_argument("--outer-nesterov", action=argparse.BooleanOptionalAction, default=None,
-                   help="default: off for edit and aedit, on for diloco")
+                   help="default: off for edit, on for diloco and aedit")
     g.add_argument("--offload-outer-state", action="store_true", help="keep anchor and momentum in CPU memory")
     g.add_argument("--sync-dtype", choices=SYNC_DTYPES, default=None,
                    help="what the pseudo-gradient exchange sends: fp32, bf16 (1/2 the bytes), int8, int4 or int2 "
                         "with a scale per block (about 1/4, 1/8, 1/16), or topk (--sync-topk-fraction of the values, "
-                        "with their indices); edit, aedit and diloco; default int2 for edit and aedit, int4 for "
+                        "with their indices); edit, aedit and diloco; default int2 for edit, int4 for aedit and "
                         "diloco (fp32 for post-local-sgd, which averages parameters, and for replica jobs over "
                         "torchft)")
     g.add_argument("--sync-error-feedback", action=argparse.BooleanOptionalAction, default=None,

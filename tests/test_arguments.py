@@ -219,7 +219,7 @@ def test_layer_swapping_refuses_what_it_cannot_hold_in_one_line():
 
 def test_codecs_default_to_the_modes_syncs_and_int2_warmup_with_error_feedback(monkeypatch):
     local = ["--model-shard-group-size", "1"]
-    for mode, sync in (("edit", "int2"), ("aedit", "int2"), ("diloco", "int4")):
+    for mode, sync in (("edit", "int2"), ("aedit", "int4"), ("diloco", "int4")):
         parsed = arguments.parse_args(BASE + ["--dp-mode", mode] + local, world_size=2)
         assert (parsed.sync_dtype, parsed.sync_error_feedback, parsed.local_sgd_warmup_grad_dtype) == \
             (sync, True, "int2"), mode
@@ -235,22 +235,29 @@ def test_codecs_default_to_the_modes_syncs_and_int2_warmup_with_error_feedback(m
     assert (jobs.sync_dtype, jobs.sync_error_feedback, jobs.local_sgd_warmup_grad_dtype) == ("fp32", False, "fp32")
 
 
-def test_each_mode_defaults_to_its_recipe_and_flags_override_it():
-    """EDiT and A-EDiT: every other step, plain averaging, local steps at M x the LR (M replicas, at most 4);
-    DiLoCo: H=16 and the outer Nesterov step; Post-Local-SGD: H=16, parameters averaged; a flag given wins."""
+def test_each_mode_defaults_to_its_recipe_and_flags_override_it(monkeypatch):
+    """EDiT: every other step, plain averaging, local steps at M x the LR (M replicas, at most 4); DiLoCo, A-EDiT
+    (syncs a clock spaces) and replica jobs (a quorum per sync): H=16 and the outer Nesterov step; Post-Local-SGD:
+    H=16, parameters averaged; a flag given wins."""
     def recipe(mode, world_size, *flags):
         parsed = arguments.parse_args(BASE + ["--dp-mode", mode, "--model-shard-group-size", "1", *flags],
                                       world_size=world_size)
         return (parsed.local_sgd_sync_interval, parsed.outer_lr, parsed.outer_momentum, parsed.outer_nesterov,
                 parsed.local_sgd_lr_scale)
 
-    assert recipe("edit", 2) == recipe("aedit", 2) == (2, 1.0, 0.0, False, 2.0)
+    assert recipe("edit", 2) == (2, 1.0, 0.0, False, 2.0)
+    assert recipe("aedit", 4) == (16, 0.7, 0.8, True, 1.0)
     assert recipe("edit", 4)[4] == 4.0 and recipe("edit", 8)[4] == 4.0  # at most 4
     assert recipe("edit", 1)[4] == 1.0  # one replica: plain data parallelism, nothing to lengthen
     assert recipe("diloco", 4) == (16, 0.7, 0.8, True, 1.0)
     assert recipe("post-local-sgd", 4) == (16, 0.7, 0.8, True, 1.0)
     assert recipe("edit", 4, "--local-sgd-sync-interval", "8", "--outer-lr", "0.7", "--outer-momentum", "0.8",
                   "--outer-nesterov", "--local-sgd-lr-scale", "1.5") == (8, 0.7, 0.8, True, 1.5)
+    monkeypatch.setenv("TORCHFT_LIGHTHOUSE", "http://127.0.0.1:29510")
+    jobs = arguments.parse_args(BASE + ["--dp-mode", "edit", "--replica-coordinator", "torchft", "--num-replicas", "4",
+                                        "--replica-id", "0", "--local-sgd-warmup-iters", "0"], world_size=1)
+    assert (jobs.local_sgd_sync_interval, jobs.outer_nesterov, jobs.local_sgd_lr_scale, jobs.sync_dtype) == \
+        (16, True, 1.0, "fp32")
     ddp = arguments.parse_args(BASE, world_size=2)
     assert ddp.local_sgd_sync_interval is None and ddp.local_sgd_lr_scale is None  # no local steps, no recipe
 

@@ -10,8 +10,8 @@ over --seeds, and its gap to DDP's mean; perplexity, tokens/s, bytes one rank se
 runs.csv (one row per run) and loss_vs_tokens.png / loss_vs_time.png (the first seed). Every local-SGD mode ends on
 a final sync, and the validation loss is the consensus model's over --eval-iters batches. Each method runs with its
 own defaults (pretrain_gpt.py's: H, the outer step, the codecs) unless --local-sgd-sync-interval, --outer-lr or
---outer-momentum name one for all. A-EDiT's wall-clock interval defaults to H x EDiT's measured time per iteration,
-so both sync about equally often. The runs are sequential on
+--outer-momentum name one for all. A-EDiT's wall-clock interval defaults to H (its recipe's 16, or the flag's) x
+EDiT's measured time per iteration. The runs are sequential on
 one machine, so throughput differences here come from computation and communication volume, not a network;
 tools/netsim.py puts the replicas behind shaped links.
 """
@@ -137,7 +137,7 @@ def main(argv=None):
     for method in sorted(args.methods, key=lambda m: m == "aedit"):  # A-EDiT's interval comes from EDiT's pace
         argv = base + ["--dp-mode", method]
         if method == "aedit":
-            interval = args.local_sgd_sync_interval or DP_MODES["edit"].defaults.sync_interval
+            interval = args.local_sgd_sync_interval or DP_MODES["aedit"].defaults.sync_interval
             tau = args.aedit_sync_seconds or interval * seconds_per_iteration.get(
                 "edit", seconds_per_iteration.get("ddp", 1.0))
             argv += ["--aedit-sync-seconds", f"{tau:.3f}"]

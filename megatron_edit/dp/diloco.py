@@ -10,7 +10,7 @@ from typing import Dict, List
 
 import torch
 
-from megatron_edit.dp.local_sgd.config import RecipeDefaults
+from megatron_edit.dp.local_sgd.config import SIXTEEN_STEP_RECIPE
 from megatron_edit.dp.local_sgd.outer import outer_sgd_step
 from megatron_edit.dp.local_sgd.params import MainParams, ModuleShard
 from megatron_edit.dp.post_local_sgd import PostLocalSGDDataParallel
@@ -20,10 +20,7 @@ class DiLoCoDataParallel(PostLocalSGDDataParallel):
     name = "diloco"
     fault_kinds = PostLocalSGDDataParallel.fault_kinds | {"scale", "nan"}
     exchanges_pseudo_gradients = True
-    # The paper's outer Nesterov step, at EDiT's H=16 and the LR and momentum tuned for it, its syncs in int4 (about
-    # 1/8 of fp32's bytes at the same loss: docs/low_communication.md)
-    defaults = RecipeDefaults(sync_interval=16, outer_lr=0.7, outer_momentum=0.8, outer_nesterov=True,
-                              sync_dtype="int4", lr_scale_exponent=0.0)
+    defaults = SIXTEEN_STEP_RECIPE
 
     def _whole_model_view(self, index: int, params, main_params: MainParams) -> ModuleShard:
         return ModuleShard(f"model chunk {index}", params, 0, 1, main_params, self.local_sgd.offload_outer_state)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_edit.dp.base import StepPlan
-from megatron_edit.dp.local_sgd.config import LocalSGDConfig
+from megatron_edit.dp.local_sgd.config import SIXTEEN_STEP_RECIPE, LocalSGDConfig
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
 from megatron_edit.dp.local_sgd.schedule import ClockTrigger
 from megatron_edit.dp.edit.mode import EditDataParallel
@@ -42,6 +42,7 @@ class AsyncEditDataParallel(EditDataParallel):
     syncs_in_fragments = False  # its clock syncs the whole model
     syncs_on_step_count = False
     default_ckpt_format = "torch"  # replicas stand at different iterations: a file per rank
+    defaults = SIXTEEN_STEP_RECIPE  # its clock spaces syncs many steps apart (--aedit-sync-seconds)
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups,
                  penalty: PenaltyConfig, aedit: AEditConfig):

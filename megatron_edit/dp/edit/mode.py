@@ -15,7 +15,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_edit.dp.base import StepPlan
-from megatron_edit.dp.local_sgd.config import LocalSGDConfig, RecipeDefaults
+from megatron_edit.dp.local_sgd.config import EVERY_OTHER_STEP_RECIPE, LocalSGDConfig
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
 from megatron_edit.dp.edit.fragments import plan_fragments
 from megatron_edit.dp.edit.penalty import PenaltyConfig
@@ -90,11 +90,7 @@ class EditDataParallel(LocalSGDDataParallel):
     delays_outer_step = True
     syncs_in_fragments = True
     step_weight = 0.0  # A-EDiT may blend replicas' shares of local steps into the weights
-    # Every other step, the replicas' 2-bit pseudo-gradients averaged (outer LR 1, no momentum), local steps at M
-    # times the LR: -0.5% (M=2) and +1.5% (M=4) against DDP's loss for 1/24 of its bytes over the whole run, warm-up
-    # included. The scale stops at 4: at M=8, 8 overshot 4.76 (docs/low_communication.md, "Local Adam at M=4").
-    defaults = RecipeDefaults(sync_interval=2, outer_lr=1.0, outer_momentum=0.0, outer_nesterov=False,
-                              sync_dtype="int2", lr_scale_exponent=1.0, lr_scale_cap=4.0)
+    defaults = EVERY_OTHER_STEP_RECIPE
     non_finite_remedy = LocalSGDDataParallel.non_finite_remedy + \
         "; or --edit-anomaly-elimination to skip such a step and leave the replica out of its next sync"
 

@@ -31,7 +31,7 @@ class LocalSGDConfig:
 @dataclasses.dataclass(frozen=True)
 class RecipeDefaults:
     """What a mode's own flags mean when not given: each mode is shipped at the setting measured best for it
-    (docs/low_communication.md, "The shipped defaults")."""
+    (docs/low_communication.md, "The shipped defaults and where their bytes go")."""
     sync_interval: int          # --local-sgd-sync-interval
     outer_lr: float             # --outer-lr
     outer_momentum: float       # --outer-momentum
@@ -49,3 +49,14 @@ class RecipeDefaults:
         for name, value in values.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)
+
+
+# The outer Nesterov step every 16 local steps, tuned on the benchmark corpus (docs/baselines.md), syncs in int4: for
+# syncs that are many steps apart (DiLoCo; A-EDiT, whose clock spaces them; replica jobs, which meet in a quorum).
+SIXTEEN_STEP_RECIPE = RecipeDefaults(sync_interval=16, outer_lr=0.7, outer_momentum=0.8, outer_nesterov=True,
+                                     sync_dtype="int4", lr_scale_exponent=0.0)
+# Every other step, the replicas' 2-bit pseudo-gradients averaged (outer LR 1, no momentum), local steps at M times
+# the LR: -0.5% (M=2) and +1.5% (M=4) against DDP's loss for 1/24 of its bytes over the whole run, warm-up included.
+# The scale stops at 4: at M=8, 8 overshot 4.76 (docs/low_communication.md, "Local Adam at M=4").
+EVERY_OTHER_STEP_RECIPE = RecipeDefaults(sync_interval=2, outer_lr=1.0, outer_momentum=0.0, outer_nesterov=False,
+                                         sync_dtype="int2", lr_scale_exponent=1.0, lr_scale_cap=4.0)

@@ -10,6 +10,7 @@ with a sync (`_final_sync`), so every replica finishes on the same model.
 import abc
 import collections
 import contextlib
+import dataclasses
 import datetime
 from typing import Callable, Dict, List, Tuple
 
@@ -20,7 +21,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron_edit.dp import comm_stats
 from megatron_edit.dp.base import StepPlan
 from megatron_edit.dp.ddp import SynchronousDataParallel
-from megatron_edit.dp.local_sgd.config import LocalSGDConfig, RecipeDefaults
+from megatron_edit.dp.local_sgd.config import SIXTEEN_STEP_RECIPE, LocalSGDConfig
 from megatron_edit.dp.local_sgd.exchange import ProcessGroupTransport, SyncExchange
 from megatron_edit.dp.local_sgd import torchft_replicas
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
@@ -74,8 +75,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     replicas_as_jobs = True
     syncs_on_step_count = True  # A-EDiT's trigger is the clock: it takes no ramp of intervals
     # Post-Local-SGD's: H=16 as EDiT's paper, parameters averaged in fp32 (the outer step's flags do not apply)
-    defaults = RecipeDefaults(sync_interval=16, outer_lr=0.7, outer_momentum=0.8, outer_nesterov=True,
-                              sync_dtype="fp32", lr_scale_exponent=0.0)
+    defaults = dataclasses.replace(SIXTEEN_STEP_RECIPE, sync_dtype="fp32")
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups):
         super().__init__(ddp_config, transformer_config)
@@ -126,7 +126,9 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         args.num_model_replicas = dp // shard
         cls._resolve_codecs(args)
         jobs = args.replica_coordinator == "torchft"
-        cls.defaults.fill(args, (args.num_replicas or 1) if jobs else args.num_model_replicas)
+        # Replica jobs meet in a quorum at every sync and exchange fp32 through torchft: syncs many steps apart.
+        recipe = SIXTEEN_STEP_RECIPE if jobs else cls.defaults
+        recipe.fill(args, (args.num_replicas or 1) if jobs else args.num_model_replicas)
         if args.sync_error_feedback is None:
             args.sync_error_feedback = args.sync_dtype != "fp32"
         if jobs:

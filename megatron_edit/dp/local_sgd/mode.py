@@ -128,7 +128,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         jobs = args.replica_coordinator == "torchft"
         # Replica jobs meet in a quorum at every sync and exchange fp32 through torchft: syncs many steps apart.
         recipe = SIXTEEN_STEP_RECIPE if jobs else cls.defaults
-        recipe.fill(args, (args.num_replicas or 1) if jobs else args.num_model_replicas)
+        recipe.fill(args, args.num_model_replicas)
         if args.sync_error_feedback is None:
             args.sync_error_feedback = args.sync_dtype != "fp32"
         if jobs:

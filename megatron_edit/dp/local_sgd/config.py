@@ -55,6 +55,8 @@ class RecipeDefaults:
 # syncs that are many steps apart (DiLoCo; A-EDiT, whose clock spaces them; replica jobs, which meet in a quorum).
 SIXTEEN_STEP_RECIPE = RecipeDefaults(sync_interval=16, outer_lr=0.7, outer_momentum=0.8, outer_nesterov=True,
                                      sync_dtype="int4", lr_scale_exponent=0.0)
+# The same in fp32, where only an all-reduce carries the sync: Post-Local-SGD's parameter average, torchft's quorum.
+SIXTEEN_STEP_FP32_RECIPE = dataclasses.replace(SIXTEEN_STEP_RECIPE, sync_dtype="fp32")
 # Every other step, the replicas' 2-bit pseudo-gradients averaged (outer LR 1, no momentum), local steps at M times
 # the LR: -0.5% (M=2) and +1.5% (M=4) against DDP's loss for 1/24 of its bytes over the whole run, warm-up included.
 # The scale stops at 4: at M=8, 8 overshot 4.76 (docs/low_communication.md, "Local Adam at M=4").

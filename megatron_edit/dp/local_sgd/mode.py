@@ -10,7 +10,6 @@ with a sync (`_final_sync`), so every replica finishes on the same model.
 import abc
 import collections
 import contextlib
-import dataclasses
 import datetime
 from typing import Callable, Dict, List, Tuple
 
@@ -21,7 +20,7 @@ from megatron.core.distributed import finalize_model_grads
 from megatron_edit.dp import comm_stats
 from megatron_edit.dp.base import StepPlan
 from megatron_edit.dp.ddp import SynchronousDataParallel
-from megatron_edit.dp.local_sgd.config import SIXTEEN_STEP_RECIPE, LocalSGDConfig
+from megatron_edit.dp.local_sgd.config import SIXTEEN_STEP_FP32_RECIPE, LocalSGDConfig
 from megatron_edit.dp.local_sgd.exchange import ProcessGroupTransport, SyncExchange
 from megatron_edit.dp.local_sgd import torchft_replicas
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
@@ -75,7 +74,7 @@ class LocalSGDDataParallel(SynchronousDataParallel):
     replicas_as_jobs = True
     syncs_on_step_count = True  # A-EDiT's trigger is the clock: it takes no ramp of intervals
     # Post-Local-SGD's: H=16 as EDiT's paper, parameters averaged in fp32 (the outer step's flags do not apply)
-    defaults = dataclasses.replace(SIXTEEN_STEP_RECIPE, sync_dtype="fp32")
+    defaults = SIXTEEN_STEP_FP32_RECIPE
 
     def __init__(self, ddp_config, transformer_config, local_sgd: LocalSGDConfig, groups: LocalSGDGroups):
         super().__init__(ddp_config, transformer_config)
@@ -124,13 +123,10 @@ class LocalSGDDataParallel(SynchronousDataParallel):
                 f"(world {args.world_size} / TP {args.tensor_model_parallel_size} / PP "
                 f"{args.pipeline_model_parallel_size}); pick a divisor of {dp}")
         args.num_model_replicas = dp // shard
-        cls._resolve_codecs(args)
         jobs = args.replica_coordinator == "torchft"
         # Replica jobs meet in a quorum at every sync and exchange fp32 through torchft: syncs many steps apart.
-        recipe = SIXTEEN_STEP_RECIPE if jobs else cls.defaults
-        recipe.fill(args, args.num_model_replicas)
-        if args.sync_error_feedback is None:
-            args.sync_error_feedback = args.sync_dtype != "fp32"
+        (SIXTEEN_STEP_FP32_RECIPE if jobs else cls.defaults).fill(args, args.num_model_replicas)
+        cls._resolve_codecs(args)
         if jobs:
             torchft_replicas.validate(args)
         require(args.local_sgd_sync_interval >= 1, "--local-sgd-sync-interval must be >= 1")
@@ -177,13 +173,13 @@ class LocalSGDDataParallel(SynchronousDataParallel):
         require(not penalty or cls.accepts_penalty,
                 f"{', '.join(penalty)}: the pseudo-gradient penalty is EDiT's; use --dp-mode edit or aedit")
 
-    @classmethod
-    def _resolve_codecs(cls, args) -> None:
-        """The codecs torchft's quorum needs when not given: fp32, as only an all-reduce carries them; and
-        DEFAULT_WARMUP_CODEC for the warm-up's gradients otherwise (the syncs' codec is the recipe's)."""
+    @staticmethod
+    def _resolve_codecs(args) -> None:
+        """What the recipe leaves to the codecs: error feedback with any codec but fp32, and DEFAULT_WARMUP_CODEC
+        for the warm-up's gradients (fp32 for replica jobs, which have no warm-up)."""
         jobs = args.replica_coordinator == "torchft"
-        if args.sync_dtype is None and jobs:
-            args.sync_dtype = "fp32"
+        if args.sync_error_feedback is None:
+            args.sync_error_feedback = args.sync_dtype != "fp32"
         if args.local_sgd_warmup_grad_dtype is None:
             args.local_sgd_warmup_grad_dtype = "fp32" if jobs else DEFAULT_WARMUP_CODEC
 

@@ -9,6 +9,6 @@ warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=
 # torch 2.13 renamed all_gather_into_tensor; megatron-core 0.16 and comm_stats still use (and count) the old name.
 warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor. is deprecated", category=FutureWarning)
 
-from megatron_edit.platform.mcore_import import import_megatron_core  # noqa: E402
+from megatron_edit.platform.mcore_import import import_megatron_core_eagerly  # noqa: E402
 
-import_megatron_core()
+import_megatron_core_eagerly()

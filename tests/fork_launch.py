@@ -53,8 +53,8 @@ def _run_rank(rank: int, nproc: int, port: int, script: str, argv: list) -> None
     os._exit(status)
 
 
-def main() -> int:
-    nproc, script, argv = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+def launch(nproc: int, script: str, argv: list) -> int:
+    """Forks the ranks, waits for them and returns the launch's exit status."""
     port = _free_port()
     children = {}
     for rank in range(nproc):
@@ -77,4 +77,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch(int(sys.argv[1]), sys.argv[2], sys.argv[3:]))

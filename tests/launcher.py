@@ -1,8 +1,14 @@
 """The one way tests start training: real processes under torchrun on CPU with gloo, read back from the log."""
+import atexit
 import dataclasses
+import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import List
 
@@ -58,8 +64,54 @@ def training_command(nproc: int, args: List[str], script: str = "pretrain_gpt.py
     return command, env
 
 
+class _ForkServer:
+    """fork_server.py, started on the first launch and shared by every test of the session."""
+
+    def __init__(self):
+        self.folder = tempfile.mkdtemp(prefix="fork_server_")
+        self.socket_path = os.path.join(self.folder, "socket")
+        _, env = training_command(1, [])
+        self.process = subprocess.Popen([sys.executable, str(REPO / "tests" / "fork_server.py"), self.socket_path],
+                                        cwd=REPO, env=env, stdout=subprocess.PIPE, text=True)
+        ready = self.process.stdout.readline().strip()
+        assert ready == "ready", f"tests/fork_server.py did not start (it said {ready!r})"
+        atexit.register(self.close)
+
+    def launch(self, nproc: int, script: str, args: List[str], env: dict, timeout: int) -> Run:
+        with tempfile.TemporaryDirectory() as out, socket.socket(socket.AF_UNIX) as connection:
+            request = {"nproc": nproc, "script": str(REPO / script), "argv": list(args), "env": env, "cwd": str(REPO),
+                       "stdout": os.path.join(out, "stdout"), "stderr": os.path.join(out, "stderr")}
+            connection.connect(self.socket_path)
+            connection.sendall(json.dumps(request).encode() + b"\n")
+            answers = connection.makefile()
+            pid = int(answers.readline())
+            connection.settimeout(timeout)
+            try:
+                status = answers.readline().strip()
+            except BaseException as error:  # a timeout, or the test was interrupted: the launch and its ranks go
+                os.killpg(pid, signal.SIGKILL)
+                if isinstance(error, socket.timeout):
+                    raise subprocess.TimeoutExpired([script, *args], timeout) from None
+                raise
+            stdout, stderr = (Path(request[name]).read_text(errors="replace") for name in ("stdout", "stderr"))
+        if not status:  # the launch itself was killed before it could answer
+            return Run(-signal.SIGKILL, stdout, stderr + "\nthe launch was killed")
+        return Run(int(status), stdout, stderr)
+
+    def close(self):
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_fork_server = None
+
+
 def run_training(nproc: int, args: List[str], script: str = "pretrain_gpt.py", timeout: int = 600) -> Run:
-    """Launch `script` on `nproc` CPU processes and wait for it."""
-    command, env = training_command(nproc, args, script)
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    return Run(result.returncode, result.stdout, result.stderr)
+    """Launch `script` on `nproc` CPU processes and wait for it: as `training_command` would, but forked from the
+    session's fork server, which imported everything once."""
+    global _fork_server
+    if _fork_server is None:
+        _fork_server = _ForkServer()
+    _, env = training_command(nproc, args, script)
+    return _fork_server.launch(nproc, script, args, env, timeout)

@@ -5,7 +5,7 @@ import pytest
 
 from tools import compare_methods
 
-pytestmark = pytest.mark.slow  # every test here starts processes
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tool_jobs_from_fork_server")]  # every test starts processes
 
 
 def test_compare_methods_writes_table_and_plots_for_every_method(tmp_path):

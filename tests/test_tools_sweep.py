@@ -6,7 +6,7 @@ import pytest
 
 from tools import sweep_local_sgd
 
-pytestmark = pytest.mark.slow  # every test here starts processes
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("tool_jobs_from_fork_server")]  # every test starts processes
 
 TINY = ["--mock-data", "--num-layers", "1", "--hidden-size", "32", "--seq-length", "32", "--micro-batch-size", "2",
         "--global-batch-size", "4", "--train-iters", "8", "--log-interval", "4", "--eval-iters", "2",

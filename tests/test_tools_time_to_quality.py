@@ -24,6 +24,7 @@ def test_modeled_time_is_compute_plus_every_byte_over_the_link():
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("tool_jobs_from_fork_server")
 def test_tool_sets_ddp_against_a_variant_at_each_rho(tmp_path):
     time_to_quality.main(["--output-dir", str(tmp_path), *TINY, "--rhos", "0.35", "3.5",
                           "--variant", "edit=--dp-mode edit --local-sgd-warmup-iters 2"])

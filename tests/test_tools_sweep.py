@@ -19,6 +19,7 @@ def test_sweep_runs_the_grid_against_ddp_and_does_not_repeat_finished_runs(tmp_p
     with open(tmp_path / "sweep.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted((r["method"], r["outer lr"]) for r in rows) == [("ddp", ""), ("edit", "0.7"), ("edit", "1.0")]
+    assert {r["S"] for r in rows if r["method"] == "edit"} == {"2.0"}  # EDiT's recipe: M x the LR in local steps
     losses = [float(r["validation loss"]) for r in rows]
     assert losses == sorted(losses) and all(0 < loss < 6.3 for loss in losses)  # best first; 511-token vocabulary
     ddp = next(r for r in rows if r["method"] == "ddp")
@@ -42,8 +43,9 @@ def test_sweep_runs_the_grid_against_ddp_and_does_not_repeat_finished_runs(tmp_p
     assert [r["method"] for r in rows] == ["edit", "edit"]
     assert all(r["vs best ddp"].endswith("%") and r["vs ddp same lr"] == r["vs best ddp"] for r in rows)
 
-    # Every configuration run so far in one table, whatever grid asked for it.
+    # Every configuration run so far in one table, whatever grid asked for it; seeds it lacks do not run.
     sweep_local_sgd.main(["--output-dir", str(tmp_path), "--table-name", "all", *TINY, "--ddp-lrs", "--outer-lrs",
-                          "0.7", "--all-runs"])
+                          "0.7", "--all-runs", "--seeds", "2"])
     with open(tmp_path / "all.csv") as f:
         assert sorted(r["method"] for r in csv.DictReader(f)) == ["ddp", "edit", "edit"]
+    assert len((tmp_path / "runs.jsonl").read_text().splitlines()) == 3

@@ -1,4 +1,5 @@
-"""Sweep a local-SGD mode's knobs against DDP at the same tokens: outer LR, momentum, Nesterov, H, W and the inner LR.
+"""Sweep a local-SGD mode's knobs against DDP at the same tokens: outer LR, momentum, Nesterov, H, W, the inner LR and its
+scale in local steps.
 
     python tools/sweep_local_sgd.py --data-path data/pydocs/corpus_text_document --train-iters 1000 --seeds 3 \\
         --ddp-lrs 2e-3 3e-3 --lrs 2e-3 3e-3 --outer-lrs 0.7 1.0 --outer-momentums 0.8 0.9 --sync-intervals 16
@@ -31,7 +32,8 @@ KNOBS = [("lr", "--lr", "lrs"), ("H", "--local-sgd-sync-interval", "sync_interva
          ("H0", "--local-sgd-initial-sync-interval", "initial_sync_intervals"),
          ("W", "--local-sgd-warmup-iters", "warmup_iters"), ("warm-up codec", None, "warmup_codecs"),
          ("sync codec", None, "sync_codecs"), ("outer lr", "--outer-lr", "outer_lrs"),
-         ("outer momentum", "--outer-momentum", "outer_momentums"), ("nesterov", None, "nesterov")]
+         ("outer momentum", "--outer-momentum", "outer_momentums"), ("nesterov", None, "nesterov"),
+         ("S", "--local-sgd-lr-scale", "lr_scales")]
 # What the sync exchange sends (--sync-dtype), "+ef" with error feedback; the warm-up's codecs always carry it.
 SYNC_CODECS = {"fp32": ["--sync-dtype", "fp32"],
                **{dtype: ["--sync-dtype", dtype, "--no-sync-error-feedback"] for dtype in ("bf16", "int8", "int4")},
@@ -71,6 +73,9 @@ def get_args(argv=None):
     g.add_argument("--outer-lrs", type=float, nargs="+", default=None, help="default: pretrain_gpt.py's for --method")
     g.add_argument("--outer-momentums", type=float, nargs="+", default=None)
     g.add_argument("--nesterov", choices=["on", "off"], nargs="+", default=None, help="outer Nesterov momentum")
+    g.add_argument("--lr-scales", type=float, nargs="+", default=None,
+                   help="S: local steps at S x the LR schedule (--local-sgd-lr-scale); default: pretrain_gpt.py's for "
+                        "--method and --replicas")
     parser.add_argument("--all-runs", action="store_true",
                         help="table and plot every configuration of --output-dir's runs.jsonl run with this budget and "
                              "these seeds, not only this grid (nothing new runs)")
@@ -83,6 +88,7 @@ def get_args(argv=None):
     args.outer_lrs = args.outer_lrs or [recipe.outer_lr]
     args.outer_momentums = args.outer_momentums or [recipe.outer_momentum]
     args.nesterov = args.nesterov or ["on" if recipe.outer_nesterov else "off"]
+    args.lr_scales = args.lr_scales or [recipe.lr_scale(args.replicas)]
     args.local_sgd_sync_interval = args.local_sgd_warmup_iters = None  # set per configuration
     args.outer_lr = args.outer_momentum = None
     return args
@@ -109,6 +115,8 @@ def job_argv(args, config: dict, seed: int) -> list:
     argv += SYNC_CODECS[config.get("sync codec", "fp32")]
     if "nesterov" in config:
         argv.append("--outer-nesterov" if config["nesterov"] == "on" else "--no-outer-nesterov")
+    if "S" in config:
+        argv += ["--local-sgd-lr-scale", str(config["S"])]
     return argv
 
 
@@ -227,7 +235,7 @@ def main(argv=None):
     done_path = output_dir / "runs.jsonl"
     results = load_done(done_path)
     configs = recorded_configurations(args, results) if args.all_runs else list(configurations(args))
-    for config in configs:
+    for config in [] if args.all_runs else configs:
         nproc = args.replicas * args.model_shard_group_size  # DDP too: the same ranks and micro-batches
         for seed in seeds(args):
             key = run_key(config, seed, args)

@@ -40,12 +40,15 @@ class RecipeDefaults:
     lr_scale_exponent: float    # --local-sgd-lr-scale is M ** this, M the replicas,
     lr_scale_cap: float = float("inf")  # but at most this
 
+    def lr_scale(self, replicas: int) -> float:
+        """--local-sgd-lr-scale for M replicas."""
+        return round(min(replicas ** self.lr_scale_exponent, self.lr_scale_cap), 4)
+
     def fill(self, args, replicas: int) -> None:
         """Sets every flag of these the user left out (None)."""
         values = {"local_sgd_sync_interval": self.sync_interval, "outer_lr": self.outer_lr,
                   "outer_momentum": self.outer_momentum, "outer_nesterov": self.outer_nesterov,
-                  "sync_dtype": self.sync_dtype,
-                  "local_sgd_lr_scale": round(min(replicas ** self.lr_scale_exponent, self.lr_scale_cap), 4)}
+                  "sync_dtype": self.sync_dtype, "local_sgd_lr_scale": self.lr_scale(replicas)}
         for name, value in values.items():
             if getattr(args, name) is None:
                 setattr(args, name, value)

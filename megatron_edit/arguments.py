@@ -33,6 +33,12 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise UsageError(f"{message} (--help lists the flags)")
 
 
+# megatron-core's StrictHandling values that a command line can ask for (its return_* values are for callers that
+# take the mismatched keys back); spelled out so that the preflight does not import dist_checkpointing.
+DIST_CKPT_STRICTNESS = ("assume_ok_unexpected", "log_unexpected", "log_all", "raise_unexpected", "raise_all",
+                        "ignore_all")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(description="GPT pretraining on megatron-core", allow_abbrev=False)
 
@@ -60,6 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: transformer_engine when it is importable on a GPU, else local")
     g.add_argument("--attention-backend", choices=[b.name for b in AttnBackend], default="auto",
                    help="megatron-core's attention implementation (flash, fused and unfused need Transformer Engine)")
+    for flag, dest in (("--no-masked-softmax-fusion", "masked_softmax_fusion"),
+                       ("--no-bias-gelu-fusion", "bias_gelu_fusion"), ("--no-bias-swiglu-fusion", "bias_swiglu_fusion"),
+                       ("--no-bias-dropout-fusion", "bias_dropout_fusion"), ("--no-rope-fusion", "apply_rope_fusion")):
+        g.add_argument(flag, dest=dest, action="store_false",
+                       help="keep this fused kernel of Transformer Engine's layers off (the local layers fuse nothing)")
 
     g = parser.add_argument_group("activation recomputation")
     g.add_argument("--recompute-activations", action="store_true", help="= --recompute-granularity selective")
@@ -93,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
                    help="before each optimizer step, stop (ddp) or skip the step (edit/aedit with "
                         "--edit-anomaly-elimination) when a loss or gradient is NaN or infinite")
+    g.add_argument("--deterministic-mode", action="store_true",
+                   help="torch's deterministic algorithms only (and megatron-core's deterministic mode): bitwise "
+                        "repeatable runs on GPUs too, at some speed")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="Python's garbage collector off during training, collected at the same points on every rank "
+                        "(before and after each evaluation, every --manual-gc-interval iterations)")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="with --manual-gc: collect every this many iterations (0: only around evaluations)")
+    g.add_argument("--no-manual-gc-eval", dest="manual_gc_eval", action="store_false",
+                   help="with --manual-gc: do not collect around evaluations")
+    g.add_argument("--empty-unused-memory-level", type=int, default=0, choices=[0, 1, 2],
+                   help="return the GPU's cached free memory to the device after each step's backward (1) and also "
+                        "after the optimizer step and each evaluation (2); a CPU keeps no such cache")
 
     g = parser.add_argument_group("optimizer")
     g.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
@@ -225,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-cache-path", default=None,
                    help="where megatron-core keeps its sample index caches, in a folder per version of the data")
     g.add_argument("--mock-data", action="store_true", help="synthetic documents from megatron-core's MockGPTDataset")
+    g.add_argument("--no-mmap-bin-files", dest="mmap_bin_files", action="store_false",
+                   help="read the .bin files with plain reads instead of memory-mapping them (file systems where "
+                        "mmap is slow or unsupported)")
     add_tokenizer_args(parser)
 
     g = parser.add_argument_group("checkpointing")
@@ -235,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "Megatron-LM writes it, which reshards to other TP/PP/DP layouts, shard groups and replica "
                         "counts; torch: one file per rank, which resumes on the layout it was saved on")
     g.add_argument("--save-interval", type=int, default=None, help="iterations between checkpoints")
+    g.add_argument("--dist-ckpt-strictness", default="assume_ok_unexpected",
+                   choices=DIST_CKPT_STRICTNESS,
+                   help="how loading a torch_dist checkpoint treats keys it holds that this run has no place for, or "
+                        "lacks (megatron-core's StrictHandling: assume them fine, log them, raise, or ignore all)")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="load the checkpoint of this iteration under --load, not the newest")
     g.add_argument("--no-save-optim", action="store_true", help="save without the optimizer and LR schedule")
     g.add_argument("--no-save-rng", action="store_true", help="save without the RNG states")
     g.add_argument("--no-load-optim", action="store_true", help="load without the optimizer and LR schedule")
@@ -267,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None, help="write the same series as TensorBoard scalars here")
     g.add_argument("--tensorboard-queue-size", type=int, default=1000,
                    help="TensorBoard events held in memory before they are written")
+    g.add_argument("--log-params-norm", action="store_true",
+                   help="the L2 norm of the model's parameters in each log line (this replica's, under local SGD)")
+    g.add_argument("--log-num-zeros-in-grad", action="store_true",
+                   help="the number of zeros in the gradient in each log line")
     add_megatron_lm_flags(parser)
     return parser
 
@@ -313,7 +350,7 @@ def _use_checkpoint_args(args: argparse.Namespace) -> None:
     from megatron_edit.checkpointing import MODEL_KEYS, find_checkpoint
 
     _require(args.load is not None, "--use-checkpoint-args reads the model's shape from a checkpoint: give --load DIR")
-    found = find_checkpoint(args.load, args)
+    found = find_checkpoint(args.load, args.save, args.ckpt_step)
     _require(found is not None, f"--use-checkpoint-args: no complete checkpoint under --load {args.load} to read "
                                 "the model's shape from; give the model flags instead")
     for key in MODEL_KEYS:
@@ -407,6 +444,11 @@ def validate_args(args: argparse.Namespace) -> None:
     _require(args.log_interval > 0 and args.eval_interval > 0, "--log-interval and --eval-interval must be positive")
 
     _require(args.save_interval is None or args.save_interval > 0, "--save-interval must be positive")
+    _require(args.manual_gc_interval >= 0, f"--manual-gc-interval must be >= 0, got {args.manual_gc_interval}")
+    _require(not (args.deterministic_mode and args.attention_backend == "flash"),
+             "--deterministic-mode: flash attention's backward is not deterministic; use another --attention-backend")
+    _require(args.ckpt_step is None or args.load is not None,
+             f"--ckpt-step {args.ckpt_step} picks a checkpoint under --load: give --load DIR")
     _require(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
              "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler contradict each other: "
              "give one (this run's schedule, or the checkpoint's)")

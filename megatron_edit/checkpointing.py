@@ -278,13 +278,19 @@ def _source_dp_rank(meta: dict, args) -> int:
     return (dp_rank // shard) % saved_replicas * shard + dp_rank % shard
 
 
-def find_checkpoint(root: str, args) -> Optional[tuple]:
-    """(directory, metadata) of the newest usable checkpoint under `root`, or None if there is none."""
+def find_checkpoint(root: str, save: Optional[str] = None, step: Optional[int] = None) -> Optional[tuple]:
+    """(directory, metadata) of the newest usable checkpoint under `root` (of iteration `step` if given: Megatron-LM's
+    --ckpt-step), or None if there is none. `save`: this run's --save, where nothing saved yet is no error."""
     if not os.path.isdir(root):
-        if root == args.save:  # the usual `--save D --load D`: nothing saved yet
+        if root == save:  # the usual `--save D --load D`: nothing saved yet
             return None
         raise UsageError(f"--load {root} does not exist")
     candidates = sorted(_complete_iterations(root), reverse=True)
+    if step is not None:
+        if step not in candidates:
+            raise UsageError(f"--ckpt-step {step}: {root} holds no complete checkpoint of iteration {step} (it holds "
+                             f"{', '.join(map(str, sorted(candidates))) or 'none'})")
+        candidates = [step]
     tracked = None
     if os.path.exists(os.path.join(root, TRACKER)):
         with open(os.path.join(root, TRACKER)) as f:
@@ -343,7 +349,7 @@ def load_checkpoint(trainer) -> int:
     """Restore this rank from the newest usable checkpoint under --load; returns the iteration to continue from
     (0 if there is none, or with --finetune)."""
     args = trainer.args
-    found = find_checkpoint(args.load, args)
+    found = find_checkpoint(args.load, args.save, args.ckpt_step)
     if found is None:
         name = os.path.basename(os.path.normpath(args.load))
         hint = (f"it is one checkpoint's directory: give its parent, --load {os.path.dirname(os.path.normpath(args.load))}"

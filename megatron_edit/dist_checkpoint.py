@@ -150,7 +150,7 @@ def load(trainer, directory: str, parts) -> Tuple[int, bool]:
                                   metadata=common.get("content_metadata", {}), optimizer=parts.optimizer,
                                   rng=parts.rng, progress=mode_state,
                                   saved_replicas=getattr(saved, "num_model_replicas", 1))
-    state = dist_checkpointing.load(template, directory)
+    state = dist_checkpointing.load(template, directory, strict=trainer.args.dist_ckpt_strictness)
     for key, chunk in zip(_model_state_keys(trainer), trainer.model):
         unwrap_model(chunk).load_state_dict(state[key])
     if parts.optimizer:

@@ -55,6 +55,9 @@ def initialize_megatron(args) -> torch.device:
     """Start torch.distributed and megatron-core's parallel state, bind the device, seed every RNG."""
     env = launch_env()
     device_type = args.device_type
+    if args.deterministic_mode:  # before any kernel runs: cuBLAS reads its workspace setting once
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     device = platform.setup_device(device_type, env.local_rank)
     if env.world_size == 1:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -20,7 +20,8 @@ def print_rank_last(message: str) -> None:
 
 
 def iteration_line(iteration, train_iters, consumed_samples, elapsed_ms, learning_rate, global_batch_size,
-                   lm_loss, grad_norm, tokens_per_second, tflops_per_device, eta_seconds, extra=None) -> str:
+                   lm_loss, grad_norm, tokens_per_second, tflops_per_device, eta_seconds, extra=None, num_zeros=None,
+                   params_norm=None) -> str:
     fields = [
         f" iteration {iteration:8d}/{train_iters:8d}",
         f" consumed samples: {consumed_samples:12d}",
@@ -29,6 +30,12 @@ def iteration_line(iteration, train_iters, consumed_samples, elapsed_ms, learnin
         f" global batch size: {global_batch_size:5d}",
         f" lm loss: {lm_loss:.6E}",
         f" grad norm: {grad_norm:.3f}",
+    ]
+    if num_zeros is not None:  # --log-num-zeros-in-grad
+        fields.append(f" num zeros: {num_zeros}")
+    if params_norm is not None:  # --log-params-norm
+        fields.append(f" params norm: {params_norm:.3f}")
+    fields += [
         f" tokens/s: {tokens_per_second:.1f}",
         f" TFLOP/s: {tflops_per_device:.3f}",
         f" ETA: {datetime.timedelta(seconds=round(eta_seconds))}",

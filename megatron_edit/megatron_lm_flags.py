@@ -62,6 +62,8 @@ FLAGS = [
     Flag("--no-create-attention-mask-in-dataloader", SWITCH, _never,
          "no attention mask is built with the data (the attention kernel is causal)"),
     Flag("--cross-entropy-loss-fusion", SWITCH, _never, "the loss is computed unfused here"),
+    Flag("--attention-softmax-in-fp32", SWITCH, _never,
+         "the attention softmax runs in fp32 here always (megatron-core's default)"),
     Flag("--async-save", SWITCH, _never, "checkpoints are written synchronously (the same files, later)"),
     Flag("--use-persistent-ckpt-worker", SWITCH, _never, "checkpoints are written synchronously"),
     # Accepted at the value this trainer has, refused at any other.
@@ -106,8 +108,6 @@ FLAGS = [
         "the loss is averaged per micro-batch, as Megatron-LM's default: drop the flag")),
     Flag("--apply-layernorm-1p", SWITCH, _always(
         "zero-centered layer-norm weights are not supported here: drop the flag")),
-    Flag("--log-params-norm", SWITCH, _always("the parameters' norm is not logged here: drop the flag")),
-    Flag("--log-num-zeros-in-grad", SWITCH, _always("zeros in the gradient are not counted here: drop the flag")),
     Flag("--profile", SWITCH, _always(PROFILE)),
     Flag("--profile-step-start", {"type": int}, _always(PROFILE)),
     Flag("--profile-step-end", {"type": int}, _always(PROFILE)),

@@ -57,12 +57,13 @@ def transformer_config_from_args(args) -> TransformerConfig:
         # attributes (partition_dim, ...), which grad clipping and initialize_weights rely on.
         perform_initialization=True,
         use_cpu_initialization=args.device_type == "cpu",
-        # Fused kernels exist only with Transformer Engine on a GPU.
-        masked_softmax_fusion=fused,
-        bias_activation_fusion=fused,
-        bias_dropout_fusion=fused,
-        apply_rope_fusion=fused,
+        # Fused kernels exist only with Transformer Engine on a GPU, each unless its --no-*-fusion flag is given.
+        masked_softmax_fusion=fused and args.masked_softmax_fusion,
+        bias_activation_fusion=fused and (args.bias_swiglu_fusion if args.swiglu else args.bias_gelu_fusion),
+        bias_dropout_fusion=fused and args.bias_dropout_fusion,
+        apply_rope_fusion=fused and args.apply_rope_fusion,
         gradient_accumulation_fusion=False,
+        deterministic_mode=args.deterministic_mode,
         deallocate_pipeline_outputs=True,
         sequence_parallel=args.sequence_parallel,
         recompute_granularity=args.recompute_granularity,
@@ -150,3 +151,19 @@ def initialize_weights(model: GPTModel, config: TransformerConfig, seed: int) ->
             value = _tensor_parallel_slice(value, param, tp_rank, tp_size, gated)
         param.copy_(value)
 
+
+
+def params_norm(model_chunks, device: torch.device) -> float:
+    """The L2 norm of the model's parameters as Megatron-LM's --log-params-norm reports it: each parameter counted
+    once over the tensor-parallel ranks and pipeline stages (the last stage's copy of a tied embedding left out).
+    A collective over the model-parallel group."""
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    squares = torch.zeros(1, dtype=torch.float32, device=device)
+    for chunk in model_chunks:
+        for param in chunk.parameters():
+            if param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param):
+                squares += torch.linalg.vector_norm(param.detach(), dtype=torch.float32).square().to(device)
+    torch.distributed.all_reduce(squares, group=parallel_state.get_model_parallel_group())
+    return squares.sqrt().item()

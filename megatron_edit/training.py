@@ -2,6 +2,7 @@
 evaluation and Megatron-LM's log lines. `pretrain` is the driver `pretrain_gpt.py` calls."""
 import collections
 import functools
+import gc
 import math
 import signal
 import time
@@ -25,7 +26,7 @@ from megatron_edit.flops import flops_per_iteration
 from megatron_edit.initialize import destroy, initialize_megatron, launch_env
 from megatron_edit.logging import Trackers, iteration_line, perplexity, print_rank_last, validation_line
 from megatron_edit.lr_schedule import build_scheduler
-from megatron_edit.model import initialize_weights, params_dtype, transformer_config_from_args, unwrap_model
+from megatron_edit.model import initialize_weights, params_dtype, params_norm, transformer_config_from_args, unwrap_model
 from megatron_edit.optimizers import inner_optimizers
 from megatron_edit.platform import mcore_internals
 from megatron_edit.swap.layers import LayerSwapper
@@ -57,6 +58,7 @@ def optimizer_config_from_args(args) -> OptimizerConfig:
         loss_scale=args.loss_scale,
         clip_grad=args.clip_grad,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        log_num_zeros_in_grad=args.log_num_zeros_in_grad,
     )
 
 
@@ -189,7 +191,8 @@ class Trainer:
 
     def train_step(self, plan: StepPlan):
         """One global batch: forward/backward over all micro-batches, inner optimizer step, mode hooks.
-        Returns this rank's [loss sum, tokens] (see `mean_loss`) and the gradient norm."""
+        Returns this rank's [loss sum, tokens] (see `mean_loss`), the gradient norm and the number of zeros in the
+        gradient (None without --log-num-zeros-in-grad)."""
         iteration = plan.iteration
         self.dp_mode.before_step(plan)
         for hook in self.hooks:
@@ -207,17 +210,21 @@ class Trainer:
             plan_line = swapper.before_optimizer_step(plan_now=first)
             if plan_line:
                 print_rank_last(plan_line)
-        grad_norm = None
+        if self.args.empty_unused_memory_level >= 1:
+            platform.empty_cache()
+        grad_norm = num_zeros = None
         if self.args.check_for_nan_in_loss_and_grad and self._skip_non_finite(iteration, loss_sums):
             loss_sums.zero_()  # a skipped step's loss counts in no logged loss
         else:
-            update_successful, grad_norm, _ = self.optimizer.step()
+            update_successful, grad_norm, num_zeros = self.optimizer.step()
             if update_successful:
                 self.scheduler.step(increment=self.args.global_batch_size)
+        if self.args.empty_unused_memory_level >= 2:
+            platform.empty_cache()
         for hook in self.hooks:  # first: a straggler's stretch is of its step, not of a sync the mode runs after it
             hook.after_step(plan)
         self.dp_mode.after_step(plan)
-        return loss_sums, grad_norm
+        return loss_sums, grad_norm, num_zeros
 
     def _skip_non_finite(self, iteration: int, loss_sums: torch.Tensor) -> bool:
         """Whether this step's loss or gradients are non-finite on any rank of the mode's step group (one small
@@ -251,6 +258,9 @@ class Trainer:
         (NaN with --eval-iters 0: nothing is evaluated)."""
         if self.args.eval_iters == 0:
             return math.nan
+        collect_garbage = self.args.manual_gc and self.args.manual_gc_eval
+        if collect_garbage:
+            gc.collect()
         for chunk in self.model:
             chunk.eval()
         self.evaluations += 1
@@ -260,6 +270,10 @@ class Trainer:
                 total += _sum_loss_reports(self._run_schedule(self.valid_iter, forward_only=True))
         for chunk in self.model:
             chunk.train()
+        if collect_garbage:
+            gc.collect()
+        if self.args.empty_unused_memory_level >= 2:
+            platform.empty_cache()
         return ReducedLoss(total, self.dp_mode.loss_group(), self.device).value()
 
 
@@ -291,22 +305,26 @@ def train(trainer: Trainer, tracker: Trackers) -> Dict[str, float]:
     valid_loss, iteration, last_loss = initial_valid_loss, trainer.start_iteration, None
     logged, last_saved, evaluated, exiting = trainer.start_iteration, None, None, False
 
-    def log_iteration(iteration: int, loss: ReducedLoss, grad_norm) -> None:
+    def log_iteration(iteration: int, loss: ReducedLoss, grad_norm, num_zeros) -> None:
         """Times the interval now; the line follows when the loss is reduced."""
         nonlocal interval_start, logged, last_loss
         platform.synchronize()
         now = time.perf_counter()
         seconds = (now - interval_start) / (iteration - logged)
         learning_rate, extra = trainer.optimizer.param_groups[0]["lr"], trainer.dp_mode.metrics()
+        norm = params_norm(trainer.model, trainer.device) if args.log_params_norm else None
         tokens_per_second, tflops = tokens_per_iteration / seconds, flops / seconds / args.world_size / 1e12
         eta = max(args.train_iters - iteration, 0) * (now - run_start) / (iteration - trainer.start_iteration)
 
         def emit() -> None:
             print_rank_last(iteration_line(
                 iteration, args.train_iters, iteration * args.global_batch_size, seconds * 1000.0, learning_rate,
-                args.global_batch_size, loss.value(), grad_norm or 0.0, tokens_per_second, tflops, eta, extra))
+                args.global_batch_size, loss.value(), grad_norm or 0.0, tokens_per_second, tflops, eta, extra,
+                num_zeros=num_zeros, params_norm=norm))
+            optional = {name: value for name, value in (("num-zeros", num_zeros), ("params-norm", norm))
+                        if value is not None}
             tracker.log({"lm loss": loss.value(), "learning-rate": learning_rate, "grad-norm": grad_norm or 0.0,
-                         "tokens/s": tokens_per_second, "TFLOP/s per device": tflops, **extra}, iteration)
+                         **optional, "tokens/s": tokens_per_second, "TFLOP/s per device": tflops, **extra}, iteration)
 
         reports.add(emit, loss.ready)
         last_loss = loss
@@ -322,15 +340,24 @@ def train(trainer: Trainer, tracker: Trackers) -> Dict[str, float]:
 
     warmup_end, warmup_totals = trainer.dp_mode.synchronous_warmup_iters(), None
     signals = TerminationSignal() if args.exit_signal_handler else None
+    if args.manual_gc:  # a collection inside a step stalls one rank, and every other at its next collective
+        gc.disable()
+        gc.collect()
+
+    def manual_gc_due(iteration: int) -> bool:
+        return args.manual_gc and args.manual_gc_interval > 0 and iteration % args.manual_gc_interval == 0
+
     for plan in trainer.plans():
         iteration = plan.iteration
-        loss_sums, grad_norm = trainer.train_step(plan)
+        loss_sums, grad_norm, num_zeros = trainer.train_step(plan)
+        if manual_gc_due(iteration):
+            gc.collect()
         if iteration == warmup_end:  # where communication went: the synchronous warm-up's bytes and time
             platform.synchronize()
             warmup_totals = (dict(comm_stats.COUNTER.snapshot() - bytes_at_start), time.perf_counter() - run_start)
         _track_events(trainer, tracker, reports)
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            log_iteration(iteration, trainer.reduce_loss(loss_sums), grad_norm)
+            log_iteration(iteration, trainer.reduce_loss(loss_sums), grad_norm, num_zeros)
         reports.flush()
         if iteration % args.eval_interval == 0 and iteration != args.train_iters:  # the last: after the final sync
             evaluated = iteration
@@ -356,7 +383,7 @@ def train(trainer: Trainer, tracker: Trackers) -> Dict[str, float]:
             break
     _track_events(trainer, tracker, reports)  # a mode's final sync happens after the last iteration
     if iteration != logged:  # the last iteration always gets a line (A-EDiT's replicas may stop anywhere)
-        log_iteration(iteration, trainer.reduce_loss(loss_sums), grad_norm)
+        log_iteration(iteration, trainer.reduce_loss(loss_sums), grad_norm, num_zeros)
     reports.flush(wait=True)
     final_label = trainer.dp_mode.final_checkpoint(iteration, last_saved) if args.save else None
     if final_label is not None:

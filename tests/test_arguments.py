@@ -56,6 +56,32 @@ def test_bf16_on_a_device_without_bfloat16(monkeypatch):
     assert "--bf16 was requested but this cpu cannot compute in bfloat16" in error_of(["--bf16"], world_size=1)
 
 
+def test_megatron_lm_runtime_flags_reach_their_settings():
+    """What the model, data, checkpoint and GC flags of Megatron-LM's scripts set; their runs are in test_summary."""
+    from megatron_edit.arguments import DIST_CKPT_STRICTNESS
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+    from megatron_edit.model import transformer_config_from_args
+
+    assert set(DIST_CKPT_STRICTNESS) <= {handling.value for handling in StrictHandling}
+    args = arguments.parse_args(BASE + ["--deterministic-mode", "--no-mmap-bin-files", "--manual-gc",
+                                        "--manual-gc-interval", "5", "--no-manual-gc-eval", "--no-masked-softmax-fusion",
+                                        "--no-rope-fusion", "--dist-ckpt-strictness", "raise_all"], world_size=1)
+    assert (args.mmap_bin_files, args.manual_gc, args.manual_gc_interval, args.manual_gc_eval,
+            args.dist_ckpt_strictness) == (False, True, 5, False, "raise_all")
+    assert transformer_config_from_args(args).deterministic_mode
+    # The fused kernels exist with Transformer Engine only; each --no-*-fusion keeps its own off there.
+    args.transformer_impl = "transformer_engine"
+    config = transformer_config_from_args(args)
+    assert (config.masked_softmax_fusion, config.apply_rope_fusion, config.bias_activation_fusion,
+            config.bias_dropout_fusion) == (False, False, True, True)
+    assert error_of(["--manual-gc-interval", "-1"], world_size=1) == "error: --manual-gc-interval must be >= 0, got -1"
+
+
+def test_ckpt_step_without_load():
+    assert error_of(["--ckpt-step", "6"], world_size=1) == \
+        "error: --ckpt-step 6 picks a checkpoint under --load: give --load DIR"
+
+
 def test_unknown_dp_mode():
     assert "--dp-mode 'nope' is unknown" in error_of(["--dp-mode", "nope"], world_size=1)
 
@@ -311,10 +337,10 @@ def test_megatron_lm_flags_that_change_nothing_warn_once_and_the_rest_are_refuse
     script = ["--use-mcore-models", "--log-throughput", "--no-gradient-accumulation-fusion", "--num-workers", "2",
               "--position-embedding-type", "rope", "--no-position-embedding", "--kv-channels", "16",
               "--context-parallel-size", "1", "--distributed-backend", "gloo", "--async-save",
-              "--log-validation-ppl-to-tensorboard", "--timing-log-level", "2"]
+              "--log-validation-ppl-to-tensorboard", "--timing-log-level", "2", "--attention-softmax-in-fp32"]
     arguments.parse_args(BASE + script, world_size=1)
     warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
-    assert len(warned) == 11 and "warning: --kv-channels changes nothing here: it equals --hidden-size / " \
+    assert len(warned) == 12 and "warning: --kv-channels changes nothing here: it equals --hidden-size / " \
         "--num-attention-heads, the size used here" in warned
     monkeypatch.setenv("RANK", "1")
     arguments.parse_args(BASE + script, world_size=1)
@@ -326,11 +352,11 @@ def test_megatron_lm_flags_that_change_nothing_warn_once_and_the_rest_are_refuse
     assert "nccl on GPUs, gloo on CPU" in error_of(["--distributed-backend", "nccl"], world_size=1)
     refused = {"--num-experts": ["4"], "--moe-router-topk": ["2"], "--fp8-format": ["hybrid"],
                "--rampup-batch-size": ["4", "4", "100"], "--decoupled-lr": ["1e-4"], "--grad-reduce-in-bf16": [],
-               "--calculate-per-token-loss": [], "--apply-layernorm-1p": [], "--log-params-norm": [],
+               "--calculate-per-token-loss": [], "--apply-layernorm-1p": [],
                "--profile": [], "--expert-model-parallel-size": ["2"], "--rotary-percent": ["0.5"]}
     for flag, values in refused.items():
         assert error_of([flag, *values], world_size=1).startswith(f"error: {flag}: "), flag
     assert {flag.name for flag in FLAGS if not flag.noop} <= set(refused) | {
         "--moe-grouped-gemm", "--moe-aux-loss-coeff", "--moe-router-load-balancing-type", "--moe-token-dispatcher-type",
-        "--fp8-amax-history-len", "--fp8-amax-compute-algo", "--decoupled-min-lr", "--log-num-zeros-in-grad",
+        "--fp8-amax-history-len", "--fp8-amax-compute-algo", "--decoupled-min-lr",
         "--profile-step-start", "--profile-step-end", "--profile-ranks", "--use-pytorch-profiler"}

@@ -78,12 +78,12 @@ DISTRIBUTED_OPTIMIZER = ["--use-distributed-optimizer", "--ckpt-format", "torch_
 @pytest.mark.parametrize("layout", [["--pipeline-model-parallel-size", "2"], []], ids=["tp1_pp2_dp2", "tp1_pp1_dp4"])
 def test_torch_dist_checkpoint_reshards_to_another_layout(tmp_path, layout):
     """DDP with the distributed optimizer saved at TP=2 x DP=2 continues at another layout: weights, Adam's moments
-    and fp32 main parameters follow, so the first resumed loss is the uninterrupted run's next one."""
+    and fp32 main parameters follow, so the first resumed loss is the uninterrupted run's next one (the run that
+    saved at 6 went on to 8; --ckpt-step 6 loads the checkpoint of 6)."""
     args = TINY_GPT + STEPS + DISTRIBUTED_OPTIMIZER + ["--train-iters", "8"]
     saved_layout = ["--tensor-model-parallel-size", "2"]
-    straight = run_training(4, args + saved_layout).check().losses
-    run_training(4, args + saved_layout + ["--save", str(tmp_path), "--exit-interval", "6"]).check()
-    resumed = run_training(4, args + layout + ["--load", str(tmp_path)]).check()
+    straight = run_training(4, args + saved_layout + ["--save", str(tmp_path), "--save-interval", "6"]).check().losses
+    resumed = run_training(4, args + layout + ["--load", str(tmp_path), "--ckpt-step", "6"]).check()
     assert "at iteration 6" in resumed.stdout and len(resumed.losses) == 2
     assert resumed.losses[0] == pytest.approx(straight[6], rel=1e-6)
     assert resumed.losses[1] == pytest.approx(straight[7], rel=1e-3)  # a step later: reduction order differs
@@ -105,9 +105,8 @@ def test_edit_torch_dist_checkpoint_reshards_with_its_outer_state(tmp_path, layo
     args = TINY_GPT + STEPS + ["--dp-mode", "edit", *local_sgd(2, 2), *PENALTY] + TORCH_DIST + extra + \
         ["--train-iters", "10"]
     saved_layout = ["--tensor-model-parallel-size", "2", "--model-shard-group-size", "1"]
-    straight = run_training(4, args + saved_layout).check().losses
-    run_training(4, args + saved_layout + ["--save", str(tmp_path), "--exit-interval", "6"]).check()
-    resumed = run_training(4, args + layout + ["--load", str(tmp_path)]).check()
+    straight = run_training(4, args + saved_layout + ["--save", str(tmp_path), "--save-interval", "6"]).check().losses
+    resumed = run_training(4, args + layout + ["--load", str(tmp_path), "--ckpt-step", "6"]).check()
     assert "at iteration 6" in resumed.stdout and len(resumed.losses) == 4
     assert "edit sync at iteration 7" in resumed.stdout
     assert resumed.losses[0] == pytest.approx(straight[6], rel=rel)
@@ -238,6 +237,9 @@ def test_incompatible_or_missing_checkpoint_is_one_line(tmp_path):
     result = run_training(2, TINY_GPT + STEPS + aedit + ["--train-iters", "4", "--save", str(tmp_path)])
     assert result.returncode != 0
     assert "error: --ckpt-format torch_dist: A-EDiT's replicas stand at different iterations" in result.stderr
+    result = run_training(1, longer + ["--ckpt-step", "3"])
+    assert result.returncode != 0 and f"error: --ckpt-step 3: {tmp_path} holds no complete checkpoint of iteration 3 " \
+        "(it holds 2)" in result.stderr
     result = run_training(1, TINY_GPT + STEPS + ["--train-iters", "4", "--load", str(tmp_path / "nope")])
     assert result.returncode != 0 and f"error: --load {tmp_path / 'nope'} does not exist" in result.stderr
     result = run_training(1, TINY_GPT + STEPS + ["--train-iters", "4", "--load", str(tmp_path / "iter_0000002")])

@@ -102,10 +102,11 @@ def test_a_blend_follows_its_weights_and_trains(corpus, tmp_path):
     for name in "ab":
         preprocess(corpus, tmp_path / name, *SP(corpus), inputs=[str(tmp_path / f"{name}.jsonl")])
     args = types.SimpleNamespace(
-        seed=1, seq_length=64, mock_data=False, split="100,0,0", data_cache_path=None,
+        seed=1, seq_length=64, mock_data=False, split="100,0,0", data_cache_path=None, mmap_bin_files=False,
         data_path=["0.25", str(tmp_path / "a_text_document"), "0.75", str(tmp_path / "b_text_document")],
         train_iters=1000, global_batch_size=4, eval_interval=1000, eval_iters=0)
     train, _, _ = data_sets.build_datasets(args, SentencePieceTokenizer(corpus.sp))
+    assert {type(part.dataset.bin_reader).__name__ for part in train.datasets} == {"_FileBinReader"}  # no mmap
     counts = np.bincount(train.dataset_index[:4000], minlength=2)
     assert abs(counts[0] / 4000 - 0.25) < 0.01 and abs(counts[1] / 4000 - 0.75) < 0.01
     run = run_training(1, ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",

@@ -47,7 +47,7 @@ def newest_checkpoint(load: str) -> str:
     """The directory of the newest complete checkpoint under `load`."""
     from megatron_edit.checkpointing import find_checkpoint
 
-    found = find_checkpoint(load, argparse.Namespace(save=None))
+    found = find_checkpoint(load)
     if found is None:
         raise UsageError(f"no complete checkpoint under {load}")
     return found[0]
@@ -70,7 +70,7 @@ def load_megatron_model(directory: str):
     args = argparse.Namespace(**vars(saved))
     args.tensor_model_parallel_size = args.pipeline_model_parallel_size = args.data_parallel_size = 1
     args.device_type, args.bf16, args.fp16 = "cpu", False, False  # weights exported in fp32
-    args.transformer_impl = "local"
+    args.transformer_impl, args.deterministic_mode = "local", False  # (checkpoints before the flag lack it)
     initialize_megatron(args)
     model = model_provider(args, transformer_config_from_args(args))
     state = dist_checkpointing.load({"model": model.sharded_state_dict()}, directory)

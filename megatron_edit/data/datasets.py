@@ -140,6 +140,7 @@ def build_datasets(args, tokenizer):
         reset_attention_mask=False,
         eod_mask_loss=False,
         create_attention_mask=False,
+        mmap_bin_files=args.mmap_bin_files,
     )
     used = used_splits(args)
     config.split_matrix = [bounds if name in used else None for name, bounds in zip(SPLITS, config.split_matrix)]

@@ -38,6 +38,12 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def empty_cache() -> None:
+    """Give the device's cached free memory back (Megatron-LM's --empty-unused-memory-level); a CPU keeps none."""
+    if torch.cuda.is_available() and not cpu_compat_enabled():
+        torch.cuda.empty_cache()
+
+
 def max_memory_allocated_bytes() -> int:
     """Peak device memory of this process: CUDA allocator peak on GPU, peak resident set size on CPU."""
     if torch.cuda.is_available() and not cpu_compat_enabled():
@@ -61,6 +67,7 @@ __all__ = [
     "bf16_supported",
     "cpu_compat_enabled",
     "distributed_backend",
+    "empty_cache",
     "enable_cpu_compat",
     "max_memory_allocated_bytes",
     "resolve_device_type",

@@ -20,7 +20,7 @@ from megatron_edit import platform
 from megatron_edit.errors import UsageError
 from megatron_edit.errors import require as _require
 from megatron_edit.data.datasets import check_data_path, check_split, used_splits
-from megatron_edit.data.tokenizers import add_tokenizer_args, check_tokenizer_args
+from megatron_edit.data.tokenizers import add_tokenizer_args, check_tokenizer_args, default_tokenizer_type
 from megatron_edit.dp.local_sgd.exchange import SYNC_DTYPES
 from megatron_edit.megatron_lm_flags import add_megatron_lm_flags, check_megatron_lm_flags
 
@@ -455,6 +455,7 @@ def validate_args(args: argparse.Namespace) -> None:
 
     _require(args.eval_iters >= 0, "--eval-iters must be >= 0")
     check_split(args.split, used_splits(args))
+    default_tokenizer_type(args)
     if args.mock_data:
         if args.tokenizer_type is None:
             args.tokenizer_type = "NullTokenizer"

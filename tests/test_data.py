@@ -12,7 +12,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from launcher import run_training
 from megatron_edit import arguments
 from megatron_edit.data import datasets as data_sets
-from megatron_edit.data.tokenizers import GPT2BPETokenizer, HuggingFaceTokenizer, SentencePieceTokenizer
+from megatron_edit.data.tokenizers import (SENTENCEPIECE_TOKENIZERS, GPT2BPETokenizer, HuggingFaceTokenizer,
+                                           SentencePieceTokenizer)
 from tools import build_sample_corpus, preprocess_data, train_tokenizer
 
 pytestmark = pytest.mark.slow  # the shared corpus trains two tokenizers; most tests here also start processes
@@ -56,23 +57,31 @@ def decoded_documents(prefix, tokenizer):
     return documents
 
 
-@pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer"])
+@pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
+                                  "HuggingFaceTokenizer", "GPT2BPETokenizer", "GPT2BPETokenizer by default"])
 def test_preprocess_round_trip_gives_back_the_text(corpus, tmp_path, kind):
+    gpt2_files = ["--vocab-file", str(corpus.root / "vocab.json"), "--merge-file", str(corpus.root / "merges.txt")]
     flags = {
-        "SentencePieceTokenizer": SP(corpus),
         "HuggingFaceTokenizer": ["--tokenizer-type", kind, "--tokenizer-model", str(corpus.root / "tokenizer.json")],
-        "GPT2BPETokenizer": ["--tokenizer-type", kind, "--vocab-file", str(corpus.root / "vocab.json"),
-                             "--merge-file", str(corpus.root / "merges.txt")],
-    }[kind]
+        "GPT2BPETokenizer": ["--tokenizer-type", kind, *gpt2_files],
+        "GPT2BPETokenizer by default": gpt2_files,  # Megatron-LM's default with GPT-2's two files
+    }.get(kind, ["--tokenizer-type", kind, "--tokenizer-model", corpus.sp])
     tokenizer = {
-        "SentencePieceTokenizer": lambda: SentencePieceTokenizer(corpus.sp),
         "HuggingFaceTokenizer": lambda: HuggingFaceTokenizer(str(corpus.root)),
         "GPT2BPETokenizer": lambda: GPT2BPETokenizer(str(corpus.root / "vocab.json"), str(corpus.root / "merges.txt")),
-    }[kind]()
+        "GPT2BPETokenizer by default": lambda: GPT2BPETokenizer(str(corpus.root / "vocab.json"),
+                                                                str(corpus.root / "merges.txt")),
+    }.get(kind, lambda: SENTENCEPIECE_TOKENIZERS[kind](corpus.sp))()
     stats = preprocess(corpus, tmp_path / "out", *flags)
     assert stats.documents == len(corpus.texts)
-    assert IndexedDataset(str(tmp_path / "out_text_document")).index.dtype == np.uint16  # vocab < 65500
+    dataset = IndexedDataset(str(tmp_path / "out_text_document"))
+    assert dataset.index.dtype == np.uint16  # vocab < 65500
     assert decoded_documents(tmp_path / "out", tokenizer) == corpus.texts
+    starts = {int(dataset[i][0]) for i in range(len(dataset))}
+    if kind == "Llama2Tokenizer":  # Llama 2's documents start with <s>
+        assert starts == {tokenizer.bos}
+    else:
+        assert len(starts) > 1
 
 
 def test_workers_and_partitions_give_byte_identical_output(corpus, tmp_path):

@@ -37,7 +37,8 @@ import megatron_edit  # noqa: E402,F401  (first: it quiets megatron-core's impor
 import numpy as np  # noqa: E402
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # noqa: E402
 
-from megatron_edit.data.tokenizers import add_tokenizer_args, build_tokenizer, check_tokenizer_args  # noqa: E402
+from megatron_edit.data.tokenizers import (add_tokenizer_args, build_tokenizer, check_tokenizer_args,  # noqa: E402
+                                          default_tokenizer_type)
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -56,6 +57,7 @@ def get_args(argv=None) -> argparse.Namespace:
     add_tokenizer_args(parser)
     args = parser.parse_args(argv)
     args.input_files = expand_inputs(args.input)
+    default_tokenizer_type(args)
     if args.tokenizer_type is None:
         raise UsageError("--tokenizer-type is required")
     check_tokenizer_args(args)

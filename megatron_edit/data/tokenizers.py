@@ -11,20 +11,28 @@ from typing import List
 
 from megatron_edit.errors import UsageError
 
-TOKENIZER_TYPES = ["SentencePieceTokenizer", "HuggingFaceTokenizer", "GPT2BPETokenizer", "NullTokenizer"]
+TOKENIZER_TYPES = ["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "HuggingFaceTokenizer",
+                   "GPT2BPETokenizer", "NullTokenizer"]
 _EOD_CANDIDATES = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>"]
 
 
 def add_tokenizer_args(parser):
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
-                       help="default: NullTokenizer with --mock-data")
+                       help="default: GPT2BPETokenizer with --vocab-file and --merge-file (as Megatron-LM), "
+                            "NullTokenizer with --mock-data")
     group.add_argument("--tokenizer-model", default=None,
                        help="SentencePiece .model file, or a HuggingFace tokenizer.json or directory holding one")
     group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer merges.txt")
     group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: ids 0..N-1, end of document N")
     return parser
+
+
+def default_tokenizer_type(args) -> None:
+    """Megatron-LM's default: GPT-2's BPE when its two files are given without --tokenizer-type."""
+    if args.tokenizer_type is None and args.vocab_file and args.merge_file:
+        args.tokenizer_type = "GPT2BPETokenizer"
 
 
 def check_tokenizer_args(args) -> None:
@@ -35,8 +43,8 @@ def check_tokenizer_args(args) -> None:
 
 def build_tokenizer(args):
     kind = args.tokenizer_type
-    required = {"SentencePieceTokenizer": ["tokenizer_model"], "HuggingFaceTokenizer": ["tokenizer_model"],
-                "GPT2BPETokenizer": ["vocab_file", "merge_file"], "NullTokenizer": []}[kind]
+    required = {"HuggingFaceTokenizer": ["tokenizer_model"], "GPT2BPETokenizer": ["vocab_file", "merge_file"],
+                "NullTokenizer": []}.get(kind, ["tokenizer_model"])  # the SentencePiece ones: --tokenizer-model
     for attribute in required:
         flag = "--" + attribute.replace("_", "-")
         path = getattr(args, attribute)
@@ -50,8 +58,8 @@ def build_tokenizer(args):
             raise UsageError("--tokenizer-type NullTokenizer needs --vocab-size N (N >= 1)")
         return NullTokenizer(args.vocab_size)
     try:
-        if kind == "SentencePieceTokenizer":
-            return SentencePieceTokenizer(args.tokenizer_model)
+        if kind in SENTENCEPIECE_TOKENIZERS:
+            return SENTENCEPIECE_TOKENIZERS[kind](args.tokenizer_model)
         if kind == "HuggingFaceTokenizer":
             return HuggingFaceTokenizer(args.tokenizer_model)
         return GPT2BPETokenizer(args.vocab_file, args.merge_file)
@@ -102,6 +110,29 @@ class SentencePieceTokenizer(_Tokenizer):
 
     def detokenize(self, ids) -> str:
         return self._sp.decode([int(i) for i in ids])
+
+
+class GPTSentencePieceTokenizer(SentencePieceTokenizer):
+    """Megatron-LM's name for the same: the model's pieces, documents ending with its </s>."""
+
+
+class Llama2Tokenizer(SentencePieceTokenizer):
+    """Llama 2's SentencePiece model as Megatron-LM reads it: every document starts with <s> (its bos), ends with
+    </s> (with --append-eod)."""
+
+    def __init__(self, model_file: str):
+        super().__init__(model_file)
+        self.bos = self._sp.bos_id()
+        if self.bos < 0:
+            raise UsageError(f"{model_file} defines no beginning-of-sentence piece (<s>) for Llama2Tokenizer to "
+                             "start documents with; use GPTSentencePieceTokenizer")
+
+    def tokenize(self, text: str) -> List[int]:
+        return [self.bos] + super().tokenize(text)
+
+
+SENTENCEPIECE_TOKENIZERS = {cls.__name__: cls for cls in (SentencePieceTokenizer, GPTSentencePieceTokenizer,
+                                                           Llama2Tokenizer)}
 
 
 class _HFTokenizersBase(_Tokenizer):

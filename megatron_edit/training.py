@@ -26,7 +26,8 @@ from megatron_edit.flops import flops_per_iteration
 from megatron_edit.initialize import destroy, initialize_megatron, launch_env
 from megatron_edit.logging import Trackers, iteration_line, perplexity, print_rank_last, validation_line
 from megatron_edit.lr_schedule import build_scheduler
-from megatron_edit.model import initialize_weights, params_dtype, params_norm, transformer_config_from_args, unwrap_model
+from megatron_edit.model import (initialize_weights, params_dtype, params_norm, transformer_config_from_args,
+                                 unwrap_model)
 from megatron_edit.optimizers import inner_optimizers
 from megatron_edit.platform import mcore_internals
 from megatron_edit.swap.layers import LayerSwapper

@@ -174,6 +174,56 @@ def test_missing_tokenizer_file_is_one_line(corpus, tmp_path):
     assert f"--tokenizer-model {tmp_path / 'nope.model'} does not exist" in error_line(excinfo)
 
 
+@pytest.fixture
+def punkt_model(tmp_path, monkeypatch):
+    """An English punkt model with no learned abbreviations or collocations (nltk's punkt_tab layout), as the only
+    one nltk finds: sentences end at '.', '?' or '!' followed by whitespace."""
+    import nltk
+
+    model = tmp_path / "nltk_data" / "tokenizers" / "punkt_tab" / "english"
+    model.mkdir(parents=True)
+    for name in ("collocations.tab", "sent_starters.txt", "abbrev_types.txt", "ortho_context.tab"):
+        (model / name).write_text("")
+    monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "nltk_data")])
+
+
+@pytest.mark.parametrize("keep_newlines", [False, True])
+def test_split_sentences_writes_each_sentence_as_a_sequence_of_its_document(corpus, tmp_path, punkt_model,
+                                                                            keep_newlines):
+    text = "The first sentence. A second one?\nAnd a third!\n\nA new paragraph."
+    (tmp_path / "in.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "One."}) + "\n")
+    hf = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(corpus.root / "tokenizer.json")]
+    newlines = ["--keep-newlines"] if keep_newlines else []
+    preprocess(corpus, tmp_path / "out", *hf, "--split-sentences", *newlines, inputs=[str(tmp_path / "in.jsonl")])
+    assert not list(tmp_path.glob("out_text_document*"))  # Megatron-LM's name for sentence-level data
+    dataset, tokenizer = IndexedDataset(str(tmp_path / "out_text_sentence")), HuggingFaceTokenizer(str(corpus.root))
+    assert list(dataset.document_indices) == [0, 4, 5]  # 4 sentences, then 1
+    sentences = [tokenizer.detokenize(dataset[i]) for i in range(5)]
+    assert sentences[3].endswith(tokenizer.detokenize([tokenizer.eod])) and dataset[4][-1] == tokenizer.eod
+    sentences[3] = sentences[3][:-len("<|endoftext|>")]
+    if keep_newlines:  # each keeps the whitespace after it: they join back into the document
+        assert "".join(sentences[:4]) == text
+    else:
+        assert sentences[:4] == ["The first sentence.", "A second one?", "And a third!", "A new paragraph."]
+
+
+def test_preprocess_flags_of_megatron_lm_scripts(corpus, tmp_path, monkeypatch, capsys):
+    """Those with nothing to do here warn; T5's extra ids, and sentence splitting without its model, are one line."""
+    import nltk
+
+    stats = preprocess(corpus, tmp_path / "out", *SP(corpus), "--keep-sequential-samples", "--trust-remote-code")
+    assert stats.documents == len(corpus.texts)
+    assert "warning: --keep-sequential-samples changes nothing here" in capsys.readouterr().err
+    for flags, expected in [(["--vocab-extra-ids", "100"], "error: --vocab-extra-ids 100: T5's sentinel tokens "),
+                            (["--keep-newlines"], "error: --keep-newlines keeps the newlines between split sentences"),
+                            (["--split-sentences", "--lang", "english"], "error: --split-sentences: nltk's punkt "
+                             "model for --lang english is not installed; run python -m nltk.downloader punkt_tab")]:
+        monkeypatch.setattr(nltk.data, "path", [str(tmp_path / "no_nltk_data")])
+        with pytest.raises(SystemExit) as excinfo:
+            preprocess(corpus, tmp_path / "bad", *SP(corpus), *flags)
+        assert error_line(excinfo).startswith(expected)
+
+
 def test_empty_input_is_one_line(corpus, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

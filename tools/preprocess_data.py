@@ -47,6 +47,13 @@ def get_args(argv=None) -> argparse.Namespace:
     group.add_argument("--input", nargs="+", required=True, help="jsonl or jsonl.gz files, or globs")
     group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize; one output per key")
     group.add_argument("--skip-bad-lines", action="store_true", help="count malformed lines instead of stopping")
+    group.add_argument("--split-sentences", action="store_true",
+                       help="split documents into sentences (nltk's punkt; each a sequence of its document, the output "
+                            "PREFIX_KEY_sentence)")
+    group.add_argument("--keep-newlines", action="store_true",
+                       help="with --split-sentences: keep the whitespace (newlines) between sentences, at the end of "
+                            "the sentence before it")
+    group.add_argument("--lang", default="english", help="the language of nltk's punkt model for --split-sentences")
     group = parser.add_argument_group("output")
     group.add_argument("--output-prefix", required=True)
     group.add_argument("--append-eod", action="store_true", help="end every document with the tokenizer's eod")
@@ -54,8 +61,31 @@ def get_args(argv=None) -> argparse.Namespace:
     group.add_argument("--workers", type=int, default=1, help="tokenizing processes in all")
     group.add_argument("--partitions", type=int, default=1, help="input ranges processed in parallel, then merged")
     group.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
-    add_tokenizer_args(parser)
+    group.add_argument("--keep-sequential-samples", action="store_true",
+                       help="accepted for Megatron-LM's scripts: documents keep their input order here always")
+    group = add_tokenizer_args(parser)
+    group.add_argument("--tokenizer-hf-no-use-fast", action="store_true",
+                       help="accepted for Megatron-LM's scripts: HuggingFaceTokenizer reads tokenizer.json with the "
+                            "(fast) tokenizers library, which has no slow variant")
+    group.add_argument("--trust-remote-code", action="store_true",
+                       help="accepted for Megatron-LM's scripts: HuggingFaceTokenizer reads a local tokenizer.json and "
+                            "runs no code from it")
+    group.add_argument("--vocab-extra-ids", type=int, default=0,
+                       help="T5's <extra_id_N> sentinel tokens: not supported (GPT data has none); 0 only")
     args = parser.parse_args(argv)
+    for flag, why in (("keep_sequential_samples", "documents keep their input order here always"),
+                      ("tokenizer_hf_no_use_fast", "the tokenizers library has no slow tokenizer"),
+                      ("trust_remote_code", "no code is run from a local tokenizer.json")):
+        if getattr(args, flag):
+            print(f"warning: --{flag.replace('_', '-')} changes nothing here: {why}", file=sys.stderr)
+    if args.vocab_extra_ids:
+        raise UsageError(f"--vocab-extra-ids {args.vocab_extra_ids}: T5's sentinel tokens are not supported here "
+                         "(GPT pretraining data needs none); drop the flag")
+    if args.keep_newlines and not args.split_sentences:
+        raise UsageError("--keep-newlines keeps the newlines between split sentences: give --split-sentences too")
+    args.level = "sentence" if args.split_sentences else "document"
+    if args.split_sentences:
+        sentence_splitter(args.lang)  # missing nltk or punkt data: one line here, not in every worker
     args.input_files = expand_inputs(args.input)
     default_tokenizer_type(args)
     if args.tokenizer_type is None:
@@ -115,11 +145,26 @@ def read_lines(files: List[str]) -> Iterator[Tuple[str, int, str]]:
             raise _unreadable(path, exc, number) from None
 
 
+def sentence_splitter(lang: str):
+    """nltk's punkt sentence splitter for `lang` (Megatron-LM's --split-sentences), or one line saying what is
+    missing."""
+    try:
+        from nltk.tokenize.punkt import PunktTokenizer
+    except ImportError:
+        raise UsageError("--split-sentences needs nltk: pip install nltk") from None
+    try:
+        return PunktTokenizer(lang)
+    except (LookupError, ValueError, OSError) as error:
+        reason = "is not installed" if isinstance(error, LookupError) else f"cannot be read ({error})"
+        raise UsageError(f"--split-sentences: nltk's punkt model for --lang {lang} {reason}; run python -m "
+                         "nltk.downloader punkt_tab (or point NLTK_DATA at a copy of it)") from None
+
+
 @dataclasses.dataclass
 class Encoded:
     location: str
     nbytes: int
-    documents: Optional[Dict[str, List[int]]] = None
+    documents: Optional[Dict[str, List[List[int]]]] = None  # key -> its sequences (sentences, or the document)
     bad_line: Optional[str] = None
     missing_key: Optional[str] = None
 
@@ -134,6 +179,18 @@ class Encoder:
 
     def initializer(self):
         Encoder.tokenizer = build_tokenizer(self.args)
+        Encoder.splitter = sentence_splitter(self.args.lang) if self.args.split_sentences else None
+
+    def sentences(self, text: str) -> List[str]:
+        """The document's sentences (itself without --split-sentences); with --keep-newlines each keeps the
+        whitespace that follows it, so that they join back into the document."""
+        if Encoder.splitter is None:
+            return [text]
+        spans = list(Encoder.splitter.span_tokenize(text))
+        if not self.args.keep_newlines:
+            return [text[start:end] for start, end in spans]
+        starts = [start for start, _ in spans] + [len(text)]
+        return [text[start:following] for start, following in zip(starts, starts[1:])]
 
     def encode(self, item: Tuple[str, int, str]) -> Encoded:
         path, number, line = item
@@ -150,10 +207,11 @@ class Encoder:
                 return Encoded(location, nbytes, missing_key=f"no key {key!r} (its keys: {', '.join(record)})")
             if not isinstance(record[key], str):
                 return Encoded(location, nbytes, bad_line=f"value of {key!r} is not a string")
-            ids = Encoder.tokenizer.tokenize(record[key]) if record[key] else []
-            if ids and self.args.append_eod:
-                ids.append(Encoder.tokenizer.eod)
-            documents[key] = ids
+            sequences = [ids for ids in map(Encoder.tokenizer.tokenize, self.sentences(record[key])) if ids] \
+                if record[key] else []
+            if sequences and self.args.append_eod:
+                sequences[-1].append(Encoder.tokenizer.eod)
+            documents[key] = sequences
         return Encoded(location, nbytes, documents=documents)
 
 
@@ -170,8 +228,9 @@ class Stats:
             setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
 
 
-def output_prefix(prefix: str, key: str) -> str:
-    return f"{prefix}_{key}_document"
+def output_prefix(prefix: str, key: str, level: str) -> str:
+    """Megatron-LM's names: PREFIX_KEY_document, or PREFIX_KEY_sentence with --split-sentences."""
+    return f"{prefix}_{key}_{level}"
 
 
 def _map_chunk(function, chunk: list) -> list:
@@ -200,7 +259,8 @@ def encode_lines(args, lines, prefix: str, workers: int, total_bytes: Optional[i
     encoder = Encoder(args)
     encoder.initializer()
     dtype = DType.optimal_dtype(Encoder.tokenizer.vocab_size)
-    builders = {key: IndexedDatasetBuilder(output_prefix(prefix, key) + ".bin", dtype=dtype) for key in args.json_keys}
+    builders = {key: IndexedDatasetBuilder(output_prefix(prefix, key, args.level) + ".bin", dtype=dtype)
+                for key in args.json_keys}
     results = in_workers(encoder.encode, lines, workers, encoder.initializer) if workers > 1 else map(encoder.encode,
                                                                                                      lines)
     stats, start = Stats(), time.perf_counter()
@@ -218,10 +278,11 @@ def encode_lines(args, lines, prefix: str, workers: int, total_bytes: Optional[i
             if not any(result.documents.values()):
                 stats.empty += 1
                 continue
-            for key, ids in result.documents.items():
-                builders[key].add_document(np.asarray(ids, dtype=dtype), [len(ids)])
+            for key, sequences in result.documents.items():
+                builders[key].add_document(np.asarray([i for ids in sequences for i in ids], dtype=dtype),
+                                           [len(ids) for ids in sequences])
             stats.documents += 1
-            stats.tokens += sum(len(ids) for ids in result.documents.values())
+            stats.tokens += sum(len(ids) for sequences in result.documents.values() for ids in sequences)
             if stats.documents % args.log_interval == 0:
                 log_progress(stats, time.perf_counter() - start, total_bytes, label)
     except UnreadableInput as exc:
@@ -230,7 +291,7 @@ def encode_lines(args, lines, prefix: str, workers: int, total_bytes: Optional[i
         raise UsageError(f"{label}a tokenizing worker process died (killed; out of memory?) before it finished; "
                          "nothing was written") from None
     for key, builder in builders.items():
-        builder.finalize(output_prefix(prefix, key) + ".idx")
+        builder.finalize(output_prefix(prefix, key, args.level) + ".idx")
     return stats
 
 
@@ -300,10 +361,10 @@ def encode_partitions(args, prefix: str, scratch: str) -> Stats:
         stats.add(part_stats)
     dtype = DType.optimal_dtype(build_tokenizer(args).vocab_size)
     for key in args.json_keys:
-        builder = IndexedDatasetBuilder(output_prefix(prefix, key) + ".bin", dtype=dtype)
+        builder = IndexedDatasetBuilder(output_prefix(prefix, key, args.level) + ".bin", dtype=dtype)
         for p in range(args.partitions):
-            builder.add_index(output_prefix(os.path.join(scratch, f"part{p}"), key))
-        builder.finalize(output_prefix(prefix, key) + ".idx")
+            builder.add_index(output_prefix(os.path.join(scratch, f"part{p}"), key, args.level))
+        builder.finalize(output_prefix(prefix, key, args.level) + ".idx")
     return stats
 
 
@@ -324,7 +385,8 @@ def preprocess(args) -> Stats:
                              f"{', or every line was skipped' if stats.bad_lines else ''})")
         for key in args.json_keys:
             for suffix in (".bin", ".idx"):  # .idx last: a .bin without its .idx never looks complete
-                os.replace(output_prefix(temporary, key) + suffix, output_prefix(args.output_prefix, key) + suffix)
+                os.replace(output_prefix(temporary, key, args.level) + suffix,
+                           output_prefix(args.output_prefix, key, args.level) + suffix)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return stats
@@ -335,8 +397,9 @@ def main(argv=None) -> Stats:
     start = time.perf_counter()
     stats = preprocess(args)
     seconds = time.perf_counter() - start
+    outputs = ", ".join(output_prefix(args.output_prefix, key, args.level) for key in args.json_keys)
     print(f"Done: {stats.documents} documents, {stats.tokens} tokens, {stats.bytes / 2**20:.2f} MB in {seconds:.1f} s "
-          f"({stats.tokens / seconds:.0f} tokens/s) -> {', '.join(output_prefix(args.output_prefix, k) for k in args.json_keys)}"
+          f"({stats.tokens / seconds:.0f} tokens/s) -> {outputs}"
           + (f"; skipped {stats.bad_lines} bad lines" if stats.bad_lines else "")
           + (f"; left out {stats.empty} empty documents" if stats.empty else ""), file=sys.stderr)
     return stats

@@ -319,10 +319,12 @@ def padded_vocab_size(vocab_size: int, args) -> int:
     return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
-def parse_args(argv, world_size: int, local_world_size: int = None, extra_args_provider=None) -> argparse.Namespace:
+def parse_args(argv, world_size: int, local_world_size: int = None, extra_args_provider=None,
+               warn: bool = True) -> argparse.Namespace:
     """Parse, fill in defaults that depend on other flags, and validate against the world size.
 
-    `extra_args_provider(parser)` adds a tool's own flags, as in Megatron-LM."""
+    `extra_args_provider(parser)` adds a tool's own flags, as in Megatron-LM. `warn`: say which Megatron-LM flags
+    change nothing here (rank 0 of the launch does; the preflight does not repeat it)."""
     parser = build_parser()
     if extra_args_provider is not None:
         parser = extra_args_provider(parser)
@@ -337,7 +339,7 @@ def parse_args(argv, world_size: int, local_world_size: int = None, extra_args_p
         args.max_position_embeddings = args.seq_length
     if not args.group_query_attention:
         args.num_query_groups = args.num_attention_heads
-    validate_args(args)
+    validate_args(args, warn)
     if args.transformer_impl is None:
         args.transformer_impl = "transformer_engine" if args.device_type == "cuda" and _importable("transformer_engine") \
             else "local"
@@ -370,7 +372,7 @@ POSITIVE_SIZES = ("--micro-batch-size", "--global-batch-size", "--num-layers", "
                   "--vocab-size")
 
 
-def validate_args(args: argparse.Namespace) -> None:
+def validate_args(args: argparse.Namespace, warn: bool = True) -> None:
     """All configuration checks; fills in `data_parallel_size`, `num_microbatches`, `device_type`."""
     _require(args.world_size >= 1, f"the launch has {args.world_size} processes; start at least one")
     for flag in POSITIVE_SIZES:
@@ -439,7 +441,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.bf16:
         _require(platform.bf16_supported(args.device_type),
                  f"--bf16 was requested but this {args.device_type} cannot compute in bfloat16; drop --bf16")
-    check_megatron_lm_flags(args)
+    check_megatron_lm_flags(args, warn)
     _validate_schedule(args)
     _require(args.log_interval > 0 and args.eval_interval > 0, "--log-interval and --eval-interval must be positive")
 
@@ -535,7 +537,7 @@ def main(argv=None) -> None:
     launch = parser.parse_args(argv)
     flags = launch.flags[1:] if launch.flags[:1] == ["--"] else launch.flags
     try:
-        parse_args(flags, world_size=launch.world_size, local_world_size=launch.local_world_size)
+        parse_args(flags, world_size=launch.world_size, local_world_size=launch.local_world_size, warn=False)
     except UsageError as exc:
         print(exc.code, file=sys.stderr)
         sys.exit(2)

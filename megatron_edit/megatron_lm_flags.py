@@ -123,8 +123,9 @@ def add_megatron_lm_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(flag.name, default=None, help=flag.noop or "not supported here", **flag.options)
 
 
-def check_megatron_lm_flags(args: argparse.Namespace) -> None:
-    """Refuses the first flag given that this trainer cannot honour; warns once (on rank 0) for each accepted one."""
+def check_megatron_lm_flags(args: argparse.Namespace, warn: bool = True) -> None:
+    """Refuses the first flag given that this trainer cannot honour; with `warn`, warns once (on rank 0) for each
+    accepted one."""
     for flag in FLAGS:
         value = getattr(args, flag.name.lstrip("-").replace("-", "_"))
         if value is None:
@@ -132,5 +133,5 @@ def check_megatron_lm_flags(args: argparse.Namespace) -> None:
         reason = flag.refusal(args, value)
         if reason is not None:
             raise UsageError(f"{flag.name}: {reason}")
-        if os.environ.get("RANK", "0") == "0":
+        if warn and os.environ.get("RANK", "0") == "0":
             print(f"warning: {flag.name} changes nothing here: {flag.noop}", file=sys.stderr, flush=True)

@@ -345,6 +345,9 @@ def test_megatron_lm_flags_that_change_nothing_warn_once_and_the_rest_are_refuse
     monkeypatch.setenv("RANK", "1")
     arguments.parse_args(BASE + script, world_size=1)
     assert "warning" not in capsys.readouterr().err
+    monkeypatch.delenv("RANK")
+    arguments.main(["--world-size", "1", "--", *BASE, *script])  # the launch script's preflight: rank 0 will warn
+    assert "warning" not in capsys.readouterr().err
     assert error_of(["--kv-channels", "32"], world_size=1) == "error: --kv-channels: --kv-channels other than --hidden-size / " \
         "--num-attention-heads is not supported here: drop the flag"
     assert "context parallelism is not implemented here" in error_of(["--context-parallel-size", "2"], world_size=1)

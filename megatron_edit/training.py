@@ -6,7 +6,7 @@ import gc
 import math
 import signal
 import time
-from typing import Callable, Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -130,6 +130,12 @@ class OrderedReports:
             self.queue.popleft()[1]()
 
 
+class StepResult(NamedTuple):
+    loss_sums: torch.Tensor       # this rank's [loss sum, tokens] (see Trainer.mean_loss)
+    grad_norm: Optional[float]    # None when the step was skipped
+    num_zeros: Optional[float]    # zeros in the gradient, with --log-num-zeros-in-grad
+
+
 class Trainer:
     """Holds what one run trains. The iteration protocol lives here: `plans()` asks the data-parallel mode
     whether and how each iteration runs, `train_step` runs one, `evaluate` evaluates what the replicas agree on.
@@ -190,10 +196,8 @@ class Trainer:
             yield plan
             iteration += 1
 
-    def train_step(self, plan: StepPlan):
-        """One global batch: forward/backward over all micro-batches, inner optimizer step, mode hooks.
-        Returns this rank's [loss sum, tokens] (see `mean_loss`), the gradient norm and the number of zeros in the
-        gradient (None without --log-num-zeros-in-grad)."""
+    def train_step(self, plan: StepPlan) -> StepResult:
+        """One global batch: forward/backward over all micro-batches, inner optimizer step, mode hooks."""
         iteration = plan.iteration
         self.dp_mode.before_step(plan)
         for hook in self.hooks:
@@ -225,7 +229,7 @@ class Trainer:
         for hook in self.hooks:  # first: a straggler's stretch is of its step, not of a sync the mode runs after it
             hook.after_step(plan)
         self.dp_mode.after_step(plan)
-        return loss_sums, grad_norm, num_zeros
+        return StepResult(loss_sums, grad_norm, num_zeros)
 
     def _skip_non_finite(self, iteration: int, loss_sums: torch.Tensor) -> bool:
         """Whether this step's loss or gradients are non-finite on any rank of the mode's step group (one small

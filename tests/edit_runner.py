@@ -81,7 +81,7 @@ def main():
         mode._report_sync = record_sync
     for plan in trainer.plans():
         before, events_before = counter.snapshot(), len(trace)
-        loss_sums, _ = trainer.train_step(plan)
+        loss_sums = trainer.train_step(plan).loss_sums
         after = counter.snapshot()
         losses.append(trainer.mean_loss(loss_sums))
         learning_rates.append(sorted({group["lr"] for group in trainer.optimizer.param_groups}))

@@ -79,7 +79,7 @@ def main():
             if iteration == args.bench_warmup_iters + 1:
                 platform.synchronize()
                 start = time.perf_counter()
-            loss_sums, _ = trainer.train_step(plan)
+            loss_sums = trainer.train_step(plan).loss_sums
         platform.synchronize()
         timed_iters = iteration - args.bench_warmup_iters  # an A-EDiT replica may stop early
         seconds = (time.perf_counter() - start) / timed_iters

@@ -24,6 +24,7 @@ def tool_jobs_from_fork_server(monkeypatch):
         run = run_training(nproc, list(argv), timeout=timeout)
         return experiment.check_finished(["pretrain_gpt.py", *argv], run.returncode, run.stdout, run.stderr)
 
+    torchrun_job = experiment.run_job
     for module in list(sys.modules.values()):
-        if getattr(module, "run_job", None) is experiment.run_job:
+        if getattr(module, "run_job", None) is torchrun_job:
             monkeypatch.setattr(module, "run_job", run_job)

@@ -20,7 +20,7 @@ def test_power_law_fit_recovers_constants_and_reports_their_uncertainty():
 @pytest.mark.usefixtures("tool_jobs_from_fork_server")
 def test_scaling_law_tool_end_to_end_on_two_tiny_sizes_and_two_budgets(tmp_path):
     scaling_law.main(["--output-dir", str(tmp_path), "--sizes", "2", "--methods", "ddp", "edit", "--budgets", "4", "6",
-                      "--seq-length", "32", "--global-batch-size", "4", "--mock-data"])
+                      "--seq-length", "32", "--global-batch-size", "4", "--mock-data", "--eval-iters", "4"])
     table = (tmp_path / "fits.md").read_text()
     assert "| ddp | L(N) |" in table and "| edit | L(C) |" in table
     assert "L(N, D) = E + A N^-alpha + B D^-beta" in table

@@ -218,9 +218,12 @@ def plot_front(rows: list, path: Path) -> None:
     front.sort(key=lambda p: p[0])
     axis.plot([p[0] for p in front], [p[1] for p in front], "-", color="tab:red", label="Pareto front")
     varying = [column for column, _, _ in KNOBS if len({str(p[3][column]) for p in points}) > 1]
-    for ratio, gap_pct, _, row in front:
+    middle = (min(p[0] for p in points) * max(p[0] for p in points)) ** 0.5
+    for ratio, gap_pct, _, row in front:  # labels point inwards, so that they stay inside the axes
         label = ", ".join(f"{column} {row[column]}" for column in varying)
-        axis.annotate(label, (ratio, gap_pct), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        right = ratio > middle
+        axis.annotate(label, (ratio, gap_pct), fontsize=6, xytext=(-4 if right else 4, 4), textcoords="offset points",
+                      ha="right" if right else "left")
     axis.axhline(0, color="gray", linewidth=0.8)
     axis.set_xscale("log")
     axis.set_xlabel("x fewer bytes than DDP to other replicas, whole run")

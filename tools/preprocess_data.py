@@ -250,8 +250,12 @@ def in_workers(function, items, workers: int, initializer, chunk_size: int = 32)
                 yield from pending.popleft().result()
         while pending:
             yield from pending.popleft().result()
-    finally:
+    except BaseException:  # a dead worker, or the reader stopped: leave the rest behind
         executor.shutdown(wait=False, cancel_futures=True)
+        raise
+    # Done: the workers exit before this returns. Left to the interpreter's exit (a partition process ends right
+    # after), the pool's shutdown raced multiprocessing's join of its workers and could wait forever.
+    executor.shutdown(wait=True)
 
 
 def encode_lines(args, lines, prefix: str, workers: int, total_bytes: Optional[int], label: str) -> Stats:

@@ -286,11 +286,6 @@ def find_checkpoint(root: str, save: Optional[str] = None, step: Optional[int] =
             return None
         raise UsageError(f"--load {root} does not exist")
     candidates = sorted(_complete_iterations(root), reverse=True)
-    if step is not None:
-        if step not in candidates:
-            raise UsageError(f"--ckpt-step {step}: {root} holds no complete checkpoint of iteration {step} (it holds "
-                             f"{', '.join(map(str, sorted(candidates))) or 'none'})")
-        candidates = [step]
     tracked = None
     if os.path.exists(os.path.join(root, TRACKER)):
         with open(os.path.join(root, TRACKER)) as f:
@@ -301,6 +296,11 @@ def find_checkpoint(root: str, save: Optional[str] = None, step: Optional[int] =
                   "complete checkpoint")
         elif tracked not in candidates:
             _warn(f"the tracker names iteration {tracked}, which is not a complete checkpoint; looking for an older one")
+    if step is not None:
+        if step not in candidates:
+            raise UsageError(f"--ckpt-step {step}: {root} holds no complete checkpoint of iteration {step} (it holds "
+                             f"{', '.join(map(str, sorted(candidates))) or 'none'})")
+        candidates = [step]
     for iteration in candidates:
         directory = _iteration_dir(root, iteration)
         try:

@@ -214,7 +214,7 @@ def test_preprocess_flags_of_megatron_lm_scripts(corpus, tmp_path, monkeypatch, 
     stats = preprocess(corpus, tmp_path / "out", *SP(corpus), "--keep-sequential-samples", "--trust-remote-code")
     assert stats.documents == len(corpus.texts)
     assert "warning: --keep-sequential-samples changes nothing here" in capsys.readouterr().err
-    for flags, expected in [(["--vocab-extra-ids", "100"], "error: --vocab-extra-ids 100: T5's sentinel tokens "),
+    for flags, expected in [(["--vocab-extra-ids", "100"], "error: --vocab-extra-ids: T5's sentinel tokens are not supported here"),
                             (["--keep-newlines"], "error: --keep-newlines keeps the newlines between split sentences"),
                             (["--split-sentences", "--lang", "english"], "error: --split-sentences: nltk's punkt "
                              "model for --lang english is not installed; run python -m nltk.downloader punkt_tab")]:

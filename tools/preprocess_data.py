@@ -39,6 +39,21 @@ from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder 
 
 from megatron_edit.data.tokenizers import (add_tokenizer_args, build_tokenizer, check_tokenizer_args,  # noqa: E402
                                           default_tokenizer_type)
+from megatron_edit.megatron_lm_flags import (SWITCH, Flag, never, unless, add_megatron_lm_flags,  # noqa: E402
+                                             check_megatron_lm_flags)
+
+
+# Megatron-LM's preprocess_data.py flags with nothing to do here (a warning), or not supported (refused).
+PREPROCESS_FLAGS = [
+    Flag("--keep-sequential-samples", SWITCH, never, "documents keep their input order here always"),
+    Flag("--tokenizer-hf-no-use-fast", SWITCH, never, "HuggingFaceTokenizer reads tokenizer.json with the tokenizers "
+         "library, which has no slow variant"),
+    Flag("--trust-remote-code", SWITCH, never, "HuggingFaceTokenizer reads a local tokenizer.json and runs no code"),
+    Flag("--vocab-extra-ids", {"type": int}, unless(
+        lambda args, value: value == 0,
+        "T5's sentinel tokens are not supported here (GPT pretraining data needs none); drop the flag"),
+         "0: no sentinel tokens"),
+]
 
 
 def get_args(argv=None) -> argparse.Namespace:
@@ -61,26 +76,10 @@ def get_args(argv=None) -> argparse.Namespace:
     group.add_argument("--workers", type=int, default=1, help="tokenizing processes in all")
     group.add_argument("--partitions", type=int, default=1, help="input ranges processed in parallel, then merged")
     group.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
-    group.add_argument("--keep-sequential-samples", action="store_true",
-                       help="accepted for Megatron-LM's scripts: documents keep their input order here always")
-    group = add_tokenizer_args(parser)
-    group.add_argument("--tokenizer-hf-no-use-fast", action="store_true",
-                       help="accepted for Megatron-LM's scripts: HuggingFaceTokenizer reads tokenizer.json with the "
-                            "(fast) tokenizers library, which has no slow variant")
-    group.add_argument("--trust-remote-code", action="store_true",
-                       help="accepted for Megatron-LM's scripts: HuggingFaceTokenizer reads a local tokenizer.json and "
-                            "runs no code from it")
-    group.add_argument("--vocab-extra-ids", type=int, default=0,
-                       help="T5's <extra_id_N> sentinel tokens: not supported (GPT data has none); 0 only")
+    add_tokenizer_args(parser)
+    add_megatron_lm_flags(parser, PREPROCESS_FLAGS)
     args = parser.parse_args(argv)
-    for flag, why in (("keep_sequential_samples", "documents keep their input order here always"),
-                      ("tokenizer_hf_no_use_fast", "the tokenizers library has no slow tokenizer"),
-                      ("trust_remote_code", "no code is run from a local tokenizer.json")):
-        if getattr(args, flag):
-            print(f"warning: --{flag.replace('_', '-')} changes nothing here: {why}", file=sys.stderr)
-    if args.vocab_extra_ids:
-        raise UsageError(f"--vocab-extra-ids {args.vocab_extra_ids}: T5's sentinel tokens are not supported here "
-                         "(GPT pretraining data needs none); drop the flag")
+    check_megatron_lm_flags(args, flags=PREPROCESS_FLAGS)
     if args.keep_newlines and not args.split_sentences:
         raise UsageError("--keep-newlines keeps the newlines between split sentences: give --split-sentences too")
     args.level = "sentence" if args.split_sentences else "document"

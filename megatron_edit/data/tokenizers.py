@@ -17,7 +17,6 @@ _EOD_CANDIDATES = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_i
 
 
 def add_tokenizer_args(parser):
-    """Megatron-LM's tokenizer flags, in a group of their own (returned, for a tool's extra ones)."""
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None,
                        help="default: GPT2BPETokenizer with --vocab-file and --merge-file (as Megatron-LM), "
@@ -27,7 +26,7 @@ def add_tokenizer_args(parser):
     group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer merges.txt")
     group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: ids 0..N-1, end of document N")
-    return group
+    return parser
 
 
 def default_tokenizer_type(args) -> None:

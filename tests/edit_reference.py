@@ -27,7 +27,7 @@ from megatron_edit.arguments import padded_vocab_size, parse_args  # noqa: E402
 from megatron_edit.data.tokenizers import build_tokenizer  # noqa: E402
 from megatron_edit.initialize import initialize_megatron  # noqa: E402
 from megatron_edit.dp.edit.fragments import plan_fragments  # noqa: E402
-from megatron_edit.dp.edit.mode import sync_modules  # noqa: E402
+from megatron_edit.dp.edit.module_sync import sync_modules  # noqa: E402
 from megatron_edit.model import initialize_weights, transformer_config_from_args  # noqa: E402
 
 

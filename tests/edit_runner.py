@@ -47,7 +47,8 @@ def main():
     trainer = build_trainer(args, device, pretrain_gpt.train_valid_test_datasets_provider,
                             pretrain_gpt.model_provider, pretrain_gpt.forward_step)
     mode = trainer.dp_mode
-    trace = mode.sync.enable_trace() if hasattr(mode, "sync") else []
+    layerwise = getattr(getattr(mode, "sync", None), "layerwise", None)  # EDiT's module-wise sync
+    trace = layerwise.enable_trace() if layerwise else []
     model = trainer.model[0]
     while hasattr(model, "module"):
         model = model.module
@@ -68,17 +69,17 @@ def main():
         swapper.boundary_hooks.append(record_boundary)
     counter = comm_stats.install()
     iterations, losses, syncs, history, learning_rates = [], [], [], [], []
-    if hasattr(mode, "sync"):
-        report = mode._report_sync
+    if layerwise:
+        report = mode.sync.report_sync
 
         def record_sync(iteration, records):  # every sync, including A-EDiT's final one outside any iteration
-            syncs.append({"iteration": iteration, "entered": mode.sync.armed_at,
-                          "anchor_checksum": sum(u.anchor.double().sum().item() for u in mode.sync.units),
-                          "anchors": [u.anchor.cpu().clone() for u in mode.sync.units],
+            syncs.append({"iteration": iteration, "entered": layerwise.armed_at,
+                          "anchor_checksum": sum(u.anchor.double().sum().item() for u in layerwise.units),
+                          "anchors": [u.anchor.cpu().clone() for u in layerwise.units],
                           "records": [dataclasses.asdict(r) for r in records]})
             report(iteration, records)
 
-        mode._report_sync = record_sync
+        mode.sync.report_sync = record_sync
     for plan in trainer.plans():
         before, events_before = counter.snapshot(), len(trace)
         loss_sums = trainer.train_step(plan).loss_sums
@@ -105,8 +106,8 @@ def main():
         "tensor_parallel": {global_parameter_name(n, model) for n, p in model.named_parameters()
                             if getattr(p, "tensor_model_parallel", False)},
     }
-    if hasattr(mode, "sync"):
-        units = mode.sync.units
+    if layerwise:
+        units = layerwise.units
         names = {id(p): n for n, p in model.named_parameters()}
         dump["units"] = [{"name": u.name, "numel": u.numel, "shard_numel": u.shard_numel,
                           "params": [global_parameter_name(names[id(p)], model) for p in u.params],

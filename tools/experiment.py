@@ -43,7 +43,7 @@ def add_training_args(parser: argparse.ArgumentParser, num_layers: int, hidden_s
 
 def default_local_sgd_warmup(train_iters: int) -> int:
     """pretrain_gpt.py's W when no flag names one."""
-    from megatron_edit.dp.local_sgd.mode import DEFAULT_WARMUP_FRACTION
+    from megatron_edit.dp.local_sgd.warmup import DEFAULT_WARMUP_FRACTION
 
     return int(DEFAULT_WARMUP_FRACTION * train_iters)
 

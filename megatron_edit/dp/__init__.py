@@ -1,17 +1,19 @@
 """Data-parallel modes: how replicas of the model agree with each other.
 
-Each `--dp-mode` is one class with the hooks the train loop calls and the checks the arguments need (base.py);
-neither the loop nor the argument checks branch on the mode's name. `ddp` reduces gradients over all replicas
-every step; the local-SGD modes reduce them inside a replica and synchronize replicas only periodically.
+`DP_MODES` maps each `--dp-mode` to its spec: `validate(args)` checks the mode's flags (one UsageError line each)
+and fills in what depends on them; `check_resume(meta, args)` says why a checkpoint cannot continue in this layout;
+`fault_kinds` and `fault_replicas(args)` bound fault injection; `cross_replica_group` names the byte counter of the
+group linking replicas; `from_args(args, ddp_config, transformer_config)` builds the DataParallelMode the train loop
+drives (base.py), once torch.distributed and parallel_state are up. `ddp` is its own spec (ddp.py): gradients are
+reduced over all replicas every step. The local-SGD modes are recipes (recipes.py) over one engine
+(local_sgd/engine.py): gradients stay inside a replica and replicas synchronize only periodically. Neither the loop
+nor the argument checks branch on a mode's name.
 """
 from megatron_edit.dp.base import DataParallelMode, StepPlan
 from megatron_edit.dp.ddp import SynchronousDataParallel
-from megatron_edit.dp.diloco import DiLoCoDataParallel
-from megatron_edit.dp.edit import AsyncEditDataParallel, EditDataParallel
-from megatron_edit.dp.post_local_sgd import PostLocalSGDDataParallel
+from megatron_edit.dp.recipes import RECIPES
 
-DP_MODES = {mode.name: mode for mode in (SynchronousDataParallel, EditDataParallel, AsyncEditDataParallel,
-                                         DiLoCoDataParallel, PostLocalSGDDataParallel)}
+DP_MODES = {SynchronousDataParallel.name: SynchronousDataParallel, **{recipe.name: recipe for recipe in RECIPES}}
 
 
 def build_dp_mode(args, ddp_config, transformer_config) -> DataParallelMode:

@@ -3,13 +3,13 @@ import abc
 import contextlib
 import dataclasses
 import time
-from typing import Callable, Dict, FrozenSet, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.distributed import finalize_model_grads
 
-from megatron_edit.errors import TrainingError, require
+from megatron_edit.errors import TrainingError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,39 +35,7 @@ class DataParallelMode(abc.ABC):
 
     megatron-core's schedule calls finalize_model_grads after backward. The rest are questions the loop asks
     (which ranks share a loss or a step, where data and checkpoints go, metrics) and the checkpoint's state.
-    Before anything starts, `validate(args)` checks the flags that concern the mode."""
-
-    name: str = ""
-    fault_kinds: FrozenSet[str] = frozenset({"nan-loss"})  # the --inject-fault kinds this mode can suffer
-    cross_replica_group = "dp"  # the byte counter's name for the group that links replicas (comm_stats)
-    default_ckpt_format = "torch_dist"  # Megatron-LM's; A-EDiT's replicas need a file each
-    replicas_as_jobs = False  # whether --replica-coordinator torchft can connect its replicas
-
-    @classmethod
-    def validate(cls, args) -> None:
-        """Check the mode's flags (one UsageError line each) and fill in what depends on them:
-        `num_model_replicas` (megatron-core's distributed-optimizer instances) and the checkpoint format."""
-        args.num_model_replicas = 1
-        if args.ckpt_format is None:
-            args.ckpt_format = cls.default_ckpt_format
-        require(args.replica_coordinator == "process-group" or cls.replicas_as_jobs,
-                f"--replica-coordinator torchft: --dp-mode {args.dp_mode} reduces gradients every step, which "
-                "separate jobs do not do; use --dp-mode edit, aedit, diloco or post-local-sgd")
-
-    @classmethod
-    def fault_replicas(cls, args) -> int:
-        """How many replicas --simulate-straggler and --inject-fault may name."""
-        return args.data_parallel_size
-
-    @classmethod
-    def check_resume(cls, meta: dict, args) -> List[str]:
-        """Why a checkpoint with metadata `meta` cannot continue in this run's layout (empty if it can)."""
-        return []
-
-    @classmethod
-    @abc.abstractmethod
-    def from_args(cls, args, ddp_config, transformer_config) -> "DataParallelMode":
-        """Build the mode from the parsed flags (after torch.distributed and parallel_state are up)."""
+    What a mode's flags may be and how it is built from them is its spec's (dp/__init__.py)."""
 
     @abc.abstractmethod
     def wrap_model(self, model_chunks: List[torch.nn.Module],

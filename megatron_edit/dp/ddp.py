@@ -10,18 +10,37 @@ from megatron.core.distributed import DistributedDataParallel, DistributedDataPa
 from megatron.core.optimizer import get_megatron_optimizer
 
 from megatron_edit.dp.base import DataParallelMode
+from megatron_edit.errors import require
 from megatron_edit.optimizers import describe_sgd_state
 from megatron_edit.swap.layers import detached_from_ddp
 
 
 class SynchronousDataParallel(DataParallelMode):
+    """Its own spec (dp/__init__.py): the class is what DP_MODES["ddp"] names."""
     name = "ddp"
-    pg_collection = None  # megatron-core's own groups; the local-SGD modes narrow data parallelism to one replica
+    fault_kinds = frozenset({"nan-loss"})
+    cross_replica_group = "dp"
+
+    @staticmethod
+    def validate(args) -> None:
+        """Megatron-LM's checkpoint format unless told; one distributed-optimizer instance over all replicas."""
+        args.num_model_replicas = 1
+        if args.ckpt_format is None:
+            args.ckpt_format = "torch_dist"
+        require(args.replica_coordinator == "process-group",
+                f"--replica-coordinator torchft: --dp-mode {args.dp_mode} reduces gradients every step, which "
+                "separate jobs do not do; use --dp-mode edit, aedit, diloco or post-local-sgd")
+
+    @staticmethod
+    def fault_replicas(args) -> int:
+        return args.data_parallel_size
     unbucketed_params: List[torch.nn.Parameter] = []  # wrap_model's: gradients outside DDP's buckets
 
-    def __init__(self, ddp_config: DistributedDataParallelConfig, transformer_config):
+    def __init__(self, ddp_config: DistributedDataParallelConfig, transformer_config, pg_collection=None):
+        """pg_collection: megatron-core's own groups when None; the local-SGD engine narrows them to one replica."""
         self.ddp_config = ddp_config
         self.transformer_config = transformer_config
+        self.pg_collection = pg_collection
 
     @classmethod
     def check_resume(cls, meta: dict, args):

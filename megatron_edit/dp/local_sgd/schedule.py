@@ -1,11 +1,13 @@
-"""When local-SGD replicas synchronize: pure functions of the iteration (a step count) or of the time (A-EDiT).
-
-A mode turns these into the train loop's StepPlan (dp/base.py); nothing here talks to another rank.
+"""When local-SGD replicas synchronize: pure functions of the iteration (a step count) or of the time (A-EDiT's
+clock, whose agreement among replicas is edit/aedit.py's), and the step-count trigger that turns them into the
+train loop's StepPlan (dp/base.py). Nothing here talks to another rank.
 """
 import dataclasses
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
+from megatron_edit.dp.base import StepPlan
 from megatron_edit.dp.local_sgd.config import LocalSGDConfig
+from megatron_edit.dp.local_sgd.progress import ReplicaProgress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,3 +71,43 @@ class ClockTrigger:
 
     def due(self, last_sync: float, now: float) -> bool:
         return now - last_sync >= self.tau_seconds
+
+
+class StepCountTrigger:
+    """A sync of the modules the schedule says every H local steps (or, after a sync that did not commit, of every
+    module at the next iteration), and a final one once training ends if any replica stepped since the last.
+    Checkpoints come where the flags ask (every replica stands at the same iteration)."""
+    on_step_count = True
+
+    def __init__(self, schedule: SyncSchedule, progress: ReplicaProgress, **_):
+        self.schedule, self.progress = schedule, progress
+
+    @staticmethod
+    def options(args) -> dict:
+        return {}
+
+    def due(self, iteration: int, finished: bool, retry: bool) -> bool:
+        if finished:
+            return self.progress.local_steps_since_sync > 0  # none after a resume from the final checkpoint
+        return retry or self.schedule.is_sync_iteration(iteration)
+
+    def sync_plan(self, iteration: int, finished: bool, retry: bool) -> StepPlan:
+        """The replicas met for a due sync: the final one once training is over, else this iteration's."""
+        if finished:
+            return StepPlan(iteration, train=False, final_sync=True)
+        fragments = self.schedule.syncing_fragments(iteration)
+        if retry or not fragments:
+            fragments = range(self.schedule.fragments)
+        return StepPlan(iteration, sync_fragments=tuple(fragments))
+
+    def before_plan(self) -> None:
+        """An iteration is about to be planned."""
+
+    def after_step(self, plan: StepPlan, synced: bool) -> None:
+        """plan.iteration stepped; `synced`: a sync committed in it."""
+
+    def checkpoint_due(self, iteration: int, requested: bool) -> Optional[int]:
+        return iteration if requested else None
+
+    def final_checkpoint(self, iteration: int, last_saved: Optional[int]) -> Optional[int]:
+        return None if last_saved == iteration else iteration

@@ -146,6 +146,7 @@ class Trainer:
                  swapper=None, hooks=()):
         self.args, self.model, self.optimizer, self.scheduler = args, model, optimizer, scheduler
         self.dp_mode, self.forward_step_func = dp_mode, forward_step_func
+        self.roles = dp_mode.roles()  # the groups this rank steps, reduces losses and reads data with
         self.swapper = swapper  # LayerSwapper with --swap-layers
         self.train_ds, self.valid_ds, self.device = train_ds, valid_ds, device
         self.forward_backward = get_forward_backward_func()
@@ -157,14 +158,14 @@ class Trainer:
         """Continue after `iteration` (a resumed run): data streams from where that run had read to."""
         args = self.args
         self.start_iteration = iteration
-        dp_rank, dp_size = self.dp_mode.train_data_layout()
+        dp_rank, dp_size = self.roles.train_data
         batches = dict(micro_batch_size=args.micro_batch_size, dp_rank=dp_rank, dp_size=dp_size, device=self.device,
                        vocab_size=args.padded_vocab_size)
         train = micro_batches(self.train_ds, iteration * args.global_batch_size, **batches)
         for hook in self.hooks:
             train = hook.train_batches(train)
         self.train_iter = train
-        valid_rank, valid_size = self.dp_mode.validation_layout()
+        valid_rank, valid_size = self.roles.validation_data
         self.valid_microbatches = args.global_batch_size // (args.micro_batch_size * valid_size)
         valid_start = self.evaluations * args.eval_iters * args.global_batch_size
         self.valid_iter = micro_batches(self.valid_ds, valid_start, cyclic=True,
@@ -242,7 +243,7 @@ class Trainer:
         kind = 0 if finite_loss and finite_grads else (2 if not finite_loss else 1)
         worst = torch.tensor([kind * dist.get_world_size() + dist.get_rank()], dtype=torch.float64,
                              device=self.device)
-        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.dp_mode.step_group())
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX, group=self.roles.step_group)
         kind, rank = divmod(int(worst.item()), dist.get_world_size())
         if kind == 0:
             return False
@@ -252,7 +253,7 @@ class Trainer:
     def reduce_loss(self, loss_sums: torch.Tensor) -> ReducedLoss:
         """The mean token loss over the global batch (every replica's share, as under ddp), from train_step's sums.
         A collective over the mode's loss group: call it on every rank, at log iterations only."""
-        return ReducedLoss(loss_sums, self.dp_mode.loss_group(), self.device)
+        return ReducedLoss(loss_sums, self.roles.loss_group, self.device)
 
     def mean_loss(self, loss_sums: torch.Tensor) -> float:
         return self.reduce_loss(loss_sums).value()
@@ -279,7 +280,7 @@ class Trainer:
             gc.collect()
         if self.args.empty_unused_memory_level >= 2:
             platform.empty_cache()
-        return ReducedLoss(total, self.dp_mode.loss_group(), self.device).value()
+        return ReducedLoss(total, self.roles.loss_group, self.device).value()
 
 
 def _report_validation(tracker: Trackers, iteration: int, loss: float) -> None:
@@ -343,7 +344,7 @@ def train(trainer: Trainer, tracker: Trackers) -> Dict[str, float]:
         interval_start += time.perf_counter() - pause
         run_start += time.perf_counter() - pause
 
-    warmup_end, warmup_totals = trainer.dp_mode.synchronous_warmup_iters(), None
+    warmup_end, warmup_totals = trainer.roles.synchronous_warmup_iters, None
     signals = TerminationSignal() if args.exit_signal_handler else None
     if args.manual_gc:  # a collection inside a step stalls one rank, and every other at its next collective
         gc.disable()
@@ -539,7 +540,7 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
             config.no_sync_func, config.grad_sync_func = config.no_sync_func[0], config.grad_sync_func[0]
 
     train_ds, valid_ds, _ = datasets_provider(args, tokenizer)
-    faults = FaultInjector.from_args(args, dp_mode.replica()) if FaultInjector.wanted(args) else None
+    faults = FaultInjector.from_args(args, dp_mode.roles().replica) if FaultInjector.wanted(args) else None
     if faults is not None:
         faults.attach(dp_mode)
     trainer = Trainer(args, model, optimizer, scheduler, dp_mode, forward_step_func, train_ds, valid_ds, device,

@@ -24,6 +24,28 @@ class StepPlan:
     sync_after: bool = False              # the whole model synchronizes after this step (Post-Local-SGD, DiLoCo)
 
 
+@dataclasses.dataclass(frozen=True)
+class RankRoles:
+    """Where this rank stands in a mode's groups (DataParallelMode.roles): what the train loop reads its data, steps,
+    and reduces its losses with."""
+    replica: int          # its replica: its place among the replicas that train apart (ddp: its data-parallel rank)
+    step_group: object    # the ranks that take one optimizer step together and so agree on whether it is finite
+    loss_group: object    # the ranks whose losses make up a logged or validation loss
+    train_data: Tuple[int, int]       # (rank, size) over which each global training batch is split
+    validation_data: Tuple[int, int]  # (rank, size) over which one validation batch is split
+    synchronous_warmup_iters: int = 0  # the iterations (from the first) in which replicas average gradients every
+    # step before they train apart (0: none, or every iteration is synchronous), for the training summary
+
+
+def data_parallel_roles() -> RankRoles:
+    """Plain data parallelism's: one step and one loss over every rank, data split over the data-parallel ranks."""
+    data = (parallel_state.get_data_parallel_rank(with_context_parallel=True),
+            parallel_state.get_data_parallel_world_size(with_context_parallel=True))
+    return RankRoles(replica=data[0], step_group=torch.distributed.group.WORLD,
+                     loss_group=parallel_state.get_data_parallel_group(with_context_parallel=True),
+                     train_data=data, validation_data=data)
+
+
 class DataParallelMode(abc.ABC):
     """The train loop calls, in this order:
 
@@ -33,8 +55,9 @@ class DataParallelMode(abc.ABC):
         mode.before_step(plan); ...; mode.after_step(plan)    around each step that trains
         mode.finish(plan)                                     once, with the plan that stops: the final sync
 
-    megatron-core's schedule calls finalize_model_grads after backward. The rest are questions the loop asks
-    (which ranks share a loss or a step, where data and checkpoints go, metrics) and the checkpoint's state.
+    megatron-core's schedule calls finalize_model_grads after backward. `roles()` says which ranks share a loss or a
+    step and where data comes from; the rest are questions the loop asks (when to checkpoint, what to evaluate,
+    metrics) and the checkpoint's state.
     What a mode's flags may be and how it is built from them is its spec's (dp/__init__.py)."""
 
     @abc.abstractmethod
@@ -49,9 +72,10 @@ class DataParallelMode(abc.ABC):
 
     clock: Callable[[], float] = staticmethod(time.monotonic)  # what wall-clock decisions read (A-EDiT's trigger)
 
-    def replica(self) -> int:
-        """This rank's replica: its place among the replicas that train apart (ddp: its data-parallel rank)."""
-        return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+    def roles(self) -> RankRoles:
+        """This rank's groups and data slots (ask once the model and optimizer are built)."""
+        return data_parallel_roles()
 
     def plan(self, iteration: int, finished: bool) -> StepPlan:
         """What to do at `iteration` (1-based); finished=True once --train-iters have run. A mode may stop before
@@ -71,14 +95,11 @@ class DataParallelMode(abc.ABC):
     def after_step(self, plan: StepPlan) -> None:
         """Once the inner optimizer has stepped for plan.iteration (or skipped it, see on_non_finite_step)."""
 
-    def step_group(self):
-        """The ranks that take one optimizer step together and so agree on whether it is finite."""
-        return torch.distributed.group.WORLD
 
     non_finite_remedy = "lower --lr or check the data, and resume from the last checkpoint"
 
     def on_non_finite_step(self, iteration: int, what: str, rank: int) -> None:
-        """Step `iteration` of this rank's step_group() has a non-finite `what` (loss or gradient), first seen on
+        """Step `iteration` of this rank's step group (roles()) has a non-finite `what` (loss or gradient), first seen on
         global `rank` (--check-for-nan-in-loss-and-grad). Raising stops training; returning skips the step."""
         raise TrainingError(f"{self.non_finite_message(iteration, what, rank)}; the step was not taken: "
                             f"{self.non_finite_remedy}")
@@ -86,29 +107,14 @@ class DataParallelMode(abc.ABC):
     def non_finite_message(self, iteration: int, what: str, rank: int) -> str:
         return f"non-finite {what} at iteration {iteration} on rank {rank}"
 
-    def loss_group(self):
-        """The ranks whose losses make up a logged or validation loss: every replica's share of the global batch."""
-        return parallel_state.get_data_parallel_group(with_context_parallel=True)
 
-    def train_data_layout(self) -> Tuple[int, int]:
-        """(rank, size) over which each global training batch is split: this rank's place among the ranks reading."""
-        return (parallel_state.get_data_parallel_rank(with_context_parallel=True),
-                parallel_state.get_data_parallel_world_size(with_context_parallel=True))
 
-    def synchronous_warmup_iters(self) -> int:
-        """The iterations (from the first) in which replicas average gradients every step before they train apart
-        (0: none, or every iteration is synchronous); the training summary reports their share of bytes and time."""
-        return 0
 
     def join(self) -> Optional[int]:
         """Called once before training (after any checkpoint load). A mode whose replicas come and go meets the
         others here; it returns the iteration to continue after when it took over a live replica's state."""
         return None
 
-    def validation_layout(self) -> Tuple[int, int]:
-        """(rank, size) over which one validation batch is split: the data-parallel ranks of loss_group()."""
-        return (parallel_state.get_data_parallel_rank(with_context_parallel=True),
-                parallel_state.get_data_parallel_world_size(with_context_parallel=True))
 
     def consensus(self):
         """A context in which the model holds what the replicas agree on, for evaluation (and restored after)."""

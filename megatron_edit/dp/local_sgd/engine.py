@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from megatron.core.distributed import finalize_model_grads
 
-from megatron_edit.dp.base import DataParallelMode, StepPlan
+from megatron_edit.dp.base import DataParallelMode, RankRoles, StepPlan, data_parallel_roles
 from megatron_edit.dp.ddp import SynchronousDataParallel
 from megatron_edit.dp.local_sgd import torchft_replicas
 from megatron_edit.dp.local_sgd.config import LocalSGDConfig
@@ -132,11 +132,21 @@ class LocalSGDDataParallel(DataParallelMode):
         self.sync.begin_local_steps()
 
     # What the loop asks.
-    def replica(self) -> int:
-        return self.meeting.data_slot[0]
-
-    def step_group(self):
-        return self.groups.whole_replica  # replicas step apart: no collective across them
+    def roles(self) -> RankRoles:
+        """Replicas step apart (no collective across them). A replica launched on its own reads its slot's share of
+        every global batch, as its ranks would in one launch of all the replicas. Under a clock replicas stand at
+        different iterations: losses and validation are each replica's own."""
+        ddp = data_parallel_roles()
+        train_data = ddp.train_data
+        if self.meeting.jobs is not None:
+            replica, replicas = self.meeting.data_slot
+            train_data = (replica * ddp.train_data[1] + ddp.train_data[0], replicas * ddp.train_data[1])
+        own = self.losses_per_replica
+        return RankRoles(
+            replica=self.meeting.data_slot[0], step_group=self.groups.whole_replica,
+            loss_group=self.groups.shard if own else ddp.loss_group, train_data=train_data,
+            validation_data=(dist.get_rank(self.groups.shard), self.groups.shard_size) if own else ddp.validation_data,
+            synchronous_warmup_iters=self.schedule.warmup_iters if self.meeting.has_peers else 0)
 
     def non_finite_message(self, iteration: int, what: str, rank: int) -> str:
         return f"{super().non_finite_message(iteration, what, rank)} (replica {self.groups.replica_index})"
@@ -151,26 +161,6 @@ class LocalSGDDataParallel(DataParallelMode):
         if dist.get_rank(self.groups.whole_replica) == 0:
             print(f" {self.non_finite_message(iteration, what, rank)}: step skipped"
                   + ("" if self.progress.in_warmup else ", replica left out of its next sync"), flush=True)
-
-    def loss_group(self):
-        return self.groups.shard if self.losses_per_replica else super().loss_group()
-
-    def validation_layout(self):
-        if self.losses_per_replica:
-            return dist.get_rank(self.groups.shard), self.groups.shard_size
-        return super().validation_layout()
-
-    def train_data_layout(self):
-        """A replica launched on its own reads its slot's share of every global batch, as its ranks would in one
-        launch of all the replicas."""
-        dp_rank, dp_size = super().train_data_layout()
-        if self.meeting.jobs is None:
-            return dp_rank, dp_size
-        replica, replicas = self.meeting.data_slot
-        return replica * dp_size + dp_rank, replicas * dp_size
-
-    def synchronous_warmup_iters(self) -> int:
-        return self.schedule.warmup_iters if self.meeting.has_peers else 0
 
     def checkpoint_due(self, iteration: int, requested: bool):
         return self.trigger.checkpoint_due(iteration, requested)

@@ -30,7 +30,6 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-SYNC_DTYPES = ("fp32", "bf16", "int8", "int4", "int2", "topk")
 INT8_BLOCK = 256  # values sharing one fp32 scale (int8, int4, int2)
 TOPK_FRACTION = 0.01  # top-k's share of a vector's values sent per exchange (--sync-topk-fraction)
 
@@ -97,7 +96,9 @@ class IntQuantizer:
         return (levels.view(-1, INT8_BLOCK) * scales[:, None]).view(-1)
 
 
+# The dense codecs by --sync-dtype name: a new one is a class with quantize/dequantize and a line here.
 QUANTIZERS = {"bf16": Bf16Quantizer(), "int8": IntQuantizer(8), "int4": IntQuantizer(4), "int2": IntQuantizer(2)}
+SYNC_DTYPES = ("fp32", *QUANTIZERS, "topk")  # fp32: a plain all-reduce; topk: the sparse exchange
 
 
 class InFlight:

@@ -3,6 +3,7 @@ defaults filled in: the recipe's (or replica jobs') for what the user left out, 
 One UsageError line each."""
 from megatron_edit.dp.local_sgd import torchft_replicas
 from megatron_edit.dp.local_sgd.config import SIXTEEN_STEP_FP32_RECIPE
+from megatron_edit.dp.local_sgd.exchange import SYNC_DTYPES
 from megatron_edit.dp.local_sgd.warmup import DEFAULT_WARMUP_CODEC, DEFAULT_WARMUP_FRACTION
 from megatron_edit.errors import require
 
@@ -60,8 +61,8 @@ def validate(args, recipe) -> None:
             f"--sync-fragments {args.sync_fragments} must be in [1, H={args.local_sgd_sync_interval}]: each "
             "fragment syncs at its own iteration of the H")
     require(not args.sync_error_feedback or args.sync_dtype != "fp32",
-            "--sync-error-feedback carries what a codec drops: use it with --sync-dtype bf16, int8, int4, int2 "
-            "or topk")
+            "--sync-error-feedback carries what a codec drops: use it with --sync-dtype "
+            f"{', '.join(SYNC_DTYPES[1:-1])} or {SYNC_DTYPES[-1]}")
     require(args.sync_dtype != "topk" or args.sync_error_feedback,
             "--sync-dtype topk sends a few % of each pseudo-gradient: add --sync-error-feedback so the rest is "
             "carried into the next syncs, not dropped")

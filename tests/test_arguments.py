@@ -1,4 +1,6 @@
 """Bad configurations stop before any work, with one line that says what is wrong."""
+import base64
+import json
 import subprocess
 import sys
 
@@ -327,6 +329,33 @@ def test_a_tokenizer_file_that_is_not_one_is_refused_in_one_line(tmp_path, case)
     }[case]
     message = error_of(["--tokenizer-type", *flags], world_size=1)
     assert f"--tokenizer-type {flags[0]} cannot read " in message and named in message
+
+
+def write_tiktoken_ranks(path, merged_tokens):
+    """A TikTokenizer vocabulary as Megatron-LM reads it: the 256 bytes, then `merged_tokens`, one rank each."""
+    tokens = [bytes([b]) for b in range(256)] + merged_tokens
+    path.write_text(json.dumps([{"rank": i, "token_bytes": base64.b64encode(t).decode(), "token_str": t.decode(errors="replace")}
+                                for i, t in enumerate(tokens)]))
+
+
+def test_tiktokenizer_reads_megatron_lms_rank_file_under_its_special_tokens(tmp_path):
+    from megatron_edit.data.tokenizers import build_tokenizer
+
+    write_tiktoken_ranks(tmp_path / "ranks.json", [b"th", b"he", b"the"])
+    flags = ["--tokenizer-type", "TikTokenizer", "--tokenizer-model", str(tmp_path / "ranks.json"),
+             "--tiktoken-num-special-tokens", "10", "--vocab-size", "269"]
+    tokenizer = build_tokenizer(arguments.parse_args(BASE + flags + ["--tiktoken-pattern", "v2"], world_size=1))
+    assert tokenizer.vocab_size == 269 and tokenizer.eod == 2  # <unk> <s> </s>, then 7 <SPECIAL_i>
+    assert tokenizer.tokenize("the the") == [10 + 258, 10 + ord(" "), 10 + 258]  # merged, above the special ids
+    assert tokenizer.tokenize("</s>") == [10 + b for b in b"</s>"]  # a special token's spelling is ordinary text
+    assert tokenizer.detokenize(tokenizer.tokenize("ünïcode, the end</s>")) == "ünïcode, the end</s>"
+    assert "needs --tiktoken-pattern (v1 or v2)" in error_of(flags, world_size=1)
+    too_few = error_of(flags[:-1] + ["1000", "--tiktoken-pattern", "v1"], world_size=1)
+    assert "cannot read" in too_few and "holds 259 ranks, fewer than the 990" in too_few
+    write_tiktoken_ranks(tmp_path / "ranks.json", [b"th", b"he", b"th"])
+    assert "entry 258 (b'th') is not a new token" in error_of(flags + ["--tiktoken-pattern", "v1"], world_size=1)
+    assert "--tiktoken-special-tokens <s> </s>: give each once, <unk>, <s> and </s> among them" in error_of(
+        flags + ["--tiktoken-pattern", "v1", "--tiktoken-special-tokens", "<s>", "</s>"], world_size=1)
 
 
 def test_megatron_lm_flags_that_change_nothing_warn_once_and_the_rest_are_refused_in_one_line(capsys, monkeypatch):

@@ -1,4 +1,5 @@
 """Data tools: lossless round trips, worker-independent output, blending, and one clear line for bad input."""
+import base64
 import gzip
 import json
 import os
@@ -13,7 +14,7 @@ from launcher import run_training
 from megatron_edit import arguments
 from megatron_edit.data import datasets as data_sets
 from megatron_edit.data.tokenizers import (SENTENCEPIECE_TOKENIZERS, GPT2BPETokenizer, HuggingFaceTokenizer,
-                                           SentencePieceTokenizer)
+                                           SentencePieceTokenizer, TikTokenizer)
 from tools import build_sample_corpus, preprocess_data, train_tokenizer
 
 pytestmark = pytest.mark.slow  # the shared corpus trains two tokenizers; most tests here also start processes
@@ -36,7 +37,26 @@ def corpus(tmp_path_factory):
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     bpe.save(str(root / "tokenizer.json"))
     bpe.model.save(str(root))  # vocab.json + merges.txt, GPT-2's files
-    return types.SimpleNamespace(root=root, jsonl=str(root / "corpus.jsonl"), texts=texts, sp=str(root / "sp.model"))
+    tiktoken_ranks = write_tiktoken_ranks(root / "merges.txt", root / "tiktoken.json")
+    return types.SimpleNamespace(root=root, jsonl=str(root / "corpus.jsonl"), texts=texts, sp=str(root / "sp.model"),
+                                 tiktoken_ranks=tiktoken_ranks)
+
+
+def write_tiktoken_ranks(merges_file, path) -> int:
+    """The same byte-level BPE as TikTokenizer's JSON list of ranks (the 256 bytes, then each merge's token, in
+    merge order; GPT-2's files spell bytes as printable stand-in characters). Returns the number of ranks."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
+    tokens = [bytes([b]) for b in range(256)]
+    for line in open(merges_file).read().splitlines()[1:]:  # the first line is a version header
+        merged = bytes(byte_of[c] for c in line.replace(" ", ""))
+        if merged not in tokens:
+            tokens.append(merged)
+    path.write_text(json.dumps([{"rank": i, "token_bytes": base64.b64encode(t).decode(),
+                                 "token_str": t.decode(errors="replace")} for i, t in enumerate(tokens)]))
+    return len(tokens)
 
 
 SP = lambda c: ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", c.sp]  # noqa: E731
@@ -58,19 +78,25 @@ def decoded_documents(prefix, tokenizer):
 
 
 @pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer",
-                                  "HuggingFaceTokenizer", "GPT2BPETokenizer", "GPT2BPETokenizer by default"])
+                                  "HuggingFaceTokenizer", "GPT2BPETokenizer", "GPT2BPETokenizer by default",
+                                  "TikTokenizer"])
 def test_preprocess_round_trip_gives_back_the_text(corpus, tmp_path, kind):
     gpt2_files = ["--vocab-file", str(corpus.root / "vocab.json"), "--merge-file", str(corpus.root / "merges.txt")]
+    tiktoken_flags = ["--tokenizer-model", str(corpus.root / "tiktoken.json"), "--tiktoken-pattern", "v2",
+                      "--tiktoken-num-special-tokens", "16", "--vocab-size", str(16 + corpus.tiktoken_ranks)]
     flags = {
         "HuggingFaceTokenizer": ["--tokenizer-type", kind, "--tokenizer-model", str(corpus.root / "tokenizer.json")],
         "GPT2BPETokenizer": ["--tokenizer-type", kind, *gpt2_files],
         "GPT2BPETokenizer by default": gpt2_files,  # Megatron-LM's default with GPT-2's two files
+        "TikTokenizer": ["--tokenizer-type", kind, *tiktoken_flags],
     }.get(kind, ["--tokenizer-type", kind, "--tokenizer-model", corpus.sp])
     tokenizer = {
         "HuggingFaceTokenizer": lambda: HuggingFaceTokenizer(str(corpus.root)),
         "GPT2BPETokenizer": lambda: GPT2BPETokenizer(str(corpus.root / "vocab.json"), str(corpus.root / "merges.txt")),
         "GPT2BPETokenizer by default": lambda: GPT2BPETokenizer(str(corpus.root / "vocab.json"),
                                                                 str(corpus.root / "merges.txt")),
+        "TikTokenizer": lambda: TikTokenizer(str(corpus.root / "tiktoken.json"), "v2", 16 + corpus.tiktoken_ranks, 16,
+                                             None),
     }.get(kind, lambda: SENTENCEPIECE_TOKENIZERS[kind](corpus.sp))()
     stats = preprocess(corpus, tmp_path / "out", *flags)
     assert stats.documents == len(corpus.texts)

@@ -4,15 +4,25 @@ The last two are what megatron-core's datasets read. Flags are Megatron-LM's (`-
 `--tokenizer-model`, `--vocab-file`, `--merge-file`, `--vocab-size`) and are shared by
 pretrain_gpt.py and tools/preprocess_data.py through `add_tokenizer_args`.
 """
+import base64
 import json
 import os
 from collections import OrderedDict
-from typing import List
+from typing import Dict, List, Optional
 
 from megatron_edit.errors import UsageError
 
 TOKENIZER_TYPES = ["SentencePieceTokenizer", "GPTSentencePieceTokenizer", "Llama2Tokenizer", "HuggingFaceTokenizer",
-                   "GPT2BPETokenizer", "NullTokenizer"]
+                   "GPT2BPETokenizer", "TikTokenizer", "NullTokenizer"]
+# Megatron-LM's TikTokenizer patterns (its --tiktoken-pattern), and the vocabulary it assumes without --vocab-size.
+TIKTOKEN_PATTERNS = {
+    "v1": r"[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+",
+    "v2": r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|"
+          r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|"
+          r"\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+TIKTOKEN_DEFAULT_VOCAB_SIZE = 2 ** 17
+TIKTOKEN_REQUIRED_SPECIALS = ["<unk>", "<s>", "</s>"]
 _EOD_CANDIDATES = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>"]
 
 
@@ -22,10 +32,20 @@ def add_tokenizer_args(parser):
                        help="default: GPT2BPETokenizer with --vocab-file and --merge-file (as Megatron-LM), "
                             "NullTokenizer with --mock-data")
     group.add_argument("--tokenizer-model", default=None,
-                       help="SentencePiece .model file, or a HuggingFace tokenizer.json or directory holding one")
+                       help="SentencePiece .model file, a HuggingFace tokenizer.json or directory holding one, or "
+                            "TikTokenizer's JSON list of ranks")
     group.add_argument("--vocab-file", default=None, help="GPT2BPETokenizer vocab.json")
     group.add_argument("--merge-file", default=None, help="GPT2BPETokenizer merges.txt")
-    group.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer: ids 0..N-1, end of document N")
+    group.add_argument("--vocab-size", type=int, default=None,
+                       help="NullTokenizer: ids 0..N-1, end of document N; TikTokenizer: the whole vocabulary, "
+                            f"special tokens included (default {TIKTOKEN_DEFAULT_VOCAB_SIZE})")
+    group.add_argument("--tiktoken-pattern", choices=sorted(TIKTOKEN_PATTERNS), default=None,
+                       help="TikTokenizer's pre-tokenizing regular expression (Megatron-LM's v1 or v2)")
+    group.add_argument("--tiktoken-num-special-tokens", type=int, default=1000,
+                       help="TikTokenizer: ids reserved below the BPE ranks for special tokens")
+    group.add_argument("--tiktoken-special-tokens", nargs="+", default=None,
+                       help="TikTokenizer: the first special tokens (must hold <unk>, <s> and </s>; default those "
+                            "three), the rest filled with <SPECIAL_i>")
     return parser
 
 
@@ -57,7 +77,13 @@ def build_tokenizer(args):
         if args.vocab_size is None or args.vocab_size < 1:
             raise UsageError("--tokenizer-type NullTokenizer needs --vocab-size N (N >= 1)")
         return NullTokenizer(args.vocab_size)
+    if kind == "TikTokenizer" and args.tiktoken_pattern is None:
+        raise UsageError(f"--tokenizer-type TikTokenizer needs --tiktoken-pattern ({' or '.join(TIKTOKEN_PATTERNS)}), "
+                         "the one its ranks were made with")
     try:
+        if kind == "TikTokenizer":
+            return TikTokenizer(args.tokenizer_model, args.tiktoken_pattern, args.vocab_size,
+                                args.tiktoken_num_special_tokens, args.tiktoken_special_tokens)
         if kind in SENTENCEPIECE_TOKENIZERS:
             return SENTENCEPIECE_TOKENIZERS[kind](args.tokenizer_model)
         if kind == "HuggingFaceTokenizer":
@@ -189,3 +215,58 @@ class GPT2BPETokenizer(_HFTokenizersBase):
         self._tokenizer.decoder = decoders.ByteLevel()
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
         self._set_eod(["<|endoftext|>"])
+
+
+class TikTokenizer(_Tokenizer):
+    """Megatron-LM's TikTokenizer: byte-level BPE ranks from a JSON list of {"rank", "token_bytes" (base64),
+    "token_str"} (ranks 0-255 the single bytes), shifted above `num_special_tokens` special ids (<unk>, <s>, </s>,
+    ..., then <SPECIAL_i>); documents end with </s>. The vocabulary is `vocab_size` ids in all: ranks beyond it are
+    left out. Text is encoded as ordinary text (a special token's spelling in it is not that token)."""
+
+    def __init__(self, path: str, pattern: str, vocab_size: Optional[int], num_special_tokens: int,
+                 special_tokens: Optional[List[str]]):
+        import tiktoken
+
+        self.source = os.path.abspath(path)
+        self.vocab_size = TIKTOKEN_DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size
+        specials = list(TIKTOKEN_REQUIRED_SPECIALS if special_tokens is None else special_tokens)
+        if len(set(specials)) != len(specials) or not set(TIKTOKEN_REQUIRED_SPECIALS) <= set(specials):
+            raise UsageError(f"--tiktoken-special-tokens {' '.join(specials)}: give each once, <unk>, <s> and </s> "
+                             "among them")
+        if not len(specials) <= num_special_tokens < self.vocab_size:
+            raise UsageError(f"--tiktoken-num-special-tokens {num_special_tokens} must be at least the "
+                             f"{len(specials)} special tokens given and below the vocabulary ({self.vocab_size})")
+        specials += [f"<SPECIAL_{i}>" for i in range(len(specials), num_special_tokens)]
+        ranks = _tiktoken_ranks(path, self.vocab_size - num_special_tokens)
+        special_ids = {token: i for i, token in enumerate(specials)}
+        self.eod = special_ids["</s>"]
+        self._encoding = tiktoken.Encoding(name=os.path.basename(path), pat_str=TIKTOKEN_PATTERNS[pattern],
+                                           mergeable_ranks={token: rank + num_special_tokens
+                                                            for token, rank in ranks.items()},
+                                           special_tokens=special_ids)
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._encoding.encode_ordinary(text)
+
+    def detokenize(self, ids) -> str:
+        return self._encoding.decode([int(i) for i in ids])
+
+
+def _tiktoken_ranks(path: str, count: int) -> Dict[bytes, int]:
+    """The first `count` ranks of a TikTokenizer vocabulary file; ValueError saying what is wrong with it."""
+    with open(path) as f:
+        entries = json.load(f)
+    if not isinstance(entries, list):
+        raise ValueError("not a JSON list of ranks")
+    if len(entries) < count:
+        raise ValueError(f"it holds {len(entries)} ranks, fewer than the {count} the vocabulary leaves them "
+                         "(--vocab-size minus --tiktoken-num-special-tokens); lower --vocab-size")
+    ranks = {}
+    for i, entry in enumerate(entries[:count]):
+        if not isinstance(entry, dict) or entry.get("rank") != i or "token_bytes" not in entry:
+            raise ValueError(f"entry {i} is not {{'rank': {i}, 'token_bytes': ..., 'token_str': ...}}")
+        token = base64.b64decode(entry["token_bytes"])
+        if (i < 256 and token != bytes([i])) or token in ranks:
+            raise ValueError(f"entry {i} ({token!r}) is not " + (f"byte {i}" if i < 256 else "a new token"))
+        ranks[token] = i
+    return ranks

@@ -1,14 +1,15 @@
 """Writes a checkpoint the way Megatron-LM's pretrain_gpt.py does with --ckpt-format torch_dist and --transformer-impl
-local, from megatron-core alone (of megatron_edit only the layer that lets megatron-core run on a CPU): a GPTModel trained a few Adam steps through megatron-core's DDP
+local (or transformer_engine: see TE_LAYER_KEYS), from megatron-core alone (of megatron_edit only the layer that lets megatron-core run on a CPU): a GPTModel trained a few Adam steps through megatron-core's DDP
 and optimizer, its sharded state dict and the optimizer's under Megatron-LM's top-level keys (args with Megatron-LM's
 names, checkpoint_version, iteration, model, optimizer, opt_param_scheduler counting samples, rng_state in
 Megatron-LM's per-DP-rank list, num_floating_point_operations_so_far), iter_XXXXXXX/ and
 latest_checkpointed_iteration.txt. It also dumps the parameters it saved, by name, for the test to compare.
 
-    torchrun --nproc-per-node 1 tests/megatron_lm_checkpoint.py --save DIR --dump FILE
+    torchrun --nproc-per-node 1 tests/megatron_lm_checkpoint.py --save DIR --dump FILE [--transformer-impl IMPL]
 """
 import argparse
 import os
+import pickle
 import random
 
 import numpy as np
@@ -33,6 +34,29 @@ ARCHITECTURE = dict(num_layers=4, hidden_size=64, ffn_hidden_size=256, num_atten
                     position_embedding_type="learned_absolute", untie_embeddings_and_output_weights=False,
                     add_bias_linear=True)
 GLOBAL_BATCH, ITERATIONS, LR = 8, 3, 1e-3
+# A transformer layer's state as megatron-core's Transformer Engine spec saves it (get_gpt_layer_with_transformer_engine_
+# spec: TELayerNormColumnParallelLinear holds the layer norm before it as layer_norm_*, TERowParallelLinear, and
+# TEDotProductAttention saves nothing without a learnable softmax offset), each TE module with its _extra_state.
+TE_LAYER_KEYS = sorted(f"{module}.{name}" for module, names in [
+    ("self_attention.linear_qkv", ["layer_norm_weight", "layer_norm_bias", "weight", "bias", "_extra_state"]),
+    ("self_attention.linear_proj", ["weight", "bias", "_extra_state"]),
+    ("mlp.linear_fc1", ["layer_norm_weight", "layer_norm_bias", "weight", "bias", "_extra_state"]),
+    ("mlp.linear_fc2", ["weight", "bias", "_extra_state"])] for name in names)
+
+
+def as_transformer_engine_saves_it(model_state: dict) -> dict:
+    """The model's sharded state as written with --transformer-impl transformer_engine: the same keys (megatron-core's
+    local layers save under TE's names), each _extra_state holding what TE's modules hold (its FP8 scaling state,
+    pickled into a uint8 tensor; an empty one without FP8)."""
+    saved_as = {entry.key for entry in model_state.values()}  # the checkpoint's keys, layers stacked under one
+    layer_keys = sorted(key[len("decoder.layers."):] for key in saved_as if key.startswith("decoder.layers."))
+    assert layer_keys == TE_LAYER_KEYS, layer_keys
+    fp8_state = {"scale_fwd": torch.ones(3), "amax_history_fwd": torch.zeros(16, 3),
+                 "extra_fp8_variables": {"num_gemms": 1, "fp8_checkpoint": True}}
+    for key, entry in model_state.items():
+        if key.endswith("._extra_state"):
+            entry.data = torch.frombuffer(bytearray(pickle.dumps(fp8_state)), dtype=torch.uint8)
+    return model_state
 
 
 def megatron_lm_args(world_size: int) -> argparse.Namespace:
@@ -55,6 +79,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--save", required=True)
     parser.add_argument("--dump", required=True)
+    parser.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
     options = parser.parse_args()
     enable_cpu_compat()
     dist.init_process_group("gloo")
@@ -84,9 +109,13 @@ def main():
         optimizer.step()
         scheduler.step(increment=GLOBAL_BATCH)  # Megatron-LM counts the schedule in samples
     args = megatron_lm_args(dist.get_world_size())
+    args.transformer_impl = options.transformer_impl
     rng = [None] * dist.get_world_size()
     dist.all_gather_object(rng, megatron_lm_rng_state())
-    state = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATIONS, "model": model.sharded_state_dict()}
+    model_state = model.sharded_state_dict()
+    if options.transformer_impl == "transformer_engine":
+        model_state = as_transformer_engine_saves_it(model_state)
+    state = {"args": args, "checkpoint_version": 3.0, "iteration": ITERATIONS, "model": model_state}
     state["optimizer"] = optimizer.sharded_state_dict(state)
     state["opt_param_scheduler"] = scheduler.state_dict()
     state["rng_state"] = ShardedObject("rng_state", rng, (1, 1), (0, 0), replica_id=dist.get_rank())

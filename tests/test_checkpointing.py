@@ -279,6 +279,23 @@ def test_finetune_and_partial_loads_follow_megatron_lms_flags(tmp_path):
     assert max(finetuned.losses) < scratch.losses[0] - 0.1
 
 
+def write_megatron_lm_checkpoint(directory, dump, ranks: int, transformer_impl: str = "local") -> None:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                    str(REPO / "tests/megatron_lm_checkpoint.py"), "--save", str(directory), "--dump", str(dump),
+                    "--transformer-impl", transformer_impl], cwd=REPO, env=env, check=True, capture_output=True,
+                   timeout=300)
+
+
+def model_keys(directory) -> dict:
+    """{key: global shape} of a torch_dist checkpoint's model entries (objects by their key alone)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    return {key.split("/shard_")[0]: tuple(getattr(entry, "size", ())) for key, entry in metadata.items()
+            if not key.startswith(("optimizer", "rng_state", "megatron_edit", "opt_param_scheduler"))}
+
+
 @pytest.mark.slow
 def test_megatron_lm_checkpoint_loads_and_trains_on(tmp_path):
     """A checkpoint as Megatron-LM writes it (tests/megatron_lm_checkpoint.py: megatron-core alone, no record of ours)
@@ -286,10 +303,7 @@ def test_megatron_lm_checkpoint_loads_and_trains_on(tmp_path):
     first loss is DDP's, and its syncs keep it near DDP); --finetune restarts at iteration 0. Ours carries the keys
     and units Megatron-LM reads."""
     fixture, dump = tmp_path / "megatron_lm", tmp_path / "saved.pt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                    str(REPO / "tests/megatron_lm_checkpoint.py"), "--save", str(fixture), "--dump", str(dump)],
-                   cwd=REPO, env=env, check=True, capture_output=True, timeout=300)
+    write_megatron_lm_checkpoint(fixture, dump, ranks=2)
     args = TINY_GPT + STEPS + TORCH_DIST + ["--load", str(fixture)]
     run_training(1, args + ["--train-iters", "3", "--dump-dir", str(tmp_path)], script="tests/edit_runner.py").check()
     loaded, saved = torch.load(tmp_path / "rank0.pt")["params"], torch.load(dump)
@@ -311,3 +325,26 @@ def test_megatron_lm_checkpoint_loads_and_trains_on(tmp_path):
     common = torch.load(ours / "iter_0000002" / "common.pt", weights_only=False)
     assert {"args", "checkpoint_version", "iteration", "opt_param_scheduler"} <= common.keys()
     assert common["opt_param_scheduler"]["num_steps"] == 2 * 8  # samples, as Megatron-LM counts
+
+
+@pytest.mark.slow
+def test_a_transformer_engine_checkpoint_loads_into_local_layers_and_ours_holds_its_keys(tmp_path):
+    """Megatron-LM with --transformer-impl transformer_engine saves each layer norm inside the linear layer after it
+    (linear_qkv.layer_norm_weight, linear_fc1.layer_norm_weight) and FP8 state as each TE module's _extra_state
+    (tests/megatron_lm_checkpoint.py's TE_LAYER_KEYS, from megatron-core's TE spec): it loads into our local layers
+    with its exact weights (its FP8 state set aside), and our checkpoint holds every key of it at the same shape,
+    which is what TE's layers ask for when loading it."""
+    fixture, dump = tmp_path / "megatron_lm_te", tmp_path / "saved.pt"
+    write_megatron_lm_checkpoint(fixture, dump, ranks=1, transformer_impl="transformer_engine")
+    args = TINY_GPT + STEPS + TORCH_DIST + ["--load", str(fixture)]
+    run_training(1, args + ["--train-iters", "3", "--dump-dir", str(tmp_path)], script="tests/edit_runner.py").check()
+    loaded, saved = torch.load(tmp_path / "rank0.pt")["params"], torch.load(dump)
+    assert loaded.keys() == saved.keys()
+    for name, value in saved.items():
+        assert torch.equal(loaded[name], value), name
+    ours = tmp_path / "ours"
+    trained = run_training(1, args + ["--train-iters", "4", "--save", str(ours)]).check()
+    assert "at iteration 3" in trained.stdout and len(trained.losses) == 1
+    theirs = model_keys(fixture / "iter_0000003")
+    assert any(key.endswith("linear_qkv.layer_norm_weight") for key in theirs)
+    assert model_keys(ours / "iter_0000004") == theirs

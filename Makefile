@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 NPROC ?=
 DP_MODE ?= edit
 
-.PHONY: train test test-fast bench clean-venv
+.PHONY: train test test-fast bench gpu-check clean-venv
 
 $(VENV)/installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test-fast: $(VENV)/installed
 
 bench: $(VENV)/installed
 	$(PY) tools/bench_throughput.py $(ARGS)
+
+# On a machine with one CUDA device (refused in one line elsewhere): NCCL step, ~1B throughput/MFU, swapping, EDiT.
+gpu-check: $(VENV)/installed
+	PYTHON=$(PY) bash tools/gpu_check.sh
 
 clean-venv:
 	rm -rf $(VENV)

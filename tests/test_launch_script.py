@@ -25,6 +25,17 @@ def test_unknown_dp_mode_and_missing_data_stop_before_launch():
     assert result.stderr.strip().startswith("error: DATA_PATH=/nonexistent/corpus: /nonexistent/corpus.bin does not exist")
 
 
+def test_gpu_check_refuses_in_one_line_without_a_gpu(tmp_path):
+    env = dict(os.environ, PYTHON=str(REPO / ".venv/bin/python"), GPU_CHECK_DIR=str(tmp_path / "gpu_check"),
+               CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run(["bash", "tools/gpu_check.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == ["error: gpu-check needs a CUDA device and this machine has none visible "
+                                          "(torch.cuda.is_available() is False); run it where one is"]
+    assert not (tmp_path / "gpu_check").exists()
+
+
 def test_configuration_error_is_one_line_before_torchrun_starts():
     subprocess.run(["bash", "examples/prepare_sample_data.sh"], cwd=REPO, check=True, capture_output=True,
                    env=dict(os.environ, PYTHON_BIN=str(REPO / ".venv/bin/python")))  # its progress is not the point

@@ -20,10 +20,12 @@ def resolve_device_type(requested: str) -> str:
 
 
 def setup_device(device_type: str, local_rank: int) -> torch.device:
-    """Bind this process to its device; on CPU switch on megatron-core's compatibility layer."""
+    """Bind this process to its device (more processes than devices share them, in turn); on CPU switch on
+    megatron-core's compatibility layer."""
     if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     enable_cpu_compat()
     return torch.device("cpu")
 

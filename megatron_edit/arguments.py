@@ -352,7 +352,7 @@ def _use_checkpoint_args(args: argparse.Namespace) -> None:
     from megatron_edit.checkpointing import MODEL_KEYS, find_checkpoint
 
     _require(args.load is not None, "--use-checkpoint-args reads the model's shape from a checkpoint: give --load DIR")
-    found = find_checkpoint(args.load, args.save, args.ckpt_step)
+    found = find_checkpoint(args.load, args.save, args.ckpt_step, verify=False)  # the load verifies what it reads
     _require(found is not None, f"--use-checkpoint-args: no complete checkpoint under --load {args.load} to read "
                                 "the model's shape from; give the model flags instead")
     for key in MODEL_KEYS:

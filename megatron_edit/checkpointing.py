@@ -2,7 +2,7 @@
 
     <save>/latest_checkpointed_iteration.txt      the tracker: iteration of the newest complete checkpoint
     --ckpt-format torch:
-    <save>/iter_0000010/metadata.json             model shape, layout, mode, file sizes (written last)
+    <save>/iter_0000010/metadata.json             model shape, layout, mode, file sizes and SHA-256s (written last)
     <save>/iter_0000010/mp_rank_00_000_dp_000/model_optim_rng.pt    one file per rank
     --ckpt-format torch_dist (dist_checkpoint.py: megatron-core's format, which reshards):
     <save>/iter_0000010/megatron_edit.json        the same record (metadata.json is dist_checkpointing's own)
@@ -13,10 +13,12 @@ Each rank's file holds its model, the inner optimizer (the values of the paramet
 the LR scheduler, its iteration and data positions, every RNG state, and the data-parallel mode's state
 (EDiT: anchor and momentum shards, anomaly detectors, step counters, sync clock). A checkpoint is written
 under iter_X.tmp and renamed, and the tracker moves, only once every rank's file is in place; loading skips
-a newest checkpoint that is incomplete or unreadable, with a warning, in favour of the previous one.
+a newest checkpoint that is incomplete, unreadable or changed since it was written (a file's size or SHA-256, the
+ranks hashing the files in turn), with a warning, in favour of the previous one.
 """
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -134,10 +136,10 @@ def save_checkpoint(trainer, iteration: int, label: Optional[int] = None) -> Non
             raise
         error = f"rank {dist.get_rank()}: {cause.strerror or cause}"
     _refuse_failed_save(args, label, staging, error)
+    files = _contents(staging)
     if dist.get_rank() == 0:
         meta = _metadata(args, label)
-        meta["files"] = {os.path.relpath(os.path.join(d, name), staging): os.path.getsize(os.path.join(d, name))
-                         for d, _, names in os.walk(staging) for name in names}
+        meta["files"] = files
         with open(os.path.join(staging, RECORD[args.ckpt_format]), "w") as f:
             json.dump(meta, f, indent=1)
         shutil.rmtree(final, ignore_errors=True)
@@ -246,15 +248,55 @@ def _complete_iterations(root: str) -> list:
     return found
 
 
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _my_share(names: list) -> list:
+    """The names this rank reads when the ranks share reading a checkpoint's files (all of them outside a group)."""
+    if not dist.is_initialized():
+        return names
+    return names[dist.get_rank()::dist.get_world_size()]
+
+
+def _contents(staging: str) -> dict:
+    """{file: [size, SHA-256]} of a written checkpoint (every rank hashes its share of the files)."""
+    names = sorted(os.path.relpath(os.path.join(d, name), staging) for d, _, files in os.walk(staging)
+                   for name in files)
+    mine = {name: [os.path.getsize(os.path.join(staging, name)), _sha256(os.path.join(staging, name))]
+            for name in _my_share(names)}
+    shares = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, mine)
+    return {name: entry for share in shares for name, entry in sorted(share.items())}
+
+
 def _incomplete(directory: str, meta: dict) -> Optional[str]:
     """Why the checkpoint in `directory` cannot be used (a file missing or not the size it was written), or None."""
-    for name, expected in sorted(meta["files"].items()):
+    for name, written in sorted(meta["files"].items()):
         path = os.path.join(directory, name)
+        expected = written[0] if isinstance(written, list) else written  # records before checksums: the size
         if not os.path.exists(path):
             return f"{path} is missing"
         if os.path.getsize(path) != expected:
             return f"{path} has {os.path.getsize(path)} bytes, {expected} were written"
     return None
+
+
+def _changed(directory: str, meta: dict) -> Optional[str]:
+    """Which file of the checkpoint in `directory` no longer holds what was written (its SHA-256), or None. Every
+    rank hashes its share of the files and all learn the answer (a collective, in a process group)."""
+    recorded = sorted((name, written[1]) for name, written in meta["files"].items() if isinstance(written, list))
+    problems = [f"{os.path.join(directory, name)} changed since it was written (its SHA-256 differs)"
+                for name, digest in _my_share(recorded) if _sha256(os.path.join(directory, name)) != digest]
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, problems)
+        problems = [problem for rank in everyone for problem in rank]
+    return problems[0] if problems else None
 
 
 def _check_compatible(meta: dict, args, parts: "LoadParts") -> None:
@@ -278,9 +320,11 @@ def _source_dp_rank(meta: dict, args) -> int:
     return (dp_rank // shard) % saved_replicas * shard + dp_rank % shard
 
 
-def find_checkpoint(root: str, save: Optional[str] = None, step: Optional[int] = None) -> Optional[tuple]:
+def find_checkpoint(root: str, save: Optional[str] = None, step: Optional[int] = None,
+                    verify: bool = True) -> Optional[tuple]:
     """(directory, metadata) of the newest usable checkpoint under `root` (of iteration `step` if given: Megatron-LM's
-    --ckpt-step), or None if there is none. `save`: this run's --save, where nothing saved yet is no error."""
+    --ckpt-step), or None if there is none. `save`: this run's --save, where nothing saved yet is no error.
+    verify: check every file's SHA-256 too (reading the checkpoint once; in a process group every rank calls it)."""
     if not os.path.isdir(root):
         if root == save:  # the usual `--save D --load D`: nothing saved yet
             return None
@@ -312,7 +356,7 @@ def find_checkpoint(root: str, save: Optional[str] = None, step: Optional[int] =
         except (OSError, json.JSONDecodeError, EOFError, RuntimeError, AttributeError) as exc:
             _warn(f"skipping {directory}: unreadable metadata ({exc})")
             continue
-        problem = _incomplete(directory, meta)
+        problem = _incomplete(directory, meta) or (_changed(directory, meta) if verify else None)
         if problem:
             _warn(f"skipping {directory}: {problem}")
             continue

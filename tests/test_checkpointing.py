@@ -184,17 +184,26 @@ def test_sigterm_saves_the_iteration_under_way_and_exits_zero(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ckpt_format,file", [("torch", "mp_rank_00_000_dp_000/model_optim_rng.pt"),
-                                              ("torch_dist", "__0_0.distcp")])
-def test_truncated_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, ckpt_format, file):
+@pytest.mark.parametrize("ckpt_format,file,damage", [("torch", "mp_rank_00_000_dp_000/model_optim_rng.pt", "truncated"),
+                                                     ("torch_dist", "__0_0.distcp", "overwritten")])
+def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, ckpt_format, file, damage):
+    """Truncated (its size is not the one written), or bytes overwritten in place (its SHA-256 is not)."""
     args = TINY_GPT + STEPS + ["--train-iters", "6", "--ckpt-format", ckpt_format]
     run_training(1, args + ["--save", str(tmp_path), "--save-interval", "3"]).check()
     newest = tmp_path / "iter_0000006" / file
     with open(newest, "r+b") as f:
-        f.truncate(newest.stat().st_size // 2)
+        if damage == "truncated":
+            f.truncate(newest.stat().st_size // 2)
+        else:
+            middle = newest.stat().st_size // 2
+            f.seek(middle)
+            flipped = bytes(255 - b for b in f.read(64))
+            f.seek(middle)
+            f.write(flipped)
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("garbage\n")
     resumed = run_training(1, args + ["--load", str(tmp_path)]).check()
-    assert "skipping" in resumed.stderr and "iter_0000006" in resumed.stderr
+    assert f"skipping {tmp_path / 'iter_0000006'}: {newest} " + ("has" if damage == "truncated" else
+                                                     "changed since it was written") in resumed.stderr
     assert "latest_checkpointed_iteration.txt holds no iteration number ('garbage')" in resumed.stderr
     assert "at iteration 3" in resumed.stdout and len(resumed.losses) == 3
 

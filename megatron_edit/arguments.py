@@ -20,7 +20,7 @@ from megatron_edit import platform
 from megatron_edit.errors import UsageError
 from megatron_edit.errors import require as _require
 from megatron_edit.data.datasets import check_data_path, check_split, used_splits
-from megatron_edit.data.tokenizers import add_tokenizer_args, check_tokenizer_args, default_tokenizer_type
+from megatron_edit.data.tokenizers import add_tokenizer_args, build_tokenizer, default_tokenizer_type
 from megatron_edit.dp.local_sgd.exchange import SYNC_DTYPES
 from megatron_edit.megatron_lm_flags import add_megatron_lm_flags, check_megatron_lm_flags
 
@@ -467,7 +467,8 @@ def validate_args(args: argparse.Namespace, warn: bool = True) -> None:
         check_data_path(args.data_path, args.split, used_splits(args))
     else:
         raise UsageError("no training data: pass --data-path PREFIX (made by tools/preprocess_data.py) or --mock-data")
-    check_tokenizer_args(args)
+    # Reading the tokenizer's files here stops a file that is not a tokenizer of its kind in the preflight.
+    args.padded_vocab_size = padded_vocab_size(build_tokenizer(args).vocab_size, args)
 
     from megatron_edit.dp import DP_MODES
 

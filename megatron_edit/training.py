@@ -16,7 +16,7 @@ from megatron.core.optimizer import OptimizerConfig
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_edit import platform
-from megatron_edit.arguments import padded_vocab_size, parse_args
+from megatron_edit.arguments import parse_args
 from megatron_edit.checkpointing import load_checkpoint, save_checkpoint
 from megatron_edit.data.batches import micro_batches
 from megatron_edit.data.tokenizers import build_tokenizer
@@ -517,7 +517,6 @@ def build_trainer(args, device: torch.device, datasets_provider: Callable, model
                   forward_step_func: Callable) -> Trainer:
     """Model, data-parallel mode, optimizer, schedule and data streams of this rank, ready to train."""
     tokenizer = build_tokenizer(args)
-    args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
     config = transformer_config_from_args(args)
     model = build_model(model_provider, args, config, device)
     comm_stats.install()  # every mode's bytes on the wire, for the log and the summary

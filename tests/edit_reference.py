@@ -23,7 +23,7 @@ import megatron_edit  # noqa: E402,F401
 import torch  # noqa: E402
 
 import pretrain_gpt  # noqa: E402
-from megatron_edit.arguments import padded_vocab_size, parse_args  # noqa: E402
+from megatron_edit.arguments import parse_args  # noqa: E402
 from megatron_edit.data.tokenizers import build_tokenizer  # noqa: E402
 from megatron_edit.initialize import initialize_megatron  # noqa: E402
 from megatron_edit.dp.edit.fragments import plan_fragments  # noqa: E402
@@ -54,7 +54,6 @@ def replica_samples(iteration, replica, args):
 def main():
     args = parse_args(None, world_size=1, extra_args_provider=add_reference_args)
     tokenizer = build_tokenizer(args)
-    args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args)
     initialize_megatron(args)
     train, _, _ = pretrain_gpt.train_valid_test_datasets_provider(args, tokenizer)
     config = transformer_config_from_args(args)

@@ -12,15 +12,13 @@ def test_flops_formula_matches_torch_flop_counter(style):
         import megatron_edit, torch
         from torch.utils.flop_counter import FlopCounterMode
         import pretrain_gpt
-        from megatron_edit.arguments import padded_vocab_size, parse_args
-        from megatron_edit.data.tokenizers import build_tokenizer
+        from megatron_edit.arguments import parse_args
         from megatron_edit.flops import flops_per_iteration
         from megatron_edit.initialize import initialize_megatron
         from megatron_edit.model import transformer_config_from_args
         args = parse_args("--num-layers 3 --hidden-size 64 --num-attention-heads 4 --ffn-hidden-size 160 "
                           "--seq-length 48 --micro-batch-size 2 --train-iters 1 --lr 1e-3 --mock-data "
                           "--vocab-size 300 --device cpu".split() + {extra!r}, world_size=1)
-        args.padded_vocab_size = padded_vocab_size(build_tokenizer(args).vocab_size, args)
         initialize_megatron(args)
         model = pretrain_gpt.model_provider(args, transformer_config_from_args(args))
         tokens = torch.randint(0, 300, (2, 48))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from launcher import TINY_GPT, Run, run_training
-from tools.bench_replica_jobs import ReplicaJob, lighthouse, present
+from tools.bench_replica_jobs import ReplicaJob, free_port, lighthouse, present, start_lighthouse
 
 pytestmark = pytest.mark.slow  # every test here starts processes
 
@@ -113,6 +113,35 @@ def test_a_hung_replica_is_ended_by_its_watchdog_and_the_others_finish(tmp_path)
     for run in survivors:
         assert "training summary: 120 iterations" in run.stdout
     assert present(jobs[0].syncs()[-1][1]) == 2
+
+
+def test_replicas_wait_for_a_lighthouse_that_restarts_and_end_in_one_line_when_it_is_gone(tmp_path):
+    """The lighthouse killed: the replicas' next quorum asks again until it is back, and they go on; killed for good:
+    after --torchft-quorum-timeout-secs each replica stops with one line, none hangs."""
+    flags = DILOCO + ["--train-iters", "1000000"] + torchft(2) + ["--torchft-quorum-timeout-secs", "20"]
+    port = free_port()
+    first = start_lighthouse(port, min_replicas=2)
+    jobs = [ReplicaJob(r, flags, f"http://127.0.0.1:{port}", tmp_path) for r in range(2)]
+    try:
+        jobs[0].wait_for_sync(lambda iteration, rest: iteration >= 8)
+        first.kill()
+        first.wait()
+        stopped_at = jobs[0].syncs()[-1][0]
+        second = start_lighthouse(port, min_replicas=2)
+        try:
+            for job in jobs:  # both meet again through the new lighthouse
+                job.wait_for_sync(lambda iteration, rest: iteration >= stopped_at + 16 and present(rest) == 2)
+        finally:
+            second.kill()
+            second.wait()
+        runs = [Run(*job.finish(timeout=180)) for job in jobs]
+    finally:
+        for job in jobs:
+            job.kill()
+    for replica, run in enumerate(runs):
+        assert run.returncode != 0
+        assert f"error: replica {replica} met no quorum within 20 s (--torchft-quorum-timeout-secs): the lighthouse " \
+               f"at http://127.0.0.1:{port} did not answer" in run.stderr
 
 
 def test_a_replica_with_another_layout_is_refused_in_one_line(tmp_path):

@@ -34,14 +34,19 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def start_lighthouse(port: int, min_replicas: int, join_timeout_ms: int = 2000) -> subprocess.Popen:
+    """torchft's lighthouse on `port`: a quorum needs `min_replicas`, and waits `join_timeout_ms` for replicas that
+    heartbeat but have not reached the sync yet."""
+    return subprocess.Popen([str(LIGHTHOUSE), "--min_replicas", str(min_replicas), "--quorum_tick_ms", "100",
+                             "--join_timeout_ms", str(join_timeout_ms), "--bind", f"[::]:{port}"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 @contextlib.contextmanager
 def lighthouse(min_replicas: int, join_timeout_ms: int = 2000):
-    """torchft's lighthouse on a free port: a quorum needs `min_replicas`, and waits `join_timeout_ms` for replicas
-    that heartbeat but have not reached the sync yet. Yields its address (TORCHFT_LIGHTHOUSE)."""
+    """start_lighthouse on a free port, for the block; yields its address (TORCHFT_LIGHTHOUSE)."""
     port = free_port()
-    process = subprocess.Popen([str(LIGHTHOUSE), "--min_replicas", str(min_replicas), "--quorum_tick_ms", "100",
-                                "--join_timeout_ms", str(join_timeout_ms), "--bind", f"[::]:{port}"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = start_lighthouse(port, min_replicas, join_timeout_ms)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

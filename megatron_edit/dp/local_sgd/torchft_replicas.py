@@ -11,6 +11,7 @@ A replica that hangs would keep heartbeating to the lighthouse and delay every q
 no iteration completes within `--replica-step-timeout-secs` (quorum waits excluded).
 """
 import contextlib
+import math
 import os
 import pickle
 import sys
@@ -24,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_edit.dp import comm_stats
-from megatron_edit.errors import require
+from megatron_edit.errors import TrainingError, require
 
 
 def weights_only_http_transport(timeout: timedelta):
@@ -58,18 +59,32 @@ class TorchftReplicas:
 
         timeout = timedelta(seconds=args.torchft_timeout_secs)
         group = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
+        self.replica_id, self.quorum_timeout = args.replica_index, args.torchft_quorum_timeout_secs
         self.manager = Manager(
             pg=group, state_dict=heal_state, load_state_dict=load_heal_state,
             checkpoint_transport=weights_only_http_transport(timeout),
             min_replica_size=args.torchft_min_replicas, use_async_quorum=False, init_sync=False,
-            timeout=timeout, quorum_timeout=timedelta(seconds=args.torchft_quorum_timeout_secs),
+            timeout=timeout, quorum_timeout=timedelta(seconds=self.quorum_timeout),
+            # A lighthouse that restarts is asked again, each try taking up to the timeout, for as long as a
+            # replica waits for the others anyway.
+            quorum_retries=math.ceil(self.quorum_timeout / args.torchft_timeout_secs),
             rank=dist.get_rank(), world_size=dist.get_world_size(), replica_id=f"replica_{args.replica_index}")
         self.watchdog = StepWatchdog(args.replica_step_timeout_secs, args.replica_index)
 
     def quorum(self) -> int:
-        """Wait for the replicas present to meet (healing this one first if it is behind); returns how many met."""
+        """Wait for the replicas present to meet (healing this one first if it is behind); returns how many met.
+        No quorum within --torchft-quorum-timeout-secs (the lighthouse gone, or too few replicas) ends the run in
+        one line."""
         with self.watchdog.paused():
-            self.manager.start_quorum()
+            try:
+                self.manager.start_quorum()
+            except (TimeoutError, RuntimeError) as exc:
+                reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise TrainingError(
+                    f"replica {self.replica_id} met no quorum within {self.quorum_timeout:g} s "
+                    f"(--torchft-quorum-timeout-secs): the lighthouse at {os.environ.get('TORCHFT_LIGHTHOUSE')} did "
+                    f"not answer, or fewer than --torchft-min-replicas replicas came ({reason}); restart the "
+                    "lighthouse, then this replica with --load") from None
         return self.manager.num_participants()
 
     def all_reduce(self, tensor: torch.Tensor):

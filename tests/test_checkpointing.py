@@ -209,6 +209,24 @@ def test_a_damaged_newest_checkpoint_is_skipped_for_the_previous_one(tmp_path, c
 
 
 @pytest.mark.slow
+def test_what_a_kill_during_a_save_leaves_resumes_from_the_previous_checkpoint(tmp_path):
+    """A job killed while saving iteration 6 leaves iter_0000006.tmp/ with part of its files and the tracker at 3:
+    the resumed job loads 3, and its own save of 6 replaces the partial folder."""
+    args = TINY_GPT + STEPS + ["--train-iters", "6", "--save", str(tmp_path), "--load", str(tmp_path)]
+    uninterrupted = run_training(1, args + ["--save-interval", "3"]).check()
+    (tmp_path / "iter_0000006").rename(tmp_path / "iter_0000006.tmp")
+    (tmp_path / "iter_0000006.tmp" / "megatron_edit.json").unlink()  # the record is written last
+    partial = next((tmp_path / "iter_0000006.tmp").glob("*.distcp"))
+    with open(partial, "r+b") as f:
+        f.truncate(partial.stat().st_size // 3)
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("3")
+    resumed = run_training(1, args + ["--save-interval", "3"]).check()
+    assert "at iteration 3" in resumed.stdout and resumed.losses == uninterrupted.losses[3:]
+    assert not (tmp_path / "iter_0000006.tmp").exists() and (tmp_path / "iter_0000006" / "megatron_edit.json").exists()
+    assert (tmp_path / "latest_checkpointed_iteration.txt").read_text() == "6"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("ckpt_format", ["torch", "torch_dist"])
 def test_a_save_the_disk_refuses_stops_in_one_line_and_keeps_the_last_checkpoint(tmp_path, ckpt_format):
     """The filesystem refuses a save's writes (here a file-size limit, EFBIG; a full disk is ENOSPC, the same path):

@@ -314,6 +314,18 @@ def write_megatron_lm_checkpoint(directory, dump, ranks: int, transformer_impl: 
                    timeout=300)
 
 
+def loads_with_its_exact_weights(fixture, dump, tmp_path) -> list:
+    """Loads the Megatron-LM checkpoint `fixture` (training no further) and compares every parameter with what its
+    writer dumped; returns the flags that load it."""
+    args = TINY_GPT + STEPS + TORCH_DIST + ["--load", str(fixture)]
+    run_training(1, args + ["--train-iters", "3", "--dump-dir", str(tmp_path)], script="tests/edit_runner.py").check()
+    loaded, saved = torch.load(tmp_path / "rank0.pt")["params"], torch.load(dump)
+    assert loaded.keys() == saved.keys()
+    for name, value in saved.items():
+        assert torch.equal(loaded[name], value), name
+    return args
+
+
 def model_keys(directory) -> dict:
     """{key: global shape} of a torch_dist checkpoint's model entries (objects by their key alone)."""
     from torch.distributed.checkpoint import FileSystemReader
@@ -331,12 +343,7 @@ def test_megatron_lm_checkpoint_loads_and_trains_on(tmp_path):
     and units Megatron-LM reads."""
     fixture, dump = tmp_path / "megatron_lm", tmp_path / "saved.pt"
     write_megatron_lm_checkpoint(fixture, dump, ranks=2)
-    args = TINY_GPT + STEPS + TORCH_DIST + ["--load", str(fixture)]
-    run_training(1, args + ["--train-iters", "3", "--dump-dir", str(tmp_path)], script="tests/edit_runner.py").check()
-    loaded, saved = torch.load(tmp_path / "rank0.pt")["params"], torch.load(dump)
-    assert loaded.keys() == saved.keys()
-    for name, value in saved.items():
-        assert torch.equal(loaded[name], value), name
+    args = loads_with_its_exact_weights(fixture, dump, tmp_path)
     ddp = run_training(2, args + ["--train-iters", "7"]).check()
     assert "at iteration 3" in ddp.stdout and len(ddp.losses) == 4
     edit = run_training(2, args + ["--train-iters", "7", "--dp-mode", "edit", "--model-shard-group-size", "1",
@@ -363,12 +370,7 @@ def test_a_transformer_engine_checkpoint_loads_into_local_layers_and_ours_holds_
     which is what TE's layers ask for when loading it."""
     fixture, dump = tmp_path / "megatron_lm_te", tmp_path / "saved.pt"
     write_megatron_lm_checkpoint(fixture, dump, ranks=1, transformer_impl="transformer_engine")
-    args = TINY_GPT + STEPS + TORCH_DIST + ["--load", str(fixture)]
-    run_training(1, args + ["--train-iters", "3", "--dump-dir", str(tmp_path)], script="tests/edit_runner.py").check()
-    loaded, saved = torch.load(tmp_path / "rank0.pt")["params"], torch.load(dump)
-    assert loaded.keys() == saved.keys()
-    for name, value in saved.items():
-        assert torch.equal(loaded[name], value), name
+    args = loads_with_its_exact_weights(fixture, dump, tmp_path)
     ours = tmp_path / "ours"
     trained = run_training(1, args + ["--train-iters", "4", "--save", str(ours)]).check()
     assert "at iteration 3" in trained.stdout and len(trained.losses) == 1

@@ -96,7 +96,7 @@ class IntQuantizer:
         return (levels.view(-1, INT8_BLOCK) * scales[:, None]).view(-1)
 
 
-# The dense codecs by --sync-dtype name: a new one is a class with quantize/dequantize and a line here.
+# The dense codecs by --sync-dtype name: a new one is a class with encode/decode (and its block) and a line here.
 QUANTIZERS = {"bf16": Bf16Quantizer(), "int8": IntQuantizer(8), "int4": IntQuantizer(4), "int2": IntQuantizer(2)}
 SYNC_DTYPES = ("fp32", *QUANTIZERS, "topk")  # fp32: a plain all-reduce; topk: the sparse exchange
 

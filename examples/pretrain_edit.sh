@@ -56,7 +56,7 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
     fi
     first_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
     MASTER_ADDR=$(scontrol show node "$first_node" | sed -n 's/.*NodeAddr=\([^ ]*\).*/\1/p')
-    LAUNCH=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON_BIN" -m torch.distributed.run
+    LAUNCH=(srun --ntasks-per-node=1 --kill-on-bad-exit=1 "$PYTHON_BIN" -m megatron_edit.launch
             --nnodes "$SLURM_JOB_NUM_NODES" --nproc-per-node "$GPUS_PER_NODE"
             --rdzv-backend c10d --rdzv-endpoint "$MASTER_ADDR:${MASTER_PORT:-29500}" --rdzv-id "$SLURM_JOB_ID")
     LAUNCH_PROCS_PER_NODE=$GPUS_PER_NODE LAUNCH_WORLD_SIZE=$((SLURM_JOB_NUM_NODES * GPUS_PER_NODE))
@@ -67,7 +67,7 @@ else
     fi
     # Without GPUs every local process is a replica of its own, so local SGD has replicas to synchronize.
     [ "$visible_gpus" -gt 0 ] || MODEL_SHARD_GROUP_SIZE=${MODEL_SHARD_GROUP_SIZE:-1}
-    LAUNCH=("$PYTHON_BIN" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")
+    LAUNCH=("$PYTHON_BIN" -m megatron_edit.launch --standalone --nproc-per-node "$NPROC")
     LAUNCH_PROCS_PER_NODE=$NPROC LAUNCH_WORLD_SIZE=$NPROC
 fi
 

@@ -56,6 +56,31 @@ def test_warm_ups_scale_with_a_short_run():
     assert " training summary: 6 iterations," in result.stdout
 
 
+def test_a_rank_that_fails_while_training_is_its_one_line_without_torchruns_report():
+    """A rank stops with one line (a NaN loss here); the launch (megatron_edit/launch.py) ends with its exit code
+    and adds no launcher traceback or failure table after it."""
+    result = launch({"TRAIN_ITERS": "6", "NUM_LAYERS": "2", "HIDDEN_SIZE": "64", "SEQ_LENGTH": "64", "DP_MODE": "ddp"},
+                    "--eval-iters", "1", "--inject-fault", "1:3:nan-loss")
+    assert result.returncode == 1
+    assert "error: non-finite loss at iteration 3 on rank 1; the step was not taken" in result.stderr
+    for report in ("ChildFailedError", "Traceback", "failed (exitcode"):
+        assert report not in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("how,code,line", [("sys.exit(3)", 3, None),
+                                           ("os.kill(os.getpid(), signal.SIGKILL)", 128 + 9,
+                                            "error: rank 1 was killed by SIGKILL, with nothing more to say")])
+def test_the_launcher_ends_with_the_failed_ranks_code(tmp_path, how, code, line):
+    script = tmp_path / "rank.py"
+    script.write_text(f"import os, signal, sys, time\nif os.environ['RANK'] == '1':\n    {how}\ntime.sleep(60)\n")
+    result = subprocess.run([str(REPO / ".venv/bin/python"), "-m", "megatron_edit.launch", "--standalone",
+                             "--nproc-per-node", "2", str(script)], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == code
+    assert [text for text in result.stderr.splitlines() if text.startswith("error:") or "Traceback" in text] == \
+        ([line + " (out of memory, or killed from outside?)"] if line else [])
+
+
 def test_local_run_with_two_edit_replicas_lowers_validation_loss():
     """Without GPUs the defaults are `make train`'s: two processes, each its own EDiT replica."""
     result = launch({"TRAIN_ITERS": "40", "NUM_LAYERS": "2", "HIDDEN_SIZE": "64",

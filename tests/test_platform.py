@@ -22,7 +22,8 @@ def test_layer_stays_off_when_a_cuda_device_is_used():
     out = run_python("""
         import torch
         from megatron_edit import platform
-        torch.cuda.set_device = lambda index: None   # no GPU here: only the binding call is skipped
+        torch.cuda.set_device = lambda index: None   # no GPU here: only the binding call is skipped,
+        torch.cuda.device_count = lambda: 1          # on a machine with one device
         device = platform.setup_device("cuda", 0)
         print(device, platform.cpu_compat_enabled(), torch.Tensor.type is torch._C.TensorBase.type
               or torch.Tensor.type.__module__ == "torch._tensor")

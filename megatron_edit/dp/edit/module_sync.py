@@ -23,7 +23,8 @@ from megatron_edit.dp.local_sgd.meeting import ReplicaMeeting
 from megatron_edit.dp.local_sgd.params import MainParams, ModuleShard
 from megatron_edit.dp.local_sgd.progress import ReplicaProgress
 from megatron_edit.dp.local_sgd.reports import SyncReports
-from megatron_edit.dp.local_sgd.sharded_state import from_model_space, model_space_tensors, replica_object
+from megatron_edit.dp.local_sgd.sharded_state import (from_model_space, load_vectors_state, model_space_tensors,
+                                                     replica_object, vectors_state)
 from megatron_edit.errors import require
 from megatron_edit.logging import print_rank_last
 from megatron_edit.model import unwrap_model
@@ -301,13 +302,10 @@ class ModuleWiseSync:
     def outer_state(self) -> dict:
         """Anchors, momenta and each module's anomaly detector: what every replica holds alike (in a checkpoint
         the detectors are per replica; a replica that heals takes its peer's)."""
-        return {**{name: [v.cpu().clone() for v in vectors] for name, vectors in self.outer_vectors().items()},
-                "detectors": [d.state_dict() for d in self.layerwise.detectors]}
+        return {**vectors_state(self.outer_vectors()), "detectors": [d.state_dict() for d in self.layerwise.detectors]}
 
     def load_outer_state(self, state: dict) -> None:
-        for name, vectors in self.outer_vectors().items():
-            for vector, saved in zip(vectors, state[name]):
-                vector.copy_(saved)
+        load_vectors_state(self.outer_vectors(), state)
         for detector, detector_state in zip(self.layerwise.detectors, state["detectors"]):
             detector.load_state_dict(detector_state)
 

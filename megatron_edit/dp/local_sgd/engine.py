@@ -42,7 +42,7 @@ class LocalSGDDataParallel(DataParallelMode):
     def __init__(self, recipe, ddp_config, transformer_config, config: LocalSGDConfig, groups: LocalSGDGroups,
                  device: torch.device, options: dict):
         """`recipe` names the trigger and synchronizer classes; `options` are its parts' own settings."""
-        self.name, self.config, self.groups = recipe.name, config, groups
+        self.config, self.groups = config, groups
         self.pg_collection = groups.replica_process_groups()  # DDP and the optimizer see one replica
         self.replica_ddp = SynchronousDataParallel(ddp_config, transformer_config, self.pg_collection)
         self.progress = ReplicaProgress(in_warmup=config.warmup_iters > 0)

@@ -76,3 +76,15 @@ def from_model_space(view: FlatParams, tensors: List[torch.Tensor], owned: slice
     flat = torch.zeros(view.padded_numel, dtype=torch.float32)
     flat[:view.numel] = torch.cat([t.reshape(-1).float() for t in tensors])
     return flat[owned]
+
+
+def vectors_state(vectors: Dict[str, List[torch.Tensor]]) -> dict:
+    """Outer vectors by name as host copies: a torch-format checkpoint's, or the state a healing replica takes."""
+    return {name: [vector.cpu().clone() for vector in values] for name, values in vectors.items()}
+
+
+@torch.no_grad()
+def load_vectors_state(vectors: Dict[str, List[torch.Tensor]], state: dict) -> None:
+    for name, values in vectors.items():
+        for vector, saved in zip(values, state[name]):
+            vector.copy_(saved)

@@ -21,7 +21,8 @@ from megatron_edit.dp.local_sgd.params import FlatParams, MainParams, ModuleShar
 from megatron_edit.dp.local_sgd.progress import ReplicaProgress
 from megatron_edit.dp.local_sgd.reports import SyncReports
 from megatron_edit.dp.local_sgd.schedule import SyncSchedule
-from megatron_edit.dp.local_sgd.sharded_state import from_model_space, model_space_tensors
+from megatron_edit.dp.local_sgd.sharded_state import (from_model_space, load_vectors_state, model_space_tensors,
+                                                     vectors_state)
 from megatron_edit.logging import print_rank_last
 
 
@@ -207,12 +208,10 @@ class WholeModelSync:
 
     def outer_state(self) -> dict:
         """What every replica holds alike: the outer vectors."""
-        return {name: [v.cpu().clone() for v in vectors] for name, vectors in self.outer_vectors().items()}
+        return vectors_state(self.outer_vectors())
 
     def load_outer_state(self, state: dict) -> None:
-        for name, vectors in self.outer_vectors().items():
-            for vector, saved in zip(vectors, state[name]):
-                vector.copy_(saved)
+        load_vectors_state(self.outer_vectors(), state)
 
     def layout_state_dict(self) -> dict:
         return {}

@@ -1,5 +1,4 @@
 """Data tools: lossless round trips, worker-independent output, blending, and one clear line for bad input."""
-import base64
 import gzip
 import json
 import os
@@ -11,6 +10,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from launcher import run_training
+from test_arguments import write_tiktoken_ranks
 from megatron_edit import arguments
 from megatron_edit.data import datasets as data_sets
 from megatron_edit.data.tokenizers import (SENTENCEPIECE_TOKENIZERS, GPT2BPETokenizer, HuggingFaceTokenizer,
@@ -37,26 +37,25 @@ def corpus(tmp_path_factory):
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     bpe.save(str(root / "tokenizer.json"))
     bpe.model.save(str(root))  # vocab.json + merges.txt, GPT-2's files
-    tiktoken_ranks = write_tiktoken_ranks(root / "merges.txt", root / "tiktoken.json")
+    tiktoken_ranks = tiktoken_ranks_from_merges(root / "merges.txt", root / "tiktoken.json")
     return types.SimpleNamespace(root=root, jsonl=str(root / "corpus.jsonl"), texts=texts, sp=str(root / "sp.model"),
                                  tiktoken_ranks=tiktoken_ranks)
 
 
-def write_tiktoken_ranks(merges_file, path) -> int:
-    """The same byte-level BPE as TikTokenizer's JSON list of ranks (the 256 bytes, then each merge's token, in
-    merge order; GPT-2's files spell bytes as printable stand-in characters). Returns the number of ranks."""
+def tiktoken_ranks_from_merges(merges_file, path) -> int:
+    """The same byte-level BPE as TikTokenizer's ranks file (each merge's token after the 256 bytes, in merge order;
+    GPT-2's files spell bytes as printable stand-in characters). Returns the number of ranks."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
                  *range(ord("\u00ae"), ord("\u00ff") + 1)]
     others = [b for b in range(256) if b not in printable]
     byte_of = {chr(b): b for b in printable} | {chr(256 + i): b for i, b in enumerate(others)}
-    tokens = [bytes([b]) for b in range(256)]
+    merged = []
     for line in open(merges_file).read().splitlines()[1:]:  # the first line is a version header
-        merged = bytes(byte_of[c] for c in line.replace(" ", ""))
-        if merged not in tokens:
-            tokens.append(merged)
-    path.write_text(json.dumps([{"rank": i, "token_bytes": base64.b64encode(t).decode(),
-                                 "token_str": t.decode(errors="replace")} for i, t in enumerate(tokens)]))
-    return len(tokens)
+        token = bytes(byte_of[c] for c in line.replace(" ", ""))
+        if token not in merged and len(token) > 1:
+            merged.append(token)
+    write_tiktoken_ranks(path, merged)
+    return 256 + len(merged)
 
 
 SP = lambda c: ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", c.sp]  # noqa: E731

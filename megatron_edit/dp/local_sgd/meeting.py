@@ -42,7 +42,7 @@ class ReplicaMeeting:
         """A single replica has no one to synchronize with: it trains exactly like plain data parallelism."""
         return self.groups.sync is not None or self.jobs is not None
 
-    def meet(self) -> int:
+    def meet(self) -> None:
         """Open a sync: the replicas taking part (with torchft, once its quorum met, all running one layout)."""
         start = time.perf_counter()
         self.healed = False
@@ -57,7 +57,6 @@ class ReplicaMeeting:
             self.meeting["sync/replicas change"] = float(present - self._present_before)
         self._present_before = present
         self.wait_seconds = time.perf_counter() - start
-        return present
 
     def took_over(self, iteration: int) -> None:
         """This replica healed from a live peer standing after `iteration` (its state is loaded already)."""

@@ -2,9 +2,11 @@
 # Replicas as independent jobs (EDiT through torchft): one replica per Slurm job or per cluster, meeting at every
 # sync through a lighthouse; a replica may die, restart or join late while the others train on.
 #
-#   bash examples/pretrain_edit_multicluster.sh lighthouse            # 1. somewhere every replica can reach:
-#                                                                     #    torchft's lighthouse on LIGHTHOUSE_PORT
-#   export TORCHFT_LIGHTHOUSE=http://LIGHTHOUSE_HOST:29510 NUM_REPLICAS=2
+#   LIGHTHOUSE_ADDR=10.8.0.1 bash examples/pretrain_edit_multicluster.sh lighthouse
+#                                                                     # 1. torchft's lighthouse on an address every
+#                                                                     #    replica reaches (e.g. its WireGuard one)
+#   export TORCHFT_LIGHTHOUSE=http://10.8.0.1:29510 NUM_REPLICAS=2
+#   export SYNC_INTERFACE=wg0 MEGATRON_EDIT_SYNC_SECRET_FILE=~/.megatron-edit-secret   # the same file everywhere
 #   REPLICA_ID=0 sbatch examples/pretrain_edit_multicluster.sh        # 2. one job per replica, on any cluster
 #   REPLICA_ID=1 sbatch examples/pretrain_edit_multicluster.sh
 #
@@ -15,6 +17,8 @@
 # post-local-sgd, ...) with --replica-coordinator torchft and no warm-up; inside it the job's GPUs are one replica
 # (TP/PP and the shard group as usual), and every replica must use the same layout (one that does not is refused). GLOBAL_BATCH_SIZE spans all NUM_REPLICAS replicas, as in one launch.
 # MIN_REPLICAS (default 1) is the lighthouse's quorum size: with 2, training waits until two replicas are up.
+# Every socket listens on SYNC_INTERFACE (--sync-interface; default: loopback on one machine, the cluster network under
+# Slurm) and the lighthouse on LIGHTHOUSE_ADDR (default 127.0.0.1): see docs/running_across_clusters.md.
 #SBATCH --job-name=megatron-edit-replica
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -25,6 +29,7 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
 LIGHTHOUSE_BIN=${LIGHTHOUSE_BIN:-$(dirname "$PYTHON_BIN")/torchft_lighthouse}
+LIGHTHOUSE_ADDR=${LIGHTHOUSE_ADDR:-127.0.0.1}
 LIGHTHOUSE_PORT=${LIGHTHOUSE_PORT:-29510}
 NUM_REPLICAS=${NUM_REPLICAS:-2}
 
@@ -34,14 +39,15 @@ start_lighthouse() {
     [ -x "$LIGHTHOUSE_BIN" ] || fail "$LIGHTHOUSE_BIN not found: pip install torchft (or set LIGHTHOUSE_BIN)"
     # join timeout: how long a quorum waits for replicas that heartbeat but have not reached the sync yet
     exec "$LIGHTHOUSE_BIN" --min_replicas "${MIN_REPLICAS:-1}" --quorum_tick_ms 100 --join_timeout_ms 10000 \
-        --bind "[::]:$LIGHTHOUSE_PORT" "$@"
+        --bind "$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT" "$@"
 }
 
 replica() {  # one replica: this launch (Slurm job or local processes) with --replica-id $1
     [ -n "${TORCHFT_LIGHTHOUSE:-}" ] || fail "set TORCHFT_LIGHTHOUSE=http://HOST:$LIGHTHOUSE_PORT (start the lighthouse first)"
     local replica_id=$1; shift
     DP_MODE=${DP_MODE:-edit} LOCAL_SGD_WARMUP_ITERS=0 exec bash examples/pretrain_edit.sh \
-        --replica-coordinator torchft --replica-id "$replica_id" --num-replicas "$NUM_REPLICAS" "$@"
+        --replica-coordinator torchft --replica-id "$replica_id" --num-replicas "$NUM_REPLICAS" \
+        ${SYNC_INTERFACE:+--sync-interface "$SYNC_INTERFACE"} "$@"
 }
 
 case "${1:-}" in
@@ -53,12 +59,12 @@ case "${1:-}" in
         RUN_DIR=${RUN_DIR:-runs/multicluster}
         mkdir -p "$RUN_DIR"
         # A lighthouse left on the port (an earlier run's) would take these replicas into its quorums.
-        "$PYTHON_BIN" -c "import socket; socket.create_server(('', $LIGHTHOUSE_PORT), family=socket.AF_INET6, dualstack_ipv6=True)" \
+        "$PYTHON_BIN" -c "import socket; socket.create_server(('$LIGHTHOUSE_ADDR', $LIGHTHOUSE_PORT))" \
             2>/dev/null || fail "port $LIGHTHOUSE_PORT is in use (a lighthouse left from an earlier run?): stop it or set LIGHTHOUSE_PORT"
         start_lighthouse > "$RUN_DIR/lighthouse.log" 2>&1 &  # exec: $! is the lighthouse itself, which the trap stops
         lighthouse_pid=$!
         trap 'kill $lighthouse_pid 2>/dev/null; wait $lighthouse_pid 2>/dev/null || true' EXIT
-        export TORCHFT_LIGHTHOUSE=http://127.0.0.1:$LIGHTHOUSE_PORT NPROC=${NPROC:-1}
+        export TORCHFT_LIGHTHOUSE=http://$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT NPROC=${NPROC:-1}
         export GLOBAL_BATCH_SIZE=${GLOBAL_BATCH_SIZE:-$((${MICRO_BATCH_SIZE:-8} * NPROC * NUM_REPLICAS))}
         pids=()
         for replica_id in $(seq 0 $((NUM_REPLICAS - 1))); do

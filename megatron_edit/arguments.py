@@ -16,7 +16,7 @@ import sys
 
 from megatron.core.transformer.enums import AttnBackend
 
-from megatron_edit import platform
+from megatron_edit import network, platform
 from megatron_edit.errors import UsageError
 from megatron_edit.errors import require as _require
 from megatron_edit.data.datasets import check_data_path, check_split, used_splits
@@ -149,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="all-gather the distributed optimizer's updated parameters bucket by bucket during the next "
                         "forward (ddp; with --use-distributed-optimizer and --overlap-grad-reduce)")
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--sync-interface", default=None,
+                   help="the network interface every socket of the run listens on (torch's stores, gloo, NCCL, "
+                        "torchft's manager and heal transport); default: the one that reaches the master "
+                        "(loopback on one machine); replicas in other clusters need the one they reach this on "
+                        "(see docs/running_across_clusters.md)")
     g.add_argument("--dp-mode", default="ddp", help="data-parallel mode: ddp, edit, aedit, diloco, post-local-sgd (see megatron_edit/dp/)")
 
     g = parser.add_argument_group("local SGD (edit and the other local-SGD modes)")
@@ -213,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long a replica waits for the others at a sync; must exceed a sync interval")
     g.add_argument("--replica-step-timeout-secs", type=float, default=600.0,
                    help="torchft: a replica whose iteration takes longer (waits for the quorum excluded) exits")
+    g.add_argument("--sync-secret-file", default=None,
+                   help="torchft: a file (mode 600, >= 16 bytes) every replica holds alike; a replica proves it before "
+                        "it heals, serves heal state or its pseudo-gradient counts; required unless --sync-interface "
+                        "is loopback; default $MEGATRON_EDIT_SYNC_SECRET_FILE")
 
     g = parser.add_argument_group("EDiT pseudo-gradient penalty")
     g.add_argument("--edit-anomaly-elimination", action="store_true",
@@ -420,6 +429,8 @@ def validate_args(args: argparse.Namespace, warn: bool = True) -> None:
              "--overlap-param-gather overlaps the distributed optimizer's all-gather: it needs "
              "--use-distributed-optimizer and --overlap-grad-reduce")
     _require(args.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be > 0")
+    if args.sync_interface:  # an interface this machine has, and the one GLOO_SOCKET_IFNAME names if set
+        network.listen_interface(args.sync_interface, master_host="127.0.0.1")
     _require(args.seq_length <= args.max_position_embeddings,
              f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
 

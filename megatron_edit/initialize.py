@@ -3,14 +3,13 @@ import dataclasses
 import datetime
 import os
 import random
-import socket
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
-from megatron_edit import platform
+from megatron_edit import network, platform
 from megatron_edit.errors import UsageError
 
 
@@ -36,9 +35,8 @@ def launch_env() -> LaunchEnv:
     return LaunchEnv(0, 1, 0, 1)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def _free_port(address: str) -> int:
+    with network.bound_socket(address, 0) as s:
         return s.getsockname()[1]
 
 
@@ -59,9 +57,12 @@ def initialize_megatron(args) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     device = platform.setup_device(device_type, env.local_rank)
+    interface = network.listen_interface(args.sync_interface, os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    network.use_interface(interface)
+    network.bind_stores(interface)
     if env.world_size == 1:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_ADDR", interface.address)
+        os.environ.setdefault("MASTER_PORT", str(_free_port(interface.address)))
     elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         raise UsageError("MASTER_ADDR and MASTER_PORT must be set for a multi-process launch "
                          "(torchrun sets them; under srun export them from the batch script)")

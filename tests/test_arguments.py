@@ -1,9 +1,11 @@
 """Bad configurations stop before any work, with one line that says what is wrong."""
 import base64
 import json
+import socket
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from launcher import REPO
@@ -207,7 +209,7 @@ def test_overlapped_parameter_gather_needs_the_distributed_optimizer_and_ddp():
                   "--model-shard-group-size", "1"], world_size=2)
 
 
-def test_replica_jobs_flags(monkeypatch):
+def test_replica_jobs_flags(monkeypatch, tmp_path):
     torchft = ["--replica-coordinator", "torchft"]
     diloco = ["--dp-mode", "diloco", "--local-sgd-warmup-iters", "0"]
     monkeypatch.setenv("TORCHFT_LIGHTHOUSE", "http://127.0.0.1:29510")
@@ -224,6 +226,22 @@ def test_replica_jobs_flags(monkeypatch):
                             "--replica-id", "0", "--sync-delay-steps", "1"], world_size=1)
     parsed = arguments.parse_args(BASE + torchft + diloco + ["--num-replicas", "3", "--replica-id", "1"], world_size=2)
     assert parsed.model_shard_group_size == 2 and parsed.global_batch_size == 2 * 2 * 3  # spans all replicas
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 32)
+    secret.chmod(0o644)
+    assert f"--sync-secret-file {secret}: readable by others than its owner (mode -rw-r--r--); chmod 600" in \
+        error_of(torchft + diloco + ["--num-replicas", "2", "--replica-id", "0", "--sync-secret-file", str(secret)],
+                 world_size=1)
+    beyond_loopback = next((name for name, addresses in psutil.net_if_addrs().items() if name != "lo" and any(
+        a.family == socket.AF_INET for a in addresses)), None)
+    if beyond_loopback:
+        assert f"--replica-coordinator torchft listening on {beyond_loopback} (" in error_of(
+            torchft + diloco + ["--num-replicas", "2", "--replica-id", "0", "--sync-interface", beyond_loopback],
+            world_size=1)
+        monkeypatch.setenv("MEGATRON_EDIT_SYNC_SECRET_FILE", str(secret))
+        secret.chmod(0o600)
+        arguments.parse_args(BASE + torchft + diloco + ["--num-replicas", "2", "--replica-id", "0",
+                                                        "--sync-interface", beyond_loopback], world_size=1)
     monkeypatch.delenv("TORCHFT_LIGHTHOUSE")
     assert "set TORCHFT_LIGHTHOUSE=http://HOST:PORT to a running lighthouse" in \
         error_of(torchft + diloco + ["--num-replicas", "2", "--replica-id", "0"], world_size=1)

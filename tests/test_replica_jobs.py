@@ -2,10 +2,12 @@
 every sync through torchft's lighthouse, all on 127.0.0.1. Without failures they train as one launch of all the
 replicas would; a killed replica drops out and the others go on; restarted, it takes a live replica's state and
 joins; a hung one is ended by its watchdog."""
+import os
 import tempfile
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 
@@ -142,6 +144,52 @@ def test_replicas_wait_for_a_lighthouse_that_restarts_and_end_in_one_line_when_i
         assert run.returncode != 0
         assert f"error: replica {replica} met no quorum within 20 s (--torchft-quorum-timeout-secs): the lighthouse " \
                f"at http://127.0.0.1:{port} did not answer" in run.stderr
+
+
+def write_secret(path: Path) -> str:
+    path.write_bytes(os.urandom(32))
+    path.chmod(0o600)
+    return str(path)
+
+
+def listening_addresses() -> set:
+    """The addresses the sockets of this test's processes (lighthouse, torchrun agents, ranks) listen on."""
+    processes = psutil.Process().children(recursive=True)
+    return {c.laddr.ip for p in processes for c in p.net_connections("inet") if c.status == psutil.CONN_LISTEN}
+
+
+def test_replicas_listen_on_loopback_only_and_one_with_another_secret_is_refused_on_both_sides(tmp_path):
+    """Two replica jobs share a secret file, a third holds another. Every socket of the run listens on 127.0.0.1
+    (the default --sync-interface of a run on one machine). Started with the others, the third's proof at the first
+    sync is refused (it exits in one line; the others apply nothing of that sync and say so); restarted later, it
+    is behind and asks to heal: the live replica refuses (one line) and it exits in one line. The two train on."""
+    good, other = write_secret(tmp_path / "good"), write_secret(tmp_path / "other")
+    flags = DILOCO + ["--train-iters", "100000"] + torchft(3)
+    with lighthouse(min_replicas=2, join_timeout_ms=30000) as address:  # the first quorum waits for all three
+        jobs = [ReplicaJob(r, flags + ["--sync-secret-file", secret], address, tmp_path)
+                for r, secret in enumerate([good, good, other])]
+        try:
+            at_the_start = Run(*jobs[2].finish(timeout=300))
+            jobs[0].wait_for_sync(lambda iteration, rest: present(rest) == 2 and "committed: 0" not in rest)
+            assert listening_addresses() == {"127.0.0.1"}
+            later = Run(*ReplicaJob(2, flags + ["--sync-secret-file", other], address, tmp_path).finish(timeout=300))
+            since = jobs[0].syncs()[-1][0]
+            for job in jobs[:2]:  # the two go on syncing
+                job.wait_for_sync(lambda iteration, rest: iteration > since and present(rest) == 2
+                                  and "committed: 0" not in rest)
+        finally:
+            for job in jobs:
+                job.kill()
+    assert at_the_start.returncode != 0
+    assert "error: replica 2's sync secret (--sync-secret-file) is not the one 2 of the 3 replicas present hold: " \
+           "give it their file" in at_the_start.stderr
+    assert later.returncode != 0
+    assert "refused this replica: it holds another sync secret (--sync-secret-file); give every replica the same " \
+           "file" in later.stderr
+    told = jobs[0].errors.read_text() + jobs[1].errors.read_text()
+    assert "warning: replica 2 did not prove the sync secret (--sync-secret-file) at iteration 0: this sync is not " \
+           "applied" in told
+    assert "warning: refused a heal request from 127.0.0.1: it did not prove the sync secret" in told
 
 
 def test_a_replica_with_another_layout_is_refused_in_one_line(tmp_path):

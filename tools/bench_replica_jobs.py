@@ -38,7 +38,7 @@ def start_lighthouse(port: int, min_replicas: int, join_timeout_ms: int = 2000) 
     """torchft's lighthouse on `port`: a quorum needs `min_replicas`, and waits `join_timeout_ms` for replicas that
     heartbeat but have not reached the sync yet."""
     return subprocess.Popen([str(LIGHTHOUSE), "--min_replicas", str(min_replicas), "--quorum_tick_ms", "100",
-                             "--join_timeout_ms", str(join_timeout_ms), "--bind", f"[::]:{port}"],
+                             "--join_timeout_ms", str(join_timeout_ms), "--bind", f"127.0.0.1:{port}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

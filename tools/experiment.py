@@ -149,7 +149,7 @@ class JobFailed(RuntimeError):
 
 def torchrun_command(nproc: int, argv: Sequence[str], launcher_args: Sequence[str] = ("--standalone",),
                      prefix: Sequence[str] = (), script: str = str(REPO / "pretrain_gpt.py")) -> List[str]:
-    return [*prefix, sys.executable, "-m", "torch.distributed.run", *launcher_args, f"--nproc-per-node={nproc}",
+    return [*prefix, sys.executable, "-m", "megatron_edit.launch", *launcher_args, f"--nproc-per-node={nproc}",
             script, *argv]
 
 

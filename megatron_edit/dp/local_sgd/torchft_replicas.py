@@ -5,7 +5,9 @@ are as always. At every sync, torchft's Manager asks the lighthouse (`TORCHFT_LI
 replicas present, reconfigures a gloo (or NCCL) process group over them (rank k of every replica exchanges with
 rank k of the others), and after the exchange every replica commits only if the collectives succeeded everywhere. A
 replica that died drops out of the next quorum; a replica that starts (or restarts) behind the others heals in its
-first quorum: it receives a live peer's state (`heal_state`) before it exchanges anything.
+first quorum: it receives a live peer's state (`heal_state`, over heal_transport.py) before it exchanges anything.
+Replicas prove the sync secret to each other (sync_secret.py) before heal state is served or taken, and at every
+sync (ReplicaMeeting); every socket here listens on --sync-interface (network.py).
 
 A replica that hangs would keep heartbeating to the lighthouse and delay every quorum; `StepWatchdog` ends it when
 no iteration completes within `--replica-step-timeout-secs` (quorum waits excluded).
@@ -13,41 +15,34 @@ no iteration completes within `--replica-step-timeout-secs` (quorum waits exclud
 import contextlib
 import math
 import os
-import pickle
 import sys
 import threading
 import time
-import urllib.request
 from datetime import timedelta
 from typing import Callable, List, Tuple
 
 import torch
 import torch.distributed as dist
 
+from megatron_edit import network
 from megatron_edit.dp import comm_stats
+from megatron_edit.dp.local_sgd import sync_secret
+from megatron_edit.dp.local_sgd.heal_transport import AuthenticatedHealTransport
 from megatron_edit.errors import TrainingError, require
 
 
-def weights_only_http_transport(timeout: timedelta):
-    """torchft's HTTP checkpoint transport (a live replica serves its heal state), except that the healing replica
-    unpickles what it receives weights-only: whoever reaches the port can send it tensors and numbers, not code (torchft
-    loads with weights_only=False). The override is of a private torchft method: tests/test_safe_load.py fails
-    when torchft changes it."""
-    from torchft.checkpointing._serialization import _streaming_load
-    from torchft.checkpointing.http_transport import HTTPTransport
+def serve_manager_on(interface: network.ListenInterface) -> None:
+    """torchft's Manager starts its server (the replica's quorum and commit votes, the address healing replicas ask
+    for the heal state's) on `[::]:port`, every interface; this makes it listen on `interface` only. The Manager
+    looks the name up in its module when it builds the server (tests/test_replica_jobs.py lists the sockets a run
+    listens on, and fails if torchft stops doing so)."""
+    from torchft import manager
+    from torchft._torchft import ManagerServer
 
-    class WeightsOnlyHTTPTransport(HTTPTransport):
-        @classmethod
-        def _load_from_address(cls, address: str, timeout: timedelta) -> object:
-            with urllib.request.urlopen(address, timeout=timeout.total_seconds()) as response:
-                try:
-                    return _streaming_load(response, weights_only=True)
-                except pickle.UnpicklingError as exc:  # an Exception: torchft's manager reports a failed heal
-                    raise pickle.UnpicklingError(
-                        f"the heal state served at {address} holds objects that loading would run code for "
-                        f"({str(exc).strip().splitlines()[-1]}): refused") from None
+    def on_interface(*, bind: str, **kwargs):
+        return ManagerServer(bind=interface.host_port(int(bind.rsplit(":", 1)[1])), **kwargs)
 
-    return WeightsOnlyHTTPTransport(timeout=timeout, num_chunks=0)
+    manager.ManagerServer = on_interface
 
 
 class TorchftReplicas:
@@ -60,9 +55,12 @@ class TorchftReplicas:
         timeout = timedelta(seconds=args.torchft_timeout_secs)
         group = ProcessGroupNCCL(timeout=timeout) if device.type == "cuda" else ProcessGroupGloo(timeout=timeout)
         self.replica_id, self.quorum_timeout = args.replica_index, args.torchft_quorum_timeout_secs
+        self.secret = sync_secret.read_secret(sync_secret.secret_file(args.sync_secret_file))
+        interface = network.interface_in_use()
+        serve_manager_on(interface)
         self.manager = Manager(
-            pg=group, state_dict=heal_state, load_state_dict=load_heal_state,
-            checkpoint_transport=weights_only_http_transport(timeout),
+            pg=group, state_dict=heal_state, load_state_dict=load_heal_state, hostname=interface.host,
+            checkpoint_transport=AuthenticatedHealTransport(self.secret, interface, timeout),
             min_replica_size=args.torchft_min_replicas, use_async_quorum=False, init_sync=False,
             timeout=timeout, quorum_timeout=timedelta(seconds=self.quorum_timeout),
             # A lighthouse that restarts is asked again, each try taking up to the timeout, for as long as a
@@ -93,6 +91,10 @@ class TorchftReplicas:
         comm_stats.COUNTER.add("sync", tensor.numel() * tensor.element_size()
                                * comm_stats.wire_fraction("all_reduce", self.manager.num_participants()))
         return self.manager.allreduce(tensor, reduce_op=dist.ReduceOp.SUM)
+
+    def refuse(self, reason: str) -> None:
+        """Apply nothing of the sync under way: the rest of its collectives are skipped and commit() says False."""
+        self.manager.report_error(RuntimeError(reason))
 
     def commit(self) -> bool:
         """Whether every replica of the quorum completed this sync's collectives (then, and only then, apply it)."""
@@ -191,7 +193,8 @@ def validate(args) -> None:
             "--replica-coordinator torchft needs the torchft package: pip install torchft")
     require(os.environ.get("TORCHFT_LIGHTHOUSE"),
             "--replica-coordinator torchft: set TORCHFT_LIGHTHOUSE=http://HOST:PORT to a running lighthouse "
-            "(start one with: torchft_lighthouse --min_replicas 1 --bind [::]:29510)")
+            "(start one with: torchft_lighthouse --min_replicas 1 --bind ADDRESS:29510, on an address every replica "
+            "reaches; see docs/running_across_clusters.md)")
     require(args.replica_index is not None and 0 <= args.replica_index < args.num_replicas,
             f"--replica-coordinator torchft needs --replica-id in [0, {args.num_replicas}) (--num-replicas "
             f"{args.num_replicas})")
@@ -210,6 +213,15 @@ def validate(args) -> None:
     require(args.sync_delay_steps == 0 and args.sync_fragments == 1,
             "--replica-coordinator torchft: a sync commits (or is undone) within its iteration, so it cannot be "
             "delayed or split; drop --sync-delay-steps and --sync-fragments")
+    secret_file = sync_secret.secret_file(args.sync_secret_file)
+    if secret_file:
+        sync_secret.check_secret_file(secret_file)
+    else:
+        interface = network.listen_interface(args.sync_interface, os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        require(interface.is_loopback,
+                f"--replica-coordinator torchft listening on {interface.name} ({interface.address}): replicas that "
+                f"other machines reach must prove a shared secret; give every replica --sync-secret-file FILE (or "
+                f"{sync_secret.SECRET_FILE_VARIABLE}; head -c 32 /dev/urandom > FILE; chmod 600 FILE)")
     require(args.torchft_min_replicas >= 1 and args.torchft_timeout_secs > 0 and args.torchft_quorum_timeout_secs > 0
             and args.replica_step_timeout_secs > 0,
             "--torchft-min-replicas must be >= 1 and the torchft timeouts > 0")

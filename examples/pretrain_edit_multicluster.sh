@@ -28,18 +28,16 @@
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 PYTHON_BIN=${PYTHON_BIN:-.venv/bin/python}
-LIGHTHOUSE_BIN=${LIGHTHOUSE_BIN:-$(dirname "$PYTHON_BIN")/torchft_lighthouse}
 LIGHTHOUSE_ADDR=${LIGHTHOUSE_ADDR:-127.0.0.1}
 LIGHTHOUSE_PORT=${LIGHTHOUSE_PORT:-29510}
 NUM_REPLICAS=${NUM_REPLICAS:-2}
 
 fail() { echo "error: $*" >&2; exit 2; }
 
-start_lighthouse() {
-    [ -x "$LIGHTHOUSE_BIN" ] || fail "$LIGHTHOUSE_BIN not found: pip install torchft (or set LIGHTHOUSE_BIN)"
+start_lighthouse() {  # torchft's lighthouse on loopback, behind a gate on LIGHTHOUSE_ADDR that admits the secret's holders
     # join timeout: how long a quorum waits for replicas that heartbeat but have not reached the sync yet
-    exec "$LIGHTHOUSE_BIN" --min_replicas "${MIN_REPLICAS:-1}" --quorum_tick_ms 100 --join_timeout_ms 10000 \
-        --bind "$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT" "$@"
+    exec "$PYTHON_BIN" -m megatron_edit.lighthouse --bind "$LIGHTHOUSE_ADDR:$LIGHTHOUSE_PORT" \
+        --min_replicas "${MIN_REPLICAS:-1}" --quorum_tick_ms 100 --join_timeout_ms 10000 "$@"
 }
 
 replica() {  # one replica: this launch (Slurm job or local processes) with --replica-id $1

@@ -1,7 +1,10 @@
-"""Replica jobs prove a shared secret to each other: the heal transport between two real servers and clients, and
-the secret file's checks. (tests/test_replica_jobs.py runs a replica with another secret against real ones.)"""
+"""Replica jobs prove a shared secret: to the lighthouse's gate, and to each other over the heal transport (real
+servers and clients), and the secret file's checks. (tests/test_replica_jobs.py runs a replica with another secret
+against real ones.)"""
+import contextlib
 import http.server
 import os
+import socket
 import threading
 import urllib.request
 from datetime import timedelta
@@ -9,7 +12,8 @@ from datetime import timedelta
 import pytest
 import torch
 
-from megatron_edit.dp.local_sgd import sync_secret
+from megatron_edit import lighthouse
+from megatron_edit import sync_secret
 from megatron_edit.dp.local_sgd.heal_transport import AuthenticatedHealTransport
 from megatron_edit.errors import TrainingError, UsageError
 from megatron_edit.network import ListenInterface
@@ -103,10 +107,65 @@ def test_a_secret_file_must_exist_be_long_enough_and_be_private(tmp_path):
     assert sync_secret.read_secret(None) == b""
 
 
-def test_proofs_are_of_the_secret_and_the_nonces():
-    a = sync_secret.proof(b"k" * 16, "sync", 1, 2)
-    assert a == sync_secret.proof(b"k" * 16, "sync", 1, 2)
-    assert a != sync_secret.proof(b"k" * 16, "sync", 1, 3) and a != sync_secret.proof(b"j" * 16, "sync", 1, 2)
-    words = sync_secret.as_words(a)
-    assert len(words) == sync_secret.PROOF_WORDS and all(w == int(w) and 0 <= w < 2 ** 32 for w in words)
-    assert torch.tensor(words, dtype=torch.float64).tolist() == words  # exact through a float64 sum
+def echo_server() -> socket.socket:
+    """What stands behind the gate here: a server that sends back what it receives."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def echo(connection):
+        with connection, contextlib.suppress(OSError):
+            while data := connection.recv(4096):
+                connection.sendall(data)
+
+    threading.Thread(target=lambda: [threading.Thread(target=echo, args=(listener.accept()[0],), daemon=True)
+                                     .start() for _ in iter(int, 1)], daemon=True).start()
+    return listener
+
+
+def test_the_lighthouse_gate_relays_a_replica_that_proves_the_secret_and_refuses_one_that_does_not(capfd):
+    behind = echo_server()
+    gate_listener = socket.create_server(("127.0.0.1", 0))
+    gate = lighthouse.Gate(b"a" * 32, behind.getsockname())
+    threading.Thread(target=lighthouse._serve, args=(gate_listener, gate.handle), daemon=True).start()
+    gate_url = f"http://127.0.0.1:{gate_listener.getsockname()[1]}"
+
+    forwarder = lighthouse.GateForwarder(gate_url, b"a" * 32)  # what a replica's rank 0 runs
+    with socket.create_connection(("127.0.0.1", int(forwarder.url.rsplit(":", 1)[1])), timeout=10) as through:
+        through.sendall(b"quorum please")
+        assert through.recv(100) == b"quorum please"
+
+    with socket.create_connection(gate_listener.getsockname(), timeout=10) as stranger:  # the handshake, wrong key
+        nonce = os.urandom(lighthouse.NONCE_BYTES)
+        stranger.sendall(lighthouse.HELLO + nonce)
+        theirs = stranger.recv(len(lighthouse.HELLO) + lighthouse.NONCE_BYTES)[len(lighthouse.HELLO):]
+        stranger.sendall(sync_secret.proof(b"b" * 32, "replica", nonce, theirs))
+        assert stranger.recv(1) == lighthouse.REFUSED and stranger.recv(1) == b""  # and closed
+    assert "warning: the lighthouse gate refused a connection from 127.0.0.1: it did not prove the sync secret " \
+           "(--sync-secret-file)" in capfd.readouterr().err
+
+
+def test_a_replica_leaves_in_one_line_when_the_lighthouse_is_not_a_gate_or_a_gate_of_another_secret(monkeypatch):
+    """What the forwarder ends its replica with (GateForwarder._end exits the process; here it records the line)."""
+    lines = []
+    monkeypatch.setattr(lighthouse.GateForwarder, "_end", staticmethod(lines.append))
+    behind = echo_server()
+    not_a_gate = socket.create_server(("127.0.0.1", 0))  # answers as an HTTP server would, as torchft's lighthouse
+
+    def answer():
+        while True:
+            with not_a_gate.accept()[0] as connection:
+                connection.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    gate_listener = socket.create_server(("127.0.0.1", 0))
+    threading.Thread(target=lighthouse._serve, daemon=True,
+                     args=(gate_listener, lighthouse.Gate(b"a" * 32, behind.getsockname()).handle)).start()
+    for target, secret in [(not_a_gate, b"a" * 32), (gate_listener, b"b" * 32)]:
+        url = f"http://127.0.0.1:{target.getsockname()[1]}"
+        forwarder = lighthouse.GateForwarder(url, secret)
+        with socket.create_connection(("127.0.0.1", int(forwarder.url.rsplit(":", 1)[1])), timeout=10) as through:
+            assert through.recv(1) == b""  # closed: nothing was relayed
+    assert lines == [
+        f"http://127.0.0.1:{not_a_gate.getsockname()[1]} is not a lighthouse gate: start the lighthouse with python -m "
+        "megatron_edit.lighthouse (see docs/running_across_clusters.md)",
+        f"the lighthouse gate at http://127.0.0.1:{gate_listener.getsockname()[1]} refused this replica: it holds "
+        "another sync secret (--sync-secret-file); give every replica the same file"]

@@ -9,6 +9,7 @@ on a free port. Also the helpers tests/test_replica_jobs.py starts its jobs with
 """
 import argparse
 import contextlib
+import os
 import re
 import signal
 import socket
@@ -24,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tools.experiment import LLAMA_STYLE, REPO, data_args, job_env, run_job, torchrun_command, write_table  # noqa: E402
 
-LIGHTHOUSE = Path(sys.executable).with_name("torchft_lighthouse")
 SYNC = re.compile(r" (?:diloco|edit|post-local-sgd) sync at iteration (\d+) \|(.*)")
 
 
@@ -34,19 +34,25 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_lighthouse(port: int, min_replicas: int, join_timeout_ms: int = 2000) -> subprocess.Popen:
-    """torchft's lighthouse on `port`: a quorum needs `min_replicas`, and waits `join_timeout_ms` for replicas that
-    heartbeat but have not reached the sync yet."""
-    return subprocess.Popen([str(LIGHTHOUSE), "--min_replicas", str(min_replicas), "--quorum_tick_ms", "100",
-                             "--join_timeout_ms", str(join_timeout_ms), "--bind", f"127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def start_lighthouse(port: int, min_replicas: int, join_timeout_ms: int = 2000, log: Optional[Path] = None,
+                     secret_file: Optional[str] = None) -> subprocess.Popen:
+    """torchft's lighthouse behind its gate (megatron_edit.lighthouse) on `port`, admitting the holders of
+    `secret_file` (none: the empty key): a quorum needs `min_replicas`, and waits `join_timeout_ms` for replicas that
+    heartbeat but have not reached the sync yet. The gate's lines go to `log`."""
+    secret = ["--sync-secret-file", secret_file] if secret_file else []
+    with open(log or os.devnull, "w") as errors:
+        return subprocess.Popen([sys.executable, "-m", "megatron_edit.lighthouse", "--bind", f"127.0.0.1:{port}",
+                                 *secret, "--min_replicas", str(min_replicas), "--quorum_tick_ms", "100",
+                                 "--join_timeout_ms", str(join_timeout_ms)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=errors)
 
 
 @contextlib.contextmanager
-def lighthouse(min_replicas: int, join_timeout_ms: int = 2000):
+def lighthouse(min_replicas: int, join_timeout_ms: int = 2000, log: Optional[Path] = None,
+               secret_file: Optional[str] = None):
     """start_lighthouse on a free port, for the block; yields its address (TORCHFT_LIGHTHOUSE)."""
     port = free_port()
-    process = start_lighthouse(port, min_replicas, join_timeout_ms)
+    process = start_lighthouse(port, min_replicas, join_timeout_ms, log, secret_file)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:

@@ -23,7 +23,7 @@ from typing import List, Optional
 import torch
 from torchft.checkpointing import CheckpointTransport
 
-from megatron_edit.dp.local_sgd.sync_secret import proof, same_proof
+from megatron_edit.sync_secret import proof, same_proof
 from megatron_edit.errors import TrainingError
 from megatron_edit.network import ListenInterface
 

@@ -4,19 +4,16 @@ torchft's quorum of those alive (torchft_replicas.py), in which a replica that i
 `meet()` opens a sync, `contributors()` counts the pseudo-gradients its sums hold, `commit()` says whether to apply
 it. Nothing here knows what a sync exchanges.
 """
-import os
-import sys
 import time
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from megatron_edit.dp.local_sgd import sync_secret, torchft_replicas
+from megatron_edit.dp.local_sgd import torchft_replicas
 from megatron_edit.dp.local_sgd.groups import LocalSGDGroups
 from megatron_edit.dp.local_sgd.members import ProcessGroupMembers
 from megatron_edit.dp.local_sgd.progress import ReplicaProgress
-from megatron_edit.errors import TrainingError
 
 
 class ReplicaMeeting:
@@ -54,7 +51,7 @@ class ReplicaMeeting:
         else:
             present = self.jobs.quorum()  # heals this replica (took_over) when it is behind
             self.members.contributing = not self.healed
-            self._check_peers()
+            self._check_layouts()
         self.meeting = {"sync/replicas": float(present)}
         if self._present_before is not None and present != self._present_before:  # replicas left or joined
             self.meeting["sync/replicas change"] = float(present - self._present_before)
@@ -68,37 +65,14 @@ class ReplicaMeeting:
             print(f" replica {self.data_slot[0]} took a live replica's state: continuing after iteration "
                   f"{iteration}", flush=True)
 
-    def _check_peers(self) -> None:
+    def _check_layouts(self) -> None:
         """Replica jobs exchange rank k's shard with rank k's: this one refuses to go on when its layout is not the
-        one most replicas present run (on a tie, the lowest --replica-id's). Then every replica proves the sync
-        secret over the nonces all of them drew here, so no stale proof passes."""
-        nonce = float(int.from_bytes(os.urandom(4), "big"))
-        rows, present = self.members.gather(torch.tensor((*self.layout, nonce), dtype=torch.float64))
-        rows = [row for row, here in zip(rows.tolist(), present) if here]
-        if rows:
-            layouts = [tuple(int(v) for v in row[:-1]) for row in rows]
+        one most replicas present run (on a tie, the lowest --replica-id's)."""
+        rows, present = self.members.gather(torch.tensor(self.layout, dtype=torch.float64))
+        layouts = [tuple(int(v) for v in row) for row, here in zip(rows.tolist(), present) if here]
+        if layouts:
             reference = max(layouts, key=layouts.count)  # max keeps the first of equal counts
             torchft_replicas.require_same_layout(self.layout, reference, "the other replicas")
-        self._prove_secret(nonces=[int(row[-1]) for row in rows])
-
-    def _prove_secret(self, nonces) -> None:
-        """Each replica writes its proof of the secret over `nonces` into its slot. A replica whose proof most of
-        those present do not share exits in one line; the others apply nothing of this sync (its sums hold the
-        odd one's pseudo-gradient) and say which replica failed. On a tie, neither side's sync is applied."""
-        proof = torch.tensor(sync_secret.as_words(sync_secret.proof(self.jobs.secret, "sync", *nonces)),
-                             dtype=torch.float64)
-        rows, present = self.members.gather(proof)
-        odd = [slot for slot, (row, here) in enumerate(zip(rows, present)) if here and not torch.equal(row, proof)]
-        if not odd:
-            return
-        if 2 * len(odd) > sum(present):
-            raise TrainingError(f"replica {self.data_slot[0]}'s sync secret (--sync-secret-file) is not the one "
-                                f"{len(odd)} of the {sum(present)} replicas present hold: give it their file")
-        reason = (f"replica {', '.join(map(str, odd))} did not prove the sync secret (--sync-secret-file) at "
-                  f"iteration {self.progress.iteration}: this sync is not applied")
-        if dist.get_rank() == 0:
-            print(f"warning: {reason}", file=sys.stderr, flush=True)
-        self.jobs.refuse(reason)
 
     def contributors(self, device: torch.device) -> int:
         """How many replicas' pseudo-gradients the sync's sums hold: all of them, except that one healing in this

@@ -6,8 +6,8 @@ replicas present, reconfigures a gloo (or NCCL) process group over them (rank k 
 rank k of the others), and after the exchange every replica commits only if the collectives succeeded everywhere. A
 replica that died drops out of the next quorum; a replica that starts (or restarts) behind the others heals in its
 first quorum: it receives a live peer's state (`heal_state`, over heal_transport.py) before it exchanges anything.
-Replicas prove the sync secret to each other (sync_secret.py) before heal state is served or taken, and at every
-sync (ReplicaMeeting); every socket here listens on --sync-interface (network.py).
+Replicas prove the sync secret (sync_secret.py) to the lighthouse's gate before they meet (lighthouse.py), and to each
+other before heal state is served or taken; every socket here listens on --sync-interface (network.py).
 
 A replica that hangs would keep heartbeating to the lighthouse and delay every quorum; `StepWatchdog` ends it when
 no iteration completes within `--replica-step-timeout-secs` (quorum waits excluded).
@@ -24,11 +24,11 @@ from typing import Callable, List, Tuple
 import torch
 import torch.distributed as dist
 
-from megatron_edit import network
+from megatron_edit import network, sync_secret
 from megatron_edit.dp import comm_stats
-from megatron_edit.dp.local_sgd import sync_secret
 from megatron_edit.dp.local_sgd.heal_transport import AuthenticatedHealTransport
 from megatron_edit.errors import TrainingError, require
+from megatron_edit.lighthouse import GateForwarder
 
 
 def serve_manager_on(interface: network.ListenInterface) -> None:
@@ -58,8 +58,11 @@ class TorchftReplicas:
         self.secret = sync_secret.read_secret(sync_secret.secret_file(args.sync_secret_file))
         interface = network.interface_in_use()
         serve_manager_on(interface)
+        # Rank 0 heartbeats to the lighthouse, through its gate (lighthouse.py); the other ranks talk to rank 0.
+        lighthouse = GateForwarder(os.environ["TORCHFT_LIGHTHOUSE"], self.secret).url if dist.get_rank() == 0 else None
         self.manager = Manager(
-            pg=group, state_dict=heal_state, load_state_dict=load_heal_state, hostname=interface.host,
+            pg=group, state_dict=heal_state, load_state_dict=load_heal_state, lighthouse_addr=lighthouse,
+            hostname=interface.host,
             checkpoint_transport=AuthenticatedHealTransport(self.secret, interface, timeout),
             min_replica_size=args.torchft_min_replicas, use_async_quorum=False, init_sync=False,
             timeout=timeout, quorum_timeout=timedelta(seconds=self.quorum_timeout),
@@ -91,10 +94,6 @@ class TorchftReplicas:
         comm_stats.COUNTER.add("sync", tensor.numel() * tensor.element_size()
                                * comm_stats.wire_fraction("all_reduce", self.manager.num_participants()))
         return self.manager.allreduce(tensor, reduce_op=dist.ReduceOp.SUM)
-
-    def refuse(self, reason: str) -> None:
-        """Apply nothing of the sync under way: the rest of its collectives are skipped and commit() says False."""
-        self.manager.report_error(RuntimeError(reason))
 
     def commit(self) -> bool:
         """Whether every replica of the quorum completed this sync's collectives (then, and only then, apply it)."""
@@ -193,8 +192,8 @@ def validate(args) -> None:
             "--replica-coordinator torchft needs the torchft package: pip install torchft")
     require(os.environ.get("TORCHFT_LIGHTHOUSE"),
             "--replica-coordinator torchft: set TORCHFT_LIGHTHOUSE=http://HOST:PORT to a running lighthouse "
-            "(start one with: torchft_lighthouse --min_replicas 1 --bind ADDRESS:29510, on an address every replica "
-            "reaches; see docs/running_across_clusters.md)")
+            "(start one with: python -m megatron_edit.lighthouse --bind ADDRESS:29510 --min_replicas 1, on an "
+            "address every replica reaches; see docs/running_across_clusters.md)")
     require(args.replica_index is not None and 0 <= args.replica_index < args.num_replicas,
             f"--replica-coordinator torchft needs --replica-id in [0, {args.num_replicas}) (--num-replicas "
             f"{args.num_replicas})")

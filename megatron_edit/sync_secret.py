@@ -1,7 +1,7 @@
-"""The secret replica jobs share (`--sync-secret-file`, or MEGATRON_EDIT_SYNC_SECRET_FILE): a replica proves it
-before its heal state is taken or served (heal_transport.py) and, at every sync, before its pseudo-gradient counts
-(ReplicaMeeting's proof round). The proofs are HMAC-SHA256 over fresh nonces; the secret itself never leaves this
-process, the command line, logs and checkpoints hold the file's path only.
+"""The secret replica jobs share (`--sync-secret-file`, or MEGATRON_EDIT_SYNC_SECRET_FILE): a replica proves it to the
+lighthouse's gate before it may join a quorum (lighthouse.py), and to a live replica before heal state is served or
+taken (heal_transport.py). The proofs are HMAC-SHA256 over fresh nonces; the secret itself never leaves this process,
+the command line, logs and checkpoints hold the file's path only.
 
 Without a secret file the key is empty: replicas on one machine's loopback, where every process is the user's own,
 still prove they belong to the same kind of run, and one with a secret cannot meet one without.
@@ -10,13 +10,12 @@ import hashlib
 import hmac
 import os
 import stat
-from typing import List, Optional
+from typing import Optional
 
 from megatron_edit.errors import require
 
 SECRET_FILE_VARIABLE = "MEGATRON_EDIT_SYNC_SECRET_FILE"
 MIN_SECRET_BYTES = 16
-PROOF_WORDS = 8  # a 32-byte proof as 32-bit words, each exact in the float64 sums a quorum carries
 
 
 def secret_file(flag: Optional[str]) -> Optional[str]:
@@ -48,10 +47,6 @@ def proof(secret: bytes, *parts) -> bytes:
     """HMAC-SHA256 of the parts (str, int or bytes), which a holder of the same secret alone can produce."""
     message = b"\0".join(part if isinstance(part, bytes) else str(part).encode() for part in parts)
     return hmac.new(secret, message, hashlib.sha256).digest()
-
-
-def as_words(digest: bytes) -> List[float]:
-    return [float(int.from_bytes(digest[i:i + 4], "big")) for i in range(0, 4 * PROOF_WORDS, 4)]
 
 
 def same_proof(a: bytes, b: bytes) -> bool:

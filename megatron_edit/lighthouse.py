@@ -79,9 +79,14 @@ class Gate:
         self.secret, self.lighthouse = secret, lighthouse
 
     def handle(self, connection: socket.socket, peer: str) -> None:
+        connection.settimeout(30)
         try:
-            connection.settimeout(30)
-            if _receive(connection, len(HELLO)) != HELLO:
+            hello = _receive(connection, len(HELLO))
+        except (OSError, ConnectionError):  # a port probe, or a health check: nothing to refuse
+            connection.close()
+            return
+        try:
+            if hello != HELLO:
                 raise ConnectionError("it is not a replica's gate forwarder")
             theirs, mine = _receive(connection, NONCE_BYTES), os.urandom(NONCE_BYTES)
             connection.sendall(HELLO + mine)

@@ -41,10 +41,16 @@ def start_lighthouse(port: int, min_replicas: int, join_timeout_ms: int = 2000, 
     heartbeat but have not reached the sync yet. The gate's lines go to `log`."""
     secret = ["--sync-secret-file", secret_file] if secret_file else []
     with open(log or os.devnull, "w") as errors:
-        return subprocess.Popen([sys.executable, "-m", "megatron_edit.lighthouse", "--bind", f"127.0.0.1:{port}",
-                                 *secret, "--min_replicas", str(min_replicas), "--quorum_tick_ms", "100",
-                                 "--join_timeout_ms", str(join_timeout_ms)],
-                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=errors)
+        process = subprocess.Popen([sys.executable, "-m", "megatron_edit.lighthouse", "--bind", f"127.0.0.1:{port}",
+                                    *secret, "--min_replicas", str(min_replicas), "--quorum_tick_ms", "100",
+                                    "--join_timeout_ms", str(join_timeout_ms)],
+                                   cwd=REPO, stdout=subprocess.DEVNULL, stderr=errors)
+    deadline = time.monotonic() + 60  # listening before any replica starts, however loaded the machine
+    while process.poll() is None and time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return process
+        time.sleep(0.1)
+    raise RuntimeError(f"the lighthouse on port {port} did not start (exit code {process.poll()})")
 
 
 @contextlib.contextmanager

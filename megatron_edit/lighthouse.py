@@ -37,7 +37,7 @@ def _receive(connection: socket.socket, size: int) -> bytes:
     while len(data) < size:
         chunk = connection.recv(size - len(data))
         if not chunk:
-            raise ConnectionError("the other side closed the connection")
+            raise ConnectionError("the other side closed the connection")  # an OSError
         data += chunk
     return data
 
@@ -82,7 +82,7 @@ class Gate:
         connection.settimeout(30)
         try:
             hello = _receive(connection, len(HELLO))
-        except (OSError, ConnectionError):  # a port probe, or a health check: nothing to refuse
+        except OSError:  # a port probe, or a health check: nothing to refuse
             connection.close()
             return
         try:
@@ -97,7 +97,7 @@ class Gate:
             connection.sendall(ADMITTED + sync_secret.proof(self.secret, "gate", theirs, mine))
             connection.settimeout(None)
             lighthouse = socket.create_connection(self.lighthouse)
-        except (OSError, ConnectionError) as exc:
+        except OSError as exc:
             print(f"warning: the lighthouse gate refused a connection from {peer}: {exc}", file=sys.stderr,
                   flush=True)
             connection.close()
@@ -122,7 +122,7 @@ class GateForwarder:
         try:
             gate = socket.create_connection(self.gate, timeout=30)
             refusal = self._handshake(gate)
-        except (OSError, ConnectionError):  # torchft's manager sees the lighthouse unreachable, and asks again
+        except OSError:  # torchft's manager sees the lighthouse unreachable, and asks again
             connection.close()
             return
         if refusal:

@@ -80,10 +80,9 @@ def route_to(host: str) -> ListenInterface:
 
 def listen_interface(name: Optional[str], master_host: str) -> ListenInterface:
     """The interface named (the flag, else GLOO_SOCKET_IFNAME if the user set it), else the route to the master."""
-    for variable in INTERFACE_VARIABLES:
-        if name and os.environ.get(variable, name) != name:
-            raise UsageError(f"--sync-interface {name} but {variable}={os.environ[variable]}: name one interface "
-                             "(unset the variable, or drop the flag)")
+    if name and os.environ.get("GLOO_SOCKET_IFNAME", name) != name:
+        raise UsageError(f"--sync-interface {name} but GLOO_SOCKET_IFNAME={os.environ['GLOO_SOCKET_IFNAME']}: name "
+                         "one interface (unset the variable, or drop the flag)")
     name = name or os.environ.get("GLOO_SOCKET_IFNAME")
     return interface_named(name) if name else route_to(master_host)
 
@@ -94,9 +93,11 @@ def interface_in_use() -> ListenInterface:
 
 
 def use_interface(interface: ListenInterface) -> None:
-    """gloo, NCCL and TensorPipe listen (and connect) on `interface` in this process and the ones it starts."""
+    """gloo, NCCL and TensorPipe listen (and connect) on `interface` in this process and the ones it starts; an
+    NCCL_SOCKET_IFNAME the user set (NCCL takes prefixes and exclusions) is theirs to keep."""
     for variable in INTERFACE_VARIABLES:
-        os.environ[variable] = interface.name
+        if variable == "GLOO_SOCKET_IFNAME" or variable not in os.environ:
+            os.environ[variable] = interface.name
 
 
 def bound_socket(address: str, port: int) -> socket.socket:

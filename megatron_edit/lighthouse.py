@@ -126,9 +126,9 @@ class GateForwarder:
             connection.close()
             return
         if refusal:
+            self._end(refusal)
             connection.close()
             gate.close()
-            self._end(refusal)
             return
         gate.settimeout(None)
         _relay(connection, gate)

@@ -26,7 +26,7 @@ INTERFACE_VARIABLES = ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME", "TP_SOCKET_IF
 @dataclasses.dataclass(frozen=True)
 class ListenInterface:
     name: str
-    address: str  # its IPv4 address, or IPv6 where it has none
+    address: str  # its IPv4 address, or a global IPv6 one where it has none
 
     @property
     def host(self) -> str:
@@ -47,8 +47,8 @@ def interface_named(name: str) -> ListenInterface:
         raise UsageError(f"--sync-interface {name}: this machine has no such network interface (it has "
                          f"{', '.join(sorted(psutil.net_if_addrs()))})")
     for family in (socket.AF_INET, socket.AF_INET6):
-        for address in addresses:
-            if address.family == family:
+        for address in addresses:  # a link-local IPv6 address needs its scope to be reached: not one to advertise
+            if address.family == family and not ipaddress.ip_address(address.address.split("%")[0]).is_link_local:
                 return ListenInterface(name, address.address.split("%")[0])
     raise UsageError(f"--sync-interface {name}: the interface has no IP address; bring it up or name another")
 

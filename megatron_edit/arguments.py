@@ -430,7 +430,7 @@ def validate_args(args: argparse.Namespace, warn: bool = True) -> None:
              "--use-distributed-optimizer and --overlap-grad-reduce")
     _require(args.distributed_timeout_minutes > 0, "--distributed-timeout-minutes must be > 0")
     if args.sync_interface:  # an interface this machine has, and the one GLOO_SOCKET_IFNAME names if set
-        network.listen_interface(args.sync_interface, master_host="127.0.0.1")
+        network.listen_interface(args.sync_interface)
     _require(args.seq_length <= args.max_position_embeddings,
              f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
 

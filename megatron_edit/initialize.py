@@ -57,7 +57,7 @@ def initialize_megatron(args) -> torch.device:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     device = platform.setup_device(device_type, env.local_rank)
-    interface = network.listen_interface(args.sync_interface, os.environ.get("MASTER_ADDR", "127.0.0.1"))
+    interface = network.listen_interface(args.sync_interface)
     network.use_interface(interface)
     network.bind_stores(interface)
     if env.world_size == 1:

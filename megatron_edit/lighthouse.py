@@ -175,13 +175,13 @@ def main(argv=None) -> None:
                         help=f"the replicas' secret; default ${sync_secret.SECRET_FILE_VARIABLE}; required unless "
                              "--bind is a loopback address")
     args, lighthouse_args = parser.parse_known_args(argv)
+    host, port = _parse_bind(args.bind)
+    secret_file = sync_secret.secret_file(args.sync_secret_file)
+    require(secret_file or loopback_address(host),
+            f"--bind {args.bind} is reached from other machines: give --sync-secret-file FILE (or "
+            f"{sync_secret.SECRET_FILE_VARIABLE}), the file every replica holds")
+    secret = sync_secret.read_secret(secret_file)
     try:
-        host, port = _parse_bind(args.bind)
-        secret_file = sync_secret.secret_file(args.sync_secret_file)
-        require(secret_file or loopback_address(host),
-                f"--bind {args.bind} is reached from other machines: give --sync-secret-file FILE (or "
-                f"{sync_secret.SECRET_FILE_VARIABLE}), the file every replica holds")
-        secret = sync_secret.read_secret(secret_file)
         listener = bound_socket(host, port)
     except OSError as exc:
         raise UsageError(f"--bind {args.bind}: cannot listen there ({exc.strerror})") from None

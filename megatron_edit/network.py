@@ -78,13 +78,14 @@ def route_to(host: str) -> ListenInterface:
         return interface_with_address(probe.getsockname()[0])
 
 
-def listen_interface(name: Optional[str], master_host: str) -> ListenInterface:
-    """The interface named (the flag, else GLOO_SOCKET_IFNAME if the user set it), else the route to the master."""
+def listen_interface(name: Optional[str], master_host: Optional[str] = None) -> ListenInterface:
+    """The interface named (the flag, else GLOO_SOCKET_IFNAME if the user set it), else the route to the master
+    (default: this process's MASTER_ADDR, loopback when none is set yet)."""
     if name and os.environ.get("GLOO_SOCKET_IFNAME", name) != name:
         raise UsageError(f"--sync-interface {name} but GLOO_SOCKET_IFNAME={os.environ['GLOO_SOCKET_IFNAME']}: name "
                          "one interface (unset the variable, or drop the flag)")
     name = name or os.environ.get("GLOO_SOCKET_IFNAME")
-    return interface_named(name) if name else route_to(master_host)
+    return interface_named(name) if name else route_to(master_host or os.environ.get("MASTER_ADDR", "127.0.0.1"))
 
 
 def interface_in_use() -> ListenInterface:

@@ -216,7 +216,7 @@ def validate(args) -> None:
     if secret_file:
         sync_secret.check_secret_file(secret_file)
     else:
-        interface = network.listen_interface(args.sync_interface, os.environ.get("MASTER_ADDR", "127.0.0.1"))
+        interface = network.listen_interface(args.sync_interface)
         require(interface.is_loopback,
                 f"--replica-coordinator torchft listening on {interface.name} ({interface.address}): replicas that "
                 f"other machines reach must prove a shared secret; give every replica --sync-secret-file FILE (or "
